@@ -1,0 +1,73 @@
+"""The shared defaults of every config: the paper's settings (§3.2, §3.4.4) and mtl0's model.
+
+Config files in `configs/` start from `get_config()` here and change what their experiment
+changes. Every number the paper gives is a field with the paper's value.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Model: mtl0 (shared encoder, classifier on the pooled bottleneck) at the paper's widths.
+  c.model = m = ml_collections.ConfigDict()
+  m.arch = 'mtl'                 # 'mtl' (U-Net family) or 'resnet50'
+  m.features = (32, 64, 128, 256, 320, 320)  # nnU-Net 2D widths, shallow to deep
+  m.classify = True              # False: segmentation only (the `unet` baseline)
+  m.cls_hidden = 128             # units of each pooled source's projection in the classifier
+  m.attention_pool = False       # mtl1: lesion-attended decoder features feed the classifier
+  m.reverse = False              # mtl2: joint reverse learning (paper Eq. 2)
+  m.reverse_mode = 'params'      # FC_cls^k reading: 'params' or 'activations'
+  m.reverse_stop_gradient = False
+  m.encoder_pool_levels = 1      # last encoder levels pooled into the classifier (mtl2: 2)
+  m.cbam = False                 # mtl3: CBAM on those encoder levels
+  # Woo et al. use 16; 8 gives the paper's parameter count for mtl3 (10.90 M).
+  m.cbam_reduction = 8
+  m.resnet_width = 64            # resnet50 only
+  m.dtype = 'float32'
+
+  # Loss (Eq. 3): lambda_1 Dice + lambda_2 cross-entropy.
+  c.loss = ml_collections.ConfigDict()
+  c.loss.dice_weight = 0.5
+  c.loss.cls_weight = 0.5
+  c.loss.dice_smooth = 1.0
+
+  # Adam; the learning rate decays exponentially from 3e-3 to 3e-4 over the run.
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-3
+  c.optim.final_learning_rate = 3e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-7             # Keras' default; the paper used Keras
+
+  c.batch_size = 10
+  c.num_epochs = 50
+  c.num_train_steps = -1         # > 0 overrides num_epochs
+  c.eval_batch_size = 10
+  c.threshold = 0.5              # melanoma decision and lesion mask threshold
+
+  # Data: ISIC 2016 train, evaluated on ISIC 2016 test and PH2.
+  c.data = d = ml_collections.ConfigDict()
+  d.name = 'isic2016'            # training set: 'synthetic' or 'isic2016'
+  d.manual_dir = ''              # folder with the user's downloads (archives or extracted)
+  d.data_dir = ''                # where prepared datasets are stored
+  d.image_size = (192, 256)      # (H, W)
+  d.enlarge_benign = 4           # transforms per benign image (the 4 right-angle rotations)
+  d.enlarge_melanoma = 16        # transforms per melanoma (all 16)
+  d.extra_melanomas = ''         # mtl4: 'isic2017'
+  d.eval_sets = ('isic2016_test', 'ph2')
+  d.num_workers = 0              # grain worker processes (0: in the main process)
+  d.synthetic = ml_collections.ConfigDict()
+  d.synthetic.num_train = 1000
+  d.synthetic.num_test = 200
+  d.synthetic.melanoma_fraction = 0.3
+  d.synthetic.seed = 0
+
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.max_checkpoints_to_keep = 3
+  return c

@@ -1,0 +1,128 @@
+"""Evaluation measures of the paper (§3.5, Tables 3-5) and the ones we add (ROC AUC).
+
+Pure numpy on host data. Segmentation measures work from per-image confusion counts
+(tp, fp, fn, tn), which the jitted eval step computes, so masks need not leave the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+BENIGN, MELANOMA = 0, 1
+
+
+# ---------------------------------------------------------------------------- segmentation
+
+def segmentation_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+  """Per-image (tp, fp, fn, tn) of binary masks shaped (N, H, W). Returns (N, 4) int64."""
+  pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+  axes = tuple(range(1, pred.ndim))
+  tp = np.sum(pred & truth, axis=axes)
+  fp = np.sum(pred & ~truth, axis=axes)
+  fn = np.sum(~pred & truth, axis=axes)
+  tn = np.sum(~pred & ~truth, axis=axes)
+  return np.stack([tp, fp, fn, tn], axis=-1).astype(np.int64)
+
+
+def _scores_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
+  c = np.asarray(counts, np.float64)
+  tp, fp, fn, tn = c[..., 0], c[..., 1], c[..., 2], c[..., 3]
+  perfect = (fp == 0) & (fn == 0)  # includes empty truth predicted empty
+  with np.errstate(divide='ignore', invalid='ignore'):
+    dice = np.where(perfect, 1.0, 2 * tp / (2 * tp + fp + fn))
+    iou = np.where(perfect, 1.0, tp / (tp + fp + fn))
+    den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    # MCC is undefined when a row or column of the confusion matrix is empty; a perfect
+    # prediction then scores 1 and any other 0 (the usual convention), never NaN.
+    mcc = np.where(den > 0, (tp * tn - fp * fn) / np.where(den > 0, den, 1.0),
+                   np.where(perfect, 1.0, 0.0))
+  return {'dice': dice, 'iou': iou, 'mcc': mcc}
+
+
+def segmentation_scores(counts: np.ndarray) -> dict[str, Any]:
+  """Dice, IoU and MCC per image averaged over images (the paper's), and pooled over pixels.
+
+  Args:
+    counts: (N, 4) per-image (tp, fp, fn, tn).
+  Returns:
+    {'dice', 'iou', 'mcc'} (means over images), {'dice_pooled', 'iou_pooled', 'mcc_pooled'},
+    and 'per_image' with the (N,) arrays.
+  """
+  counts = np.asarray(counts)
+  per_image = _scores_from_counts(counts)
+  pooled = _scores_from_counts(counts.sum(axis=0))
+  out = {k: float(np.mean(v)) for k, v in per_image.items()}
+  out.update({f'{k}_pooled': float(v) for k, v in pooled.items()})
+  out['per_image'] = per_image
+  return out
+
+
+# -------------------------------------------------------------------------- classification
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray) -> np.ndarray:
+  """2x2 matrix, rows = truth (benign, melanoma), columns = prediction."""
+  cm = np.zeros((2, 2), np.int64)
+  np.add.at(cm, (np.asarray(labels, int), np.asarray(preds, int)), 1)
+  return cm
+
+
+def classification_scores_from_confusion(cm: np.ndarray) -> dict[str, float]:
+  """The paper's classification measures from a 2x2 confusion matrix (rows = truth).
+
+  tpr_weighted: support-weighted recall over both classes (= accuracy), Tables 3-4's "TPR".
+  tnr: benign recall (specificity), Tables 3-4's "TNR".
+  f1_weighted: support-weighted F1 over both classes.
+  recall_melanoma / recall_benign: Table 5's unweighted TPR / TNR.
+  """
+  cm = np.asarray(cm, np.float64)
+  support = cm.sum(axis=1)
+  predicted = cm.sum(axis=0)
+  diag = np.diag(cm)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    recall = np.where(support > 0, diag / np.where(support > 0, support, 1), 0.0)
+    precision = np.where(predicted > 0, diag / np.where(predicted > 0, predicted, 1), 0.0)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall /
+                  np.where(precision + recall > 0, precision + recall, 1), 0.0)
+  total = support.sum()
+  weights = support / total if total else np.zeros(2)
+  return {
+      'tpr_weighted': float(np.sum(weights * recall)),
+      'tnr': float(recall[BENIGN]),
+      'f1_weighted': float(np.sum(weights * f1)),
+      'recall_melanoma': float(recall[MELANOMA]),
+      'recall_benign': float(recall[BENIGN]),
+  }
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+  """Area under the ROC curve (Mann-Whitney U, ties counted half). NaN with one class only."""
+  labels, scores = np.asarray(labels, int), np.asarray(scores, np.float64)
+  pos, neg = scores[labels == 1], scores[labels == 0]
+  if len(pos) == 0 or len(neg) == 0:
+    return float('nan')
+  order = np.argsort(scores, kind='mergesort')
+  ranks = np.empty(len(scores))
+  sorted_scores = scores[order]
+  # Average ranks over ties.
+  _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+  avg = first + (counts - 1) / 2.0 + 1.0
+  ranks[order] = np.repeat(avg, counts)
+  u = ranks[labels == 1].sum() - len(pos) * (len(pos) + 1) / 2.0
+  return float(u / (len(pos) * len(neg)))
+
+
+def classification_scores(labels: np.ndarray, probs: np.ndarray,
+                          threshold: float = 0.5) -> dict[str, Any]:
+  """All classification measures from labels and melanoma probabilities.
+
+  Returns the measures of `classification_scores_from_confusion`, 'auc', and 'confusion' as
+  [[bb, bm], [mb, mm]] (a nested list, ready for JSON).
+  """
+  preds = (np.asarray(probs) >= threshold).astype(int)
+  cm = confusion_matrix(labels, preds)
+  out = classification_scores_from_confusion(cm)
+  out['auc'] = roc_auc(labels, probs)
+  out['confusion'] = cm.tolist()
+  return out

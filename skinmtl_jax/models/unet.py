@@ -1,0 +1,99 @@
+"""The nnU-Net 2D U-Net backbone (paper §3.4.1): encoder stages and decoder levels.
+
+Each stage is two 3x3 conv -> BatchNorm -> ReLU blocks. The first conv of every encoder stage
+but the first has stride 2 (strided convolutions replace pooling, as in nnU-Net). A decoder level
+is a 2x2 stride-2 transposed conv, a concatenation with the encoder skip, and two conv blocks.
+Convolutions keep their bias, as nnU-Net's do; that is what gives the paper's 10.71 M parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Array = Any
+
+# BatchNorm settings of nnU-Net / PyTorch (momentum 0.1 there is 0.9 here, flax's convention).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+class ConvBlock(nn.Module):
+  """3x3 conv -> BatchNorm -> ReLU."""
+
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    x = nn.Conv(self.features, (3, 3), strides=(self.strides, self.strides),
+                padding='SAME', dtype=self.dtype, name='conv')(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                     epsilon=BN_EPSILON, dtype=self.dtype, name='bn')(x)
+    return nn.relu(x)
+
+
+class EncoderStage(nn.Module):
+  """Two conv blocks; the first strided for every stage but the first."""
+
+  features: int
+  strides: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    x = ConvBlock(self.features, self.strides, self.dtype, name='block1')(x, train)
+    return ConvBlock(self.features, 1, self.dtype, name='block2')(x, train)
+
+
+class Encoder(nn.Module):
+  """The U-Net encoder. Returns the output of every stage, shallowest first."""
+
+  features: Sequence[int]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> list[Array]:
+    skips = []
+    for i, f in enumerate(self.features):
+      x = EncoderStage(f, 1 if i == 0 else 2, self.dtype, name=f'stage{i + 1}')(x, train)
+      skips.append(x)
+    return skips
+
+
+class DecoderLevel(nn.Module):
+  """Transposed conv up, concat with the skip, two conv blocks.
+
+  `gate`, when given, is the reverse connection of paper Eq. 2: a per-channel factor (shape
+  (k,) or (batch, k), k = `features`) that multiplies the level's input feature maps — the
+  upsampled features and the skip, each of which has k channels — before the convolutions.
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, skip: Array, train: bool, gate: Array | None = None) -> Array:
+    up = nn.ConvTranspose(self.features, (2, 2), strides=(2, 2), dtype=self.dtype,
+                          name='upconv')(x)
+    if gate is not None:
+      g = gate.reshape(gate.shape[:-1] + (1, 1, gate.shape[-1])) if gate.ndim == 2 else gate
+      up, skip = up * g.astype(up.dtype), skip * g.astype(skip.dtype)
+    x = jnp.concatenate([up, skip], axis=-1)
+    x = ConvBlock(self.features, 1, self.dtype, name='block1')(x, train)
+    return ConvBlock(self.features, 1, self.dtype, name='block2')(x, train)
+
+
+class SegHead(nn.Module):
+  """1x1 conv to the segmentation classes (softmax is applied by the loss / at inference)."""
+
+  num_classes: int = 2
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='conv')(x).astype(jnp.float32)

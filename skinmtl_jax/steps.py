@@ -1,0 +1,99 @@
+"""The pure train and eval steps, and the train state they carry.
+
+`train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> outputs` are
+pure functions of explicit pytrees; the model, optimizer and loss weights are bound with
+`functools.partial` before `jax.jit`, so each compiles once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from skinmtl_jax import losses
+
+Array = Any
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training, as one pytree."""
+
+  step: Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def create_train_state(model, tx: optax.GradientTransformation, key: Array,
+                       image_shape: tuple[int, int]) -> TrainState:
+  """Initialises the model's variables from `key` and the optimizer state for them."""
+  variables = model.init(key, jnp.zeros((1, *image_shape, 3), jnp.float32), train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+
+
+def train_step(state: TrainState, batch: dict[str, Array], *, model, tx, dice_weight: float,
+               cls_weight: float, dice_smooth: float = 1.0) -> tuple[TrainState, dict[str, Array]]:
+  """One optimisation step on `batch` ({'image', 'mask', 'label'}).
+
+  Returns:
+    (new state, metrics) where metrics holds the loss, each task's loss, the batch accuracy of
+    the diagnosis, and the l2 norms of gradients, parameters and updates.
+  """
+
+  def loss_fn(params):
+    outputs, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                    batch['image'], train=True, mutable=['batch_stats'])
+    loss, terms = losses.total_loss(outputs, batch, dice_weight=dice_weight,
+                                    cls_weight=cls_weight, dice_smooth=dice_smooth)
+    return loss, (terms, outputs, new_vars.get('batch_stats', {}))
+
+  (loss, (terms, outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {'loss': loss, **terms, 'l2_grads': optax.global_norm(grads),
+             'l2_params': optax.global_norm(params), 'l2_updates': optax.global_norm(updates)}
+  if 'cls_logits' in outputs:
+    metrics['accuracy'] = jnp.mean(jnp.argmax(outputs['cls_logits'], -1) == batch['label'])
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def predict(variables: dict, images: Array, *, model) -> dict[str, Array]:
+  """Lesion probability maps (batch, H, W) and melanoma probabilities (batch,), where present."""
+  outputs = model.apply(variables, images, train=False)
+  out = {}
+  if 'seg_logits' in outputs:
+    out['lesion_prob'] = jax.nn.softmax(outputs['seg_logits'], axis=-1)[..., 1]
+  if 'cls_logits' in outputs:
+    out['melanoma_prob'] = jax.nn.softmax(outputs['cls_logits'], axis=-1)[..., 1]
+  return out
+
+
+def eval_step(state: TrainState, batch: dict[str, Array], *, model,
+              threshold: float = 0.5) -> dict[str, Array]:
+  """Per-image outputs for evaluation: segmentation confusion counts and melanoma probability.
+
+  Returns:
+    {'seg_counts': (batch, 4) int32 (tp, fp, fn, tn) of the mask thresholded at `threshold`}
+    and/or {'melanoma_prob': (batch,)}, depending on the model's tasks.
+  """
+  out = predict({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'],
+                model=model)
+  result = {}
+  if 'lesion_prob' in out:
+    pred = out['lesion_prob'] >= threshold
+    truth = batch['mask'] > 0
+    count = lambda a: jnp.sum(a, axis=(1, 2), dtype=jnp.int32)
+    result['seg_counts'] = jnp.stack([count(pred & truth), count(pred & ~truth),
+                                      count(~pred & truth), count(~pred & ~truth)], axis=-1)
+  if 'melanoma_prob' in out:
+    result['melanoma_prob'] = out['melanoma_prob']
+  return result

@@ -1,0 +1,162 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from skinmtl_jax import writers  # first: makes clu importable without TensorFlow
+from skinmtl_jax import checkpointing, evaluate, input_pipeline, models, steps
+from clu import parameter_overview, periodic_actions  # pylint: disable=g-bad-import-order
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     num_train_steps: int) -> optax.GradientTransformation:
+  """Adam with the learning rate decaying exponentially from its initial to its final value."""
+  o = config.optim
+  schedule = optax.exponential_decay(o.learning_rate, transition_steps=max(num_train_steps, 1),
+                                     decay_rate=o.final_learning_rate / o.learning_rate)
+  return optax.inject_hyperparams(optax.adam)(learning_rate=schedule, b1=o.b1, b2=o.b2,
+                                              eps=o.eps)
+
+
+def num_steps(config: ml_collections.ConfigDict, examples_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return config.num_epochs * (examples_per_epoch // config.batch_size)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Stops before any work on settings that make no sense, naming the field."""
+  m = config.model
+  if m.arch == 'resnet50' and (m.attention_pool or m.reverse or m.cbam):
+    raise ValueError('model.attention_pool / model.reverse / model.cbam need the U-Net '
+                     '(model.arch="mtl"); resnet50 is the classification-only baseline.')
+  if m.arch == 'mtl' and not m.classify and (m.attention_pool or m.reverse or m.cbam):
+    raise ValueError('model.attention_pool / model.reverse / model.cbam need the classifier; '
+                     'set model.classify=True (the unet baseline has none).')
+  if m.encoder_pool_levels not in (1, 2):
+    raise ValueError(f'model.encoder_pool_levels={m.encoder_pool_levels}: expected 1 or 2.')
+  if config.data.extra_melanomas:
+    input_pipeline.get_split(ml_collections.ConfigDict(
+        {**config.data.to_dict(), 'name': config.data.extra_melanomas}), 'train')
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] < 1:
+      raise ValueError(f'{name}={config[name]} must be positive.')
+
+
+def _write_per_image(path: str, per_image: dict[str, list]) -> None:
+  keys = [k for k in ('id', 'label', 'melanoma_prob', 'dice', 'iou', 'mcc') if k in per_image]
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='', encoding='utf-8') as f:
+    w = csv.writer(f)
+    w.writerow(keys)
+    w.writerows(zip(*(per_image[k] for k in keys)))
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)  # never a half-written file under the final name
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the configured model in `workdir`, resuming from its latest checkpoint if any,
+  evaluates it on every set in `config.data.eval_sets`, and writes `workdir/metrics.json`.
+
+  Returns:
+    The metrics.json content.
+  """
+  # ------------------------------------------------------------------------------ Set up
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+    f.write(config.to_json_best_effort(indent=1))
+  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_hparams(config.to_dict())
+
+  # ------------------------------------------------------------------------ Input pipeline
+  train_split = input_pipeline.get_split(config.data, 'train')
+  eval_splits = [input_pipeline.get_split(config.data, s) for s in config.data.eval_sets]
+  train_ds, per_epoch = input_pipeline.train_dataset(
+      train_split, config.data, batch_size=config.batch_size, seed=config.seed)
+  train_iter = iter(train_ds)
+  total_steps = num_steps(config, per_epoch)
+  logging.info('%s: %d examples, %d after enlargement; %d steps of batch %d.', train_split.name,
+               len(train_split.source), per_epoch, total_steps, config.batch_size)
+
+  # --------------------------------------------------------------------- Model & optimizer
+  model = models.create_model(config.model)
+  tx = create_optimizer(config, total_steps)
+  state = steps.create_train_state(model, tx, jax.random.key(config.seed),
+                                   tuple(config.data.image_size))
+  parameter_overview.log_parameter_overview(state.params)
+  num_params = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
+  logging.info('Parameters: %d (%.2f M).', num_params, num_params / 1e6)
+
+  # ---------------------------------------------------------------------------- Checkpoint
+  manager = checkpointing.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
+  if manager.latest_step() is not None:
+    state = checkpointing.restore(manager, state, train_iter)
+    logging.info('Resumed from step %d.', int(state.step))
+
+  # --------------------------------------------------------------------------- Update step
+  train_step = jax.jit(
+      functools.partial(steps.train_step, model=model, tx=tx, dice_weight=config.loss.dice_weight,
+                        cls_weight=config.loss.cls_weight, dice_smooth=config.loss.dice_smooth),
+      donate_argnums=0)
+  eval_step = jax.jit(functools.partial(steps.eval_step, model=model,
+                                        threshold=config.threshold))
+
+  # ---------------------------------------------------------------------------- Train loop
+  start_step = int(state.step)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)
+  pending = []
+  t0 = time.time()
+  for step in range(start_step + 1, total_steps + 1):
+    batch = next(train_iter)
+    state, m = train_step(state, batch)
+    pending.append(m)
+    report(step)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      means = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
+      means['learning_rate'] = float(state.opt_state.hyperparams['learning_rate'])
+      writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+      pending = []
+      if not np.isfinite(means['loss']):
+        raise FloatingPointError(f'Loss became {means["loss"]} by step {step}; the last finite '
+                                 f'checkpoint is step {manager.latest_step()}.')
+    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      checkpointing.save(manager, state, train_iter)
+  manager.wait_until_finished()
+  train_seconds = time.time() - t0
+
+  # ---------------------------------------------------------------------------- Evaluation
+  results: dict[str, Any] = {'params': num_params, 'steps': int(state.step),
+                             'train_seconds_this_run': round(train_seconds, 1)}
+  for split_name, split in zip(config.data.eval_sets, eval_splits):
+    r = evaluate.evaluate_split(eval_step, state, split, batch_size=config.eval_batch_size,
+                                threshold=config.threshold)
+    _write_per_image(os.path.join(workdir, f'per_image_{split_name}.csv'), r.pop('per_image'))
+    results[split_name] = r
+    writer.write_scalars(int(state.step), {f'{split_name}/{k}': v for k, v in r.items()
+                                           if isinstance(v, float)})
+    logging.info('%s: %s', split_name, {k: v for k, v in r.items() if k != 'confusion'})
+  _write_json(os.path.join(workdir, 'metrics.json'), results)
+  writer.flush()
+  manager.close()
+  return results
