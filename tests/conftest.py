@@ -1,0 +1,36 @@
+"""Test setup: CPU only, and real-data tests that skip when ../shared/data is absent unless
+SKINMTL_REQUIRE_DATA=1 (set by .ci/run), which turns that skip into a failure."""
+
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pathlib  # pylint: disable=wrong-import-position
+
+import pytest  # pylint: disable=wrong-import-position
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / 'shared' / 'data'
+
+
+@pytest.fixture
+def shared_data():
+  """Path of the real data in ../shared/data; skips (or fails under CI) when absent."""
+  if not SHARED_DATA.is_dir():
+    if os.environ.get('SKINMTL_REQUIRE_DATA') == '1':
+      pytest.fail(f'{SHARED_DATA} is missing and SKINMTL_REQUIRE_DATA=1.')
+    pytest.skip(f'{SHARED_DATA} not present')
+  return SHARED_DATA
+
+
+def tiny_config(name: str = 'tiny'):
+  """A tiny config of the same code; `name` picks the model of configs/<name>.py."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  c = tiny.get_config()
+  if name != 'tiny':
+    model = importlib.import_module(f'configs.{name}').get_config().model
+    for k in ('arch', 'classify', 'attention_pool', 'reverse', 'reverse_mode',
+              'reverse_stop_gradient', 'encoder_pool_levels', 'cbam'):
+      c.model[k] = model[k]
+  return c

@@ -1,0 +1,31 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from skinmtl_jax import losses
+
+
+def _logits(prob):
+  p = jnp.asarray(prob, jnp.float32)
+  return jnp.stack([jnp.zeros_like(p), jnp.log(p) - jnp.log1p(-p)], axis=-1)
+
+
+def test_soft_dice_hand_computed():
+  prob = np.array([[[0.9, 0.2], [0.5, 0.1]]])
+  mask = np.array([[[1, 0], [1, 0]]])
+  inter, denom = 0.9 + 0.5, (0.9 + 0.2 + 0.5 + 0.1) + 2
+  expected = 1 - (2 * inter + 1) / (denom + 1)
+  assert float(losses.soft_dice_loss(_logits(prob), mask)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_total_loss_weights_and_terms():
+  seg = _logits(np.full((2, 2, 2), 0.5))
+  cls = jnp.array([[0.0, 0.0], [0.0, 0.0]])
+  batch = {'mask': np.zeros((2, 2, 2)), 'label': np.array([0, 1])}
+  loss, terms = losses.total_loss({'seg_logits': seg, 'cls_logits': cls}, batch,
+                                  dice_weight=0.5, cls_weight=0.5)
+  assert float(terms['cls_loss']) == pytest.approx(np.log(2), rel=1e-6)
+  assert float(loss) == pytest.approx(0.5 * float(terms['dice_loss']) + 0.5 * np.log(2), rel=1e-6)
+  # A segmentation-only model has only the Dice term.
+  loss, terms = losses.total_loss({'seg_logits': seg}, batch, dice_weight=0.5, cls_weight=0.5)
+  assert set(terms) == {'dice_loss'} and float(loss) == pytest.approx(0.5 * float(terms['dice_loss']))

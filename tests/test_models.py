@@ -1,0 +1,150 @@
+"""The network family: parameter counts, shapes, shared leaves, gradient paths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from skinmtl_jax import losses, models
+
+PAPER_SIZE = (192, 256)
+
+
+def count_params(model, size=PAPER_SIZE):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, 3))))
+  return sum(x.size for x in jax.tree.leaves(shapes['params']))
+
+
+def paper_model(name):
+  import importlib
+  return models.create_model(importlib.import_module(f'configs.{name}').get_config().model)
+
+
+def test_unet_has_the_papers_parameter_count():
+  n = count_params(paper_model('unet'))
+  assert abs(n - 10.71e6) / 10.71e6 < 0.01, n
+  assert n == 10_709_954  # exact value of this implementation; a change here is a design change
+
+
+@pytest.mark.parametrize('name,paper_millions', [
+    ('mtl0', 10.76), ('mtl1', 10.80), ('mtl2', 10.86), ('mtl3', 10.90), ('mtl4', 10.90)])
+def test_mtl_parameter_counts_near_paper(name, paper_millions):
+  unet = count_params(paper_model('unet'))
+  n = count_params(paper_model(name))
+  # The classifier adds 0.05-0.19 M: compare the increment over the U-Net, to 0.025 M.
+  assert abs((n - unet) - (paper_millions - 10.71) * 1e6) < 0.025e6, (name, n)
+
+
+def test_ladder_grows_monotonically():
+  counts = [count_params(paper_model(n)) for n in ('unet', 'mtl0', 'mtl1', 'mtl2', 'mtl3')]
+  assert counts == sorted(counts) and len(set(counts)) == 5
+
+
+def test_resnet50_parameter_count():
+  n = count_params(paper_model('resnet50'))
+  assert abs(n - 23.84e6) / 23.84e6 < 0.01, n
+
+
+@pytest.mark.parametrize('name', ['unet', 'mtl0', 'mtl1', 'mtl2', 'mtl3', 'resnet50'])
+def test_output_shapes(name):
+  cfg = tiny_config(name)
+  model = models.create_model(cfg.model)
+  x = jnp.ones((3, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  out = model.apply(variables, x)
+  if name != 'resnet50':
+    assert out['seg_logits'].shape == (3, 32, 32, 2)
+  else:
+    assert 'seg_logits' not in out
+  if name != 'unet':
+    assert out['cls_logits'].shape == (3, 2)
+  else:
+    assert 'cls_logits' not in out
+
+
+def _mtl2(**overrides):
+  cfg = tiny_config('mtl2')
+  cfg.model.update(overrides)
+  model = models.create_model(cfg.model)
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+  return model, model.init(jax.random.key(0), x), x
+
+
+def test_reverse_learning_adds_no_decoder_parameters():
+  # mtl2 = mtl1 + one more encoder source in the classifier; the recomputed decoder levels
+  # must not bring parameters of their own.
+  m1 = models.create_model(tiny_config('mtl1').model)
+  m2, v2, x = _mtl2()
+  v1 = m1.init(jax.random.key(0), x)
+  def size(tree):
+    return sum(a.size for a in jax.tree.leaves(tree))
+  assert size(v2['params']['encoder']) == size(v1['params']['encoder'])
+  for k in v1['params']:
+    if k.startswith('decoder') or k == 'seg_head':
+      assert jax.tree.map(jnp.shape, v1['params'][k]) == jax.tree.map(jnp.shape, v2['params'][k])
+  assert sorted(k for k in v2['params'] if k.startswith('decoder')) == \
+      sorted(k for k in v1['params'] if k.startswith('decoder'))
+
+
+def test_both_decoder_passes_read_the_same_leaves():
+  # With FC_cls^k forced to exactly 1 the reverse pass must reproduce pass 1: it can only do
+  # so if it runs the same parameters.
+  model, variables, x = _mtl2()
+  params = jax.tree.map(lambda a: a, variables['params'])
+  for j in (0, 1):
+    layer = params['classifier'][f'fc_k{j}']
+    layer['kernel'] = jnp.zeros_like(layer['kernel'])
+    layer['bias'] = jnp.full_like(layer['bias'], 100.0)  # sigmoid(100) == 1 in float32
+  out, inter = model.apply({**variables, 'params': params}, x, mutable=['intermediates'])
+  pass1 = inter['intermediates']['seg_logits_pass1'][0]
+  np.testing.assert_allclose(out['seg_logits'], pass1, rtol=1e-6, atol=1e-6)
+  # And with ordinary gates the two passes differ (the reverse connection does something).
+  out, inter = model.apply(variables, x, mutable=['intermediates'])
+  assert not np.allclose(out['seg_logits'], inter['intermediates']['seg_logits_pass1'][0])
+
+
+def _seg_loss_grad_into_k_layers(**overrides):
+  model, variables, x = _mtl2(**overrides)
+  masks = (x[..., 0] > 0.5).astype(jnp.float32)
+
+  def seg_loss(params):
+    out = model.apply({**variables, 'params': params}, x)
+    return losses.soft_dice_loss(out['seg_logits'], masks)
+
+  g = jax.grad(seg_loss)(variables['params'])['classifier']
+  return [float(jnp.abs(g[f'fc_k{j}']['kernel']).sum() + jnp.abs(g[f'fc_k{j}']['bias']).sum())
+          for j in (0, 1)]
+
+
+def test_params_mode_sends_segmentation_gradient_into_classifier():
+  grads = _seg_loss_grad_into_k_layers(reverse_mode='params')
+  assert all(g > 0 for g in grads), grads
+
+
+def test_stop_gradient_cuts_the_reverse_path_exactly():
+  grads = _seg_loss_grad_into_k_layers(reverse_mode='params', reverse_stop_gradient=True)
+  assert grads == [0.0, 0.0]
+
+
+def test_activations_mode_gates_depend_on_the_image():
+  model, variables, x = _mtl2(reverse_mode='activations')
+  out_a = model.apply(variables, x)
+  out_b = model.apply(variables, x[::-1])
+  # Per-image gates: reversing the batch reverses the outputs (no cross-talk between images).
+  np.testing.assert_allclose(out_a['seg_logits'][::-1], out_b['seg_logits'], rtol=1e-5, atol=1e-5)
+  assert _seg_loss_grad_into_k_layers(reverse_mode='activations')[1] > 0
+
+
+def test_reverse_without_classifier_is_rejected():
+  cfg = tiny_config('mtl2')
+  cfg.model.classify = False
+  model = models.create_model(cfg.model)
+  with pytest.raises(ValueError, match='model.reverse'):
+    model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+
+
+def test_input_size_must_fit_the_levels():
+  model = models.create_model(tiny_config('mtl0').model)
+  with pytest.raises(ValueError, match='divisible by 8'):
+    model.init(jax.random.key(0), jnp.ones((1, 36, 32, 3)))
