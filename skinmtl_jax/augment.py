@@ -46,12 +46,12 @@ def _source_coords(tid: int, height: int, width: int) -> tuple[np.ndarray, np.nd
   yy, xx = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
                        indexing='ij')
   # Inverse rotation: output (y, x) reads the input at R(-angle) applied about the centre.
-  # Counter-clockwise on screen (y points down) is a clockwise turn of (x, -y).
+  # Counter-clockwise on screen, as np.rot90 turns an array.
   t = np.deg2rad(angle)
   c, s = np.cos(t), np.sin(t)
   dy, dx = yy - cy, xx - cx
-  sy = cy + c * dy - s * dx
-  sx = cx + s * dy + c * dx
+  sy = cy + c * dy + s * dx
+  sx = cx - s * dy + c * dx
   # Flip happens first in the forward direction, so it is undone last here.
   if flip == 'lr':
     sx = (width - 1) - sx

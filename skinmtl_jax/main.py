@@ -3,11 +3,15 @@
 Any config field can be overridden: `--config.num_train_steps=100`, `--config.model.reverse_mode=activations`.
 """
 
+import logging as py_logging
+import sys
+
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
 from skinmtl_jax import train
+from skinmtl_jax.config_base import ConfigError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
@@ -15,11 +19,22 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and m
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietOrbax(py_logging.Filter):
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Orbax logs every step of every save at INFO; keep its warnings, drop the chatter.
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except ConfigError as e:
+    sys.exit(f'skinmtl_jax: {e}')
 
 
 if __name__ == '__main__':

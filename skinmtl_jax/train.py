@@ -18,6 +18,7 @@ import optax
 
 from skinmtl_jax import writers  # first: makes clu importable without TensorFlow
 from skinmtl_jax import checkpointing, evaluate, input_pipeline, models, steps
+from skinmtl_jax.config_base import ConfigError
 from clu import parameter_overview, periodic_actions  # pylint: disable=g-bad-import-order
 
 
@@ -41,19 +42,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Stops before any work on settings that make no sense, naming the field."""
   m = config.model
   if m.arch == 'resnet50' and (m.attention_pool or m.reverse or m.cbam):
-    raise ValueError('model.attention_pool / model.reverse / model.cbam need the U-Net '
+    raise ConfigError('model.attention_pool / model.reverse / model.cbam need the U-Net '
                      '(model.arch="mtl"); resnet50 is the classification-only baseline.')
   if m.arch == 'mtl' and not m.classify and (m.attention_pool or m.reverse or m.cbam):
-    raise ValueError('model.attention_pool / model.reverse / model.cbam need the classifier; '
+    raise ConfigError('model.attention_pool / model.reverse / model.cbam need the classifier; '
                      'set model.classify=True (the unet baseline has none).')
   if m.encoder_pool_levels not in (1, 2):
-    raise ValueError(f'model.encoder_pool_levels={m.encoder_pool_levels}: expected 1 or 2.')
+    raise ConfigError(f'model.encoder_pool_levels={m.encoder_pool_levels}: expected 1 or 2.')
   if config.data.extra_melanomas:
     input_pipeline.get_split(ml_collections.ConfigDict(
         {**config.data.to_dict(), 'name': config.data.extra_melanomas}), 'train')
+  for name in ('enlarge_benign', 'enlarge_melanoma'):
+    if not 1 <= config.data[name] <= 16:
+      raise ConfigError(f'data.{name}={config.data[name]}: must be in 1..16 (the paper\'s '
+                        f'transforms; benign 4, melanoma 16).')
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] < 1:
-      raise ValueError(f'{name}={config[name]} must be positive.')
+      raise ConfigError(f'{name}={config[name]} must be positive.')
 
 
 def _write_per_image(path: str, per_image: dict[str, list]) -> None:

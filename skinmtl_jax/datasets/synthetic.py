@@ -58,9 +58,6 @@ class SyntheticLesions:
     return int(np.random.default_rng([self.seed, SPLITS[self.split], index, 0]).random()
                < self.melanoma_fraction)
 
-  def labels(self) -> np.ndarray:
-    return np.array([self.label(i) for i in range(len(self))], np.int32)
-
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < len(self):
       raise IndexError(index)

@@ -1,0 +1,130 @@
+"""Training: the loss falls, runs are deterministic, main writes its artifacts and resumes."""
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from conftest import ROOT, tiny_config
+from skinmtl_jax import input_pipeline, models, steps, train
+
+
+def _run_steps(cfg, n, batches=None):
+  model = models.create_model(cfg.model)
+  tx = train.create_optimizer(cfg, n)
+  state = steps.create_train_state(model, tx, jax.random.key(cfg.seed),
+                                   tuple(cfg.data.image_size))
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, dice_weight=0.5,
+                                   cls_weight=0.5), donate_argnums=0)
+  if batches is None:
+    split = input_pipeline.get_split(cfg.data, 'train')
+    ds, _ = input_pipeline.train_dataset(split, cfg.data, batch_size=cfg.batch_size, seed=0)
+    it = iter(ds)
+    batches = [next(it) for _ in range(n)]
+  losses = []
+  for b in batches:
+    state, m = step(state, b)
+    losses.append(float(m['loss']))
+  return state, losses, batches
+
+
+def test_a_few_steps_on_one_batch_lower_the_loss():
+  cfg = tiny_config('mtl2')
+  split = input_pipeline.get_split(cfg.data, 'train')
+  ds, _ = input_pipeline.train_dataset(split, cfg.data, batch_size=8, seed=0)
+  batch = next(iter(ds))
+  cfg.optim.learning_rate = cfg.optim.final_learning_rate = 3e-3
+  _, losses, _ = _run_steps(cfg, 12, [batch] * 12)
+  assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_same_seed_gives_identical_parameters():
+  cfg = tiny_config('mtl3')
+  s1, _, batches = _run_steps(cfg, 3)
+  s2, _, _ = _run_steps(cfg, 3, batches)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_array_equal(a, b)
+  cfg.seed = 1
+  s3, _, _ = _run_steps(cfg, 3, batches)
+  assert not np.array_equal(jax.tree.leaves(s1.params)[0], jax.tree.leaves(s3.params)[0])
+
+
+def test_learning_rate_decays_to_final_value():
+  cfg = tiny_config()
+  tx = train.create_optimizer(cfg, 100)
+  sched = tx.init({'w': np.zeros(1)}).hyperparams['learning_rate']
+  assert float(sched) == np.float32(3e-3)
+  state = tx.init({'w': np.zeros(1)})
+  for _ in range(100):
+    _, state = tx.update({'w': np.zeros(1)}, state)
+  assert abs(float(state.hyperparams['learning_rate']) - 3e-4) < 1e-9
+
+
+def _main(workdir, *overrides):
+  cmd = [sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/tiny.py',
+         f'--workdir={workdir}', *overrides]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_main_end_to_end_writes_checkpoint_and_metrics(tmp_path):
+  r = _main(tmp_path / 'run', '--config.model.reverse=True', '--config.model.attention_pool=True')
+  assert r.returncode == 0, r.stderr[-3000:]
+  m = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+  assert m['params'] > 0 and m['steps'] == 6
+  t = m['test']
+  for k in ('dice', 'iou', 'mcc', 'f1_weighted', 'tpr_weighted', 'tnr', 'auc', 'confusion', 'n'):
+    assert k in t, k
+  assert t['n'] == 12 and np.sum(t['confusion']) == 12
+  assert 0 <= t['dice'] <= 1
+  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['3', '6']
+  rows = (tmp_path / 'run' / 'scalars.jsonl').read_text().splitlines()
+  assert any('train/loss' in json.loads(r) for r in rows)
+  assert (tmp_path / 'run' / 'per_image_test.csv').read_text().count('\n') == 13
+
+
+def _final_params(workdir):
+  from configs import tiny
+  from skinmtl_jax import checkpointing
+  cfg = tiny.get_config()
+  model = models.create_model(cfg.model)
+  template = steps.create_train_state(model, train.create_optimizer(cfg, 6), jax.random.key(0),
+                                      tuple(cfg.data.image_size))
+  manager = checkpointing.create_manager(str(workdir), read_only=True)
+  state = checkpointing.restore(manager, template)
+  manager.close()
+  return state
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+  r = _main(tmp_path / 'full')
+  assert r.returncode == 0, r.stderr[-3000:]
+  # Pretend the run died after its step-3 checkpoint: drop the later one and run again.
+  shutil.copytree(tmp_path / 'full', tmp_path / 'resumed')
+  shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '6')
+  os.remove(tmp_path / 'resumed' / 'metrics.json')
+  r = _main(tmp_path / 'resumed')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'Resumed from step 3' in r.stderr
+  a, b = _final_params(tmp_path / 'full'), _final_params(tmp_path / 'resumed')
+  assert int(a.step) == int(b.step) == 6
+  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
+                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
+    np.testing.assert_array_equal(x, y)
+  full = json.loads((tmp_path / 'full' / 'metrics.json').read_text())
+  resumed = json.loads((tmp_path / 'resumed' / 'metrics.json').read_text())
+  assert full['test'] == resumed['test']
+
+
+def test_paper_config_on_real_data_stops_with_instructions(tmp_path):
+  r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/mtl2.py',
+                      f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert r.returncode != 0
+  assert 'manual_dir' in r.stderr and 'ISIC 2016' in r.stderr
+  assert 'Traceback' not in r.stderr
