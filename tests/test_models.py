@@ -148,3 +148,45 @@ def test_input_size_must_fit_the_levels():
   model = models.create_model(tiny_config('mtl0').model)
   with pytest.raises(ValueError, match='divisible by 8'):
     model.init(jax.random.key(0), jnp.ones((1, 36, 32, 3)))
+
+
+def test_running_statistics_fit_both_decoder_passes():
+  # With the parameters fixed, repeated training-mode passes over one batch must drive the
+  # running statistics to that batch's statistics, so that evaluation-mode outputs equal
+  # training-mode outputs. Statistics shared by the two passes of reverse learning would blend
+  # two distributions and fail this.
+  model, variables, x = _mtl2()
+  assert 'mean_pass2' in variables['batch_stats']['decoder1']['block1']['bn']
+  assert 'mean_pass2' not in variables['batch_stats']['decoder3']['block1']['bn']
+
+  @jax.jit
+  def update(stats):
+    _, new = model.apply({'params': variables['params'], 'batch_stats': stats}, x, train=True,
+                         mutable=['batch_stats'])
+    return new['batch_stats']
+
+  stats = variables['batch_stats']
+  for _ in range(150):
+    stats = update(stats)
+  train_out, _ = model.apply({'params': variables['params'], 'batch_stats': stats}, x,
+                             train=True, mutable=['batch_stats'])
+  eval_out = model.apply({'params': variables['params'], 'batch_stats': stats}, x, train=False)
+  np.testing.assert_allclose(eval_out['seg_logits'], train_out['seg_logits'], atol=2e-3)
+
+
+def test_batchnorm_matches_flax():
+  import flax.linen as nn
+  from skinmtl_jax.models.unet import BN_EPSILON, BN_MOMENTUM, BatchNorm
+  x = jax.random.normal(jax.random.key(0), (4, 5, 6, 7)) * 3 + 1
+  ours, ref = BatchNorm(), nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+  v = ours.init(jax.random.key(1), x, True)
+  vr = ref.init(jax.random.key(1), x, use_running_average=False)
+  assert jax.tree.structure(v) == jax.tree.structure(vr)
+  y, s = ours.apply(v, x, True, mutable=['batch_stats'])
+  yr, sr = ref.apply(vr, x, use_running_average=False, mutable=['batch_stats'])
+  np.testing.assert_allclose(y, yr, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(sr)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ours.apply({'params': v['params'], **s}, x, False),
+                             ref.apply({'params': vr['params'], **sr}, x, use_running_average=True),
+                             atol=1e-5)

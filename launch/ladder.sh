@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs the paper's ablation ladder (Table 3) one config after another on this machine.
+#
+#   bash launch/ladder.sh RUNS_DIR [--config.field=value ...]
+#
+# Each config trains into RUNS_DIR/<config>/ and writes its metrics.json there; extra
+# arguments go to every run (for example --config.data.manual_dir=/path/to/downloads).
+# Re-running resumes each run from its latest checkpoint; finished runs only re-evaluate.
+set -euo pipefail
+if [[ $# -lt 1 ]]; then
+  echo "usage: bash launch/ladder.sh RUNS_DIR [--config.field=value ...]" >&2
+  exit 2
+fi
+runs=$1
+shift
+cd "$(dirname "$0")/.."
+for name in unet resnet50 mtl0 mtl1 mtl2 mtl3 mtl4; do
+  echo "=== $name -> $runs/$name"
+  python -m skinmtl_jax.main --config="configs/$name.py" --workdir="$runs/$name" "$@"
+done
