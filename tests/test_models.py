@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from skinmtl_jax import losses, models
+from skinmtl_jax import losses, models, steps
 
 PAPER_SIZE = (192, 256)
 
@@ -51,8 +51,8 @@ def test_output_shapes(name):
   cfg = tiny_config(name)
   model = models.create_model(cfg.model)
   x = jnp.ones((3, 32, 32, 3))
-  variables = model.init(jax.random.key(0), x)
-  out = model.apply(variables, x)
+  variables = steps.init_variables(model, jax.random.key(0), x)
+  out = jax.jit(model.apply)(variables, x)
   if name != 'resnet50':
     assert out['seg_logits'].shape == (3, 32, 32, 2)
   else:
@@ -68,7 +68,7 @@ def _mtl2(**overrides):
   cfg.model.update(overrides)
   model = models.create_model(cfg.model)
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
-  return model, model.init(jax.random.key(0), x), x
+  return model, steps.init_variables(model, jax.random.key(0), x), x
 
 
 def test_reverse_learning_adds_no_decoder_parameters():
@@ -76,7 +76,7 @@ def test_reverse_learning_adds_no_decoder_parameters():
   # must not bring parameters of their own.
   m1 = models.create_model(tiny_config('mtl1').model)
   m2, v2, x = _mtl2()
-  v1 = m1.init(jax.random.key(0), x)
+  v1 = steps.init_variables(m1, jax.random.key(0), x)
   def size(tree):
     return sum(a.size for a in jax.tree.leaves(tree))
   assert size(v2['params']['encoder']) == size(v1['params']['encoder'])
