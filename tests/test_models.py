@@ -190,3 +190,14 @@ def test_batchnorm_matches_flax():
   np.testing.assert_allclose(ours.apply({'params': v['params'], **s}, x, False),
                              ref.apply({'params': vr['params'], **sr}, x, use_running_average=True),
                              atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
+  cfg = tiny_config('mtl3')
+  cfg.model.dtype = 'bfloat16'
+  model = models.create_model(cfg.model)
+  x = jnp.ones((2, 32, 32, 3))
+  variables = steps.init_variables(model, jax.random.key(0), x)
+  assert {a.dtype for a in jax.tree.leaves(variables['params'])} == {jnp.dtype('float32')}
+  out = jax.jit(model.apply)(variables, x)
+  assert out['seg_logits'].dtype == out['cls_logits'].dtype == jnp.float32
