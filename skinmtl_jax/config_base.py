@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   d.enlarge_benign = 4           # transforms per benign image (the 4 right-angle rotations)
   d.enlarge_melanoma = 16        # transforms per melanoma (all 16)
   d.extra_melanomas = ''         # mtl4: 'isic2017'
+  # The paper added all 404 ISIC 2017 melanomas, 63 of which are ISIC 2016 test images. By
+  # default those (and duplicates of training images) are dropped; True restores the paper's
+  # protocol, warns, and marks metrics.json "trained_on_test_images": true.
+  d.paper_protocol_train_on_test_images = False
   d.eval_sets = ('isic2016_test', 'ph2')
   d.num_workers = 0              # grain worker processes (0: in the main process)
   d.synthetic = ml_collections.ConfigDict()

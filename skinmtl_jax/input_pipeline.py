@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from absl import logging
 import grain
 import ml_collections
 import numpy as np
@@ -21,41 +22,85 @@ from skinmtl_jax import augment
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets.synthetic import SyntheticLesions
 
-REAL_DATASETS = {
-    'isic2016': 'ISIC 2016 (https://challenge.isic-archive.com/data/#2016: Part 1 training and '
-                'test images and ground truth, Part 3 training and test ground truth)',
-    'isic2017': 'ISIC 2017 (https://challenge.isic-archive.com/data/#2017: training and '
-                'validation data, Part 1 and Part 3 ground truth)',
-    'ph2': 'PH2 (https://www.fc.up.pt/addi/ph2%20database.html, by request form)',
-}
+REAL_DATASETS = ('isic2016', 'isic2017', 'ph2')
+# Eval set names in configs -> (dataset, split).
+EVAL_SETS = {'isic2016_test': ('isic2016', 'test'), 'ph2': ('ph2', 'test'),
+             'isic2017_validation': ('isic2017', 'validation')}
 
 
 class DatasetUnavailableError(ConfigError):
-  """The config names a dataset this version cannot read."""
+  """The config names a dataset or split that does not exist."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """A data source and the labels of its examples (labels are needed to plan enlargement)."""
+  """A data source and the labels of its examples (labels are needed to plan enlargement).
+
+  `info` records where the examples came from (for metrics.json), e.g. mtl4's extra melanomas.
+  """
 
   name: str
   source: Any  # random access: len() and [i] -> {'image', 'mask', 'label', 'id'}
   labels: np.ndarray
+  ids: tuple[str, ...] = ()
+  info: dict = dataclasses.field(default_factory=dict)
 
 
-def _check_real_dataset(name: str, data_cfg: ml_collections.ConfigDict) -> None:
-  raise DatasetUnavailableError(
-      f'config data.name / data.eval_sets names {name!r}: reading the real datasets is not '
-      f'implemented in this version yet (the TFDS builders are tracked as their own issue). '
-      f'To prepare for it, download {REAL_DATASETS[name]} by hand into one folder and pass it '
-      f'as --config.data.manual_dir=DIR (now: {data_cfg.get("manual_dir") or "unset"}). '
-      f"Until then, train on the bundled data: --config=configs/demo.py or "
-      f"--config.data.name=synthetic --config.data.eval_sets=\"('test',)\".")
+class TfdsSource:
+  """A TFDS data source (uint8 images, bytes IDs), optionally a subset, as pipeline examples."""
+
+  def __init__(self, source, indices: Sequence[int] | None = None):
+    self._source = source
+    self._indices = None if indices is None else np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._source) if self._indices is None else len(self._indices)
+
+  def __getitem__(self, i: int) -> dict:
+    record = self._source[int(i if self._indices is None else self._indices[i])]
+    image_id = record['id']
+    return {'image': np.asarray(record['image'], np.float32) / 255.0,
+            'mask': np.asarray(record['mask'], np.uint8),
+            'label': np.int32(record['label']),
+            'id': image_id.decode() if isinstance(image_id, bytes) else str(image_id)}
+
+
+class ConcatSource:
+  """Several random-access sources one after another."""
+
+  def __init__(self, sources: Sequence[Any]):
+    self._sources = list(sources)
+    self._ends = np.cumsum([len(s) for s in self._sources])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getitem__(self, i: int) -> dict:
+    k = int(np.searchsorted(self._ends, i, side='right'))
+    return self._sources[k][i - (int(self._ends[k - 1]) if k else 0)]
+
+
+def _ids_and_labels(source) -> tuple[tuple[str, ...], np.ndarray]:
+  examples = [source[i] for i in range(len(source))]
+  return tuple(e['id'] for e in examples), np.array([e['label'] for e in examples], np.int32)
+
+
+def _real_split(name: str, dataset: str, split: str, data_cfg) -> Split:
+  from skinmtl_jax import prepare  # pylint: disable=import-outside-toplevel
+  source = TfdsSource(prepare.load(dataset, split, data_cfg))
+  ids, labels = _ids_and_labels(source)
+  return Split(name, source, labels, ids)
 
 
 def get_split(data_cfg: ml_collections.ConfigDict, split: str) -> Split:
-  """The split `split` ('train', 'test' or a real eval set name) of the configured data."""
+  """The split `split` ('train', or an eval set name: 'test' for synthetic data,
+  'isic2016_test', 'ph2', 'isic2017_validation') of the configured data.
+
+  For 'train', mtl4's extra ISIC 2017 melanomas are added when data.extra_melanomas names them.
+  """
   if data_cfg.name == 'synthetic':
+    if split not in ('train', 'test'):
+      raise DatasetUnavailableError(f'data.eval_sets names {split!r}; synthetic data has "test".')
     syn = data_cfg.synthetic
     n = syn.num_train if split == 'train' else syn.num_test
     source = SyntheticLesions(split, n, tuple(data_cfg.image_size), syn.melanoma_fraction,
@@ -63,12 +108,66 @@ def get_split(data_cfg: ml_collections.ConfigDict, split: str) -> Split:
     # Drawn once and kept in memory: re-drawing every epoch would cost more than a small
     # model's train step (1000 examples at 192x256 take about 0.6 GB).
     examples = [source[i] for i in range(len(source))]
-    return Split(f'synthetic_{split}', examples, np.array([e['label'] for e in examples]))
-  name = data_cfg.name if split == 'train' else split.split('_')[0]
-  if name in REAL_DATASETS:
-    _check_real_dataset(name, data_cfg)
-  raise ConfigError(f'data.name={data_cfg.name!r} is unknown; expected "synthetic" or one of '
-                   f'{sorted(REAL_DATASETS)}.')
+    return Split(f'synthetic_{split}', examples, np.array([e['label'] for e in examples]),
+                 tuple(e['id'] for e in examples))
+  if split != 'train':
+    if split not in EVAL_SETS:
+      raise DatasetUnavailableError(
+          f'data.eval_sets names {split!r}; expected some of {sorted(EVAL_SETS)}.')
+    return _real_split(split, *EVAL_SETS[split], data_cfg)
+  if data_cfg.name not in ('isic2016',):
+    raise DatasetUnavailableError(
+        f'data.name={data_cfg.name!r}: training data must be "synthetic" or "isic2016".')
+  train = _real_split('isic2016_train', 'isic2016', 'train', data_cfg)
+  if not data_cfg.extra_melanomas:
+    return train
+  return _with_extra_melanomas(train, data_cfg)
+
+
+def _with_extra_melanomas(train: Split, data_cfg) -> Split:
+  """ISIC 2016 training plus the ISIC 2017 train + validation melanomas (mtl4), minus every
+  image whose ISIC ID is in an evaluation set and every image already in ISIC 2016 training,
+  unless data.paper_protocol_train_on_test_images asks for the paper's all-404 protocol."""
+  if data_cfg.extra_melanomas != 'isic2017':
+    raise DatasetUnavailableError(
+        f'data.extra_melanomas={data_cfg.extra_melanomas!r}: only "isic2017" is known.')
+  paper = bool(data_cfg.paper_protocol_train_on_test_images)
+  eval_ids = set()
+  for name in data_cfg.eval_sets:
+    eval_ids.update(get_split(data_cfg, name).ids)
+  train_ids = set(train.ids)
+  parts, info = [train.source], {'available': 0, 'added': 0, 'dropped_in_eval_set': 0,
+                                 'dropped_already_in_train': 0, 'in_eval_set_but_kept': 0,
+                                 'paper_protocol_train_on_test_images': paper}
+  labels, ids = [train.labels], list(train.ids)
+  for split in ('train', 'validation'):
+    extra = _real_split(f'isic2017_{split}', 'isic2017', split, data_cfg)
+    keep = []
+    for i, (image_id, label) in enumerate(zip(extra.ids, extra.labels)):
+      if label != 1:
+        continue
+      info['available'] += 1
+      if not paper and image_id in eval_ids:
+        info['dropped_in_eval_set'] += 1
+        continue
+      if not paper and image_id in train_ids:
+        info['dropped_already_in_train'] += 1
+        continue
+      info['in_eval_set_but_kept'] += int(image_id in eval_ids)
+      keep.append(i)
+    parts.append(TfdsSource(extra.source._source, keep))  # pylint: disable=protected-access
+    labels.append(extra.labels[keep])
+    ids += [extra.ids[i] for i in keep]
+  info['added'] = sum(len(p) for p in parts[1:])
+  if paper:
+    logging.warning('!' * 78)
+    logging.warning('data.paper_protocol_train_on_test_images=True: training on %d ISIC 2017 '
+                    'melanomas, %d of them images of the evaluation sets. Results are NOT a '
+                    'fair test.', info['added'], info['in_eval_set_but_kept'])
+    logging.warning('!' * 78)
+  logging.info('Extra melanomas from ISIC 2017: %s', info)
+  return Split('isic2016_train+isic2017_melanomas', ConcatSource(parts),
+               np.concatenate(labels), tuple(ids), {'extra_melanomas': info})
 
 
 def enlarged_index(labels: np.ndarray, multiplicities: Sequence[int]) -> np.ndarray:

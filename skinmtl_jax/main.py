@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from skinmtl_jax import train
 from skinmtl_jax.config_base import ConfigError
+from skinmtl_jax.datasets.files import DataError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
@@ -33,7 +34,7 @@ def main(argv):
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except ConfigError as e:
+  except (ConfigError, DataError) as e:
     sys.exit(f'skinmtl_jax: {e}')
 
 

@@ -49,9 +49,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      'set model.classify=True (the unet baseline has none).')
   if m.encoder_pool_levels not in (1, 2):
     raise ConfigError(f'model.encoder_pool_levels={m.encoder_pool_levels}: expected 1 or 2.')
-  if config.data.extra_melanomas:
-    input_pipeline.get_split(ml_collections.ConfigDict(
-        {**config.data.to_dict(), 'name': config.data.extra_melanomas}), 'train')
+  if config.data.extra_melanomas not in ('', 'isic2017'):
+    raise ConfigError(f'data.extra_melanomas={config.data.extra_melanomas!r}: expected "" or '
+                      '"isic2017".')
+  if config.data.extra_melanomas and config.data.name != 'isic2016':
+    raise ConfigError('data.extra_melanomas adds ISIC 2017 melanomas to ISIC 2016 training; '
+                      f'data.name is {config.data.name!r}.')
   for name in ('enlarge_benign', 'enlarge_melanoma'):
     if not 1 <= config.data[name] <= 16:
       raise ConfigError(f'data.{name}={config.data[name]}: must be in 1..16 (the paper\'s '
@@ -152,7 +155,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------------------- Evaluation
   results: dict[str, Any] = {'params': num_params, 'steps': int(state.step),
-                             'train_seconds_this_run': round(train_seconds, 1)}
+                             'train_seconds_this_run': round(train_seconds, 1),
+                             'train_examples': len(train_split.source), **train_split.info}
+  if config.data.extra_melanomas and config.data.paper_protocol_train_on_test_images:
+    results['trained_on_test_images'] = True
   for split_name, split in zip(config.data.eval_sets, eval_splits):
     r = evaluate.evaluate_split(eval_step, state, split, batch_size=config.eval_batch_size,
                                 threshold=config.threshold)
