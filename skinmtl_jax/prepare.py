@@ -41,6 +41,7 @@ def prepare(name: str, manual_dir: str, data_dir: str, size) -> tfds.core.Datase
         f'{name} at {size[0]}x{size[1]} is not prepared in {builder.data_dir}. Pass the folder '
         f'with your downloads as --config.data.manual_dir=DIR (or run python -m '
         f'skinmtl_jax.prepare). {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}')
+  files.check_manual_dir(manual_dir)
   logging.info('Preparing %s at %dx%d from %s into %s.', name, size[0], size[1], manual_dir,
                builder.data_dir)
   try:

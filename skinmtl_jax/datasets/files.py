@@ -51,7 +51,8 @@ class Folder:
       raise DataError(f'Cannot read {self.location(name)}: {e}. Download it again.') from e
 
 
-def _search_roots(manual_dir: str) -> pathlib.Path:
+def check_manual_dir(manual_dir: str) -> pathlib.Path:
+  """The user's download folder as a path; DataError if it is unset, missing or empty."""
   root = pathlib.Path(manual_dir).expanduser()
   if not str(manual_dir):
     raise DataError('data.manual_dir is not set: pass --config.data.manual_dir=DIR, the folder '
@@ -59,6 +60,8 @@ def _search_roots(manual_dir: str) -> pathlib.Path:
   if not root.is_dir():
     raise DataError(f'data.manual_dir {root} is not a directory. Point it at the folder that '
                     'holds your downloads.')
+  if not any(root.iterdir()):
+    raise DataError(f'data.manual_dir {root} is empty. Put your downloads in it.')
   return root
 
 
@@ -72,7 +75,7 @@ def find_folder(manual_dir: str, name: str, *, recursive_files: bool = False) ->
   Raises:
     DataError naming what was looked for, when neither form exists or holds no files.
   """
-  root = _search_roots(manual_dir)
+  root = check_manual_dir(manual_dir)
   for d in sorted(p for p in root.rglob(name) if p.is_dir()):
     it = d.rglob('*') if recursive_files else d.iterdir()
     files = {p.name: str(p) for p in it if p.is_file() and not p.name.startswith('.')}
@@ -103,7 +106,7 @@ def find_folder(manual_dir: str, name: str, *, recursive_files: bool = False) ->
 
 def find_file(manual_dir: str, name: str) -> pathlib.Path:
   """Finds a single file (such as a label CSV) beneath `manual_dir`."""
-  root = _search_roots(manual_dir)
+  root = check_manual_dir(manual_dir)
   found = sorted(p for p in root.rglob(name) if p.is_file())
   if not found:
     raise DataError(f'{name} was not found under {root}. Download it and put it anywhere '

@@ -1,0 +1,225 @@
+"""TFDS builders on the real shared data, and every bad input a user can hand them."""
+
+import os
+import pathlib
+import shutil
+import zipfile
+
+import ml_collections
+import numpy as np
+import pytest
+
+from skinmtl_jax import input_pipeline, prepare
+from skinmtl_jax.datasets.files import DataError
+
+SIZE = (32, 48)
+
+
+@pytest.fixture(scope='session')
+def real_data_cfg(tmp_path_factory, request):
+  shared = request.getfixturevalue('shared_data_session')
+  cfg = ml_collections.ConfigDict({
+      'name': 'isic2016', 'manual_dir': str(shared), 'image_size': SIZE,
+      'data_dir': str(tmp_path_factory.mktemp('tfds')), 'extra_melanomas': '',
+      'paper_protocol_train_on_test_images': False, 'eval_sets': ('isic2016_test', 'ph2'),
+      'enlarge_benign': 4, 'enlarge_melanoma': 16, 'num_workers': 0})
+  return cfg
+
+
+@pytest.fixture(scope='session')
+def shared_data_session():
+  from conftest import SHARED_DATA
+  if not SHARED_DATA.is_dir():
+    if os.environ.get('SKINMTL_REQUIRE_DATA') == '1':
+      pytest.fail(f'{SHARED_DATA} is missing and SKINMTL_REQUIRE_DATA=1.')
+    pytest.skip(f'{SHARED_DATA} not present')
+  return SHARED_DATA
+
+
+def _split(cfg, name):
+  return input_pipeline.get_split(cfg, name)
+
+
+def test_built_counts(real_data_cfg):
+  for name, splits in {'isic2016': {'train': 749, 'test': 305},
+                       'isic2017': {'train': 2000, 'validation': 150},
+                       'ph2': {'test': 4}}.items():
+    builder = prepare.prepare(name, real_data_cfg.manual_dir, real_data_cfg.data_dir, SIZE)
+    assert {s: i.num_examples for s, i in builder.info.splits.items()} == splits, name
+
+
+def test_labels_of_named_cases(real_data_cfg):
+  test = _split(real_data_cfg, 'isic2016_test')
+  assert test.labels[test.ids.index('ISIC_0000013')] == 1
+  assert test.labels[test.ids.index('ISIC_0000003')] == 0
+  assert (int(test.labels.sum()), len(test.labels)) == (63, 305)
+  ph2 = prepare.load('ph2', 'test', real_data_cfg)
+  records = {r['id'].decode() if isinstance(r['id'], bytes) else r['id']: r
+             for r in (ph2[i] for i in range(len(ph2)))}
+  assert records['IMD058']['label'] == 1
+  assert records['IMD002']['label'] == 0 and records['IMD002']['diagnosis'] == 1  # atypical
+  assert records['IMD003']['diagnosis'] == 0 and records['IMD435']['label'] == 1
+
+
+def test_masks_are_binary_and_aligned_with_images(real_data_cfg):
+  train = _split(real_data_cfg, 'train')
+  darker, n = 0, 0
+  for i in range(0, len(train.source), 15):
+    ex = train.source[i]
+    assert ex['image'].shape == (*SIZE, 3) and ex['mask'].shape == SIZE
+    assert set(np.unique(ex['mask'])) <= {0, 1}
+    m = ex['mask'].astype(bool)
+    if 0 < m.mean() < 0.9:
+      n += 1
+      brightness = ex['image'].mean(-1)
+      darker += brightness[m].mean() < brightness[~m].mean()
+  # Pigmented lesions are darker than the skin around them; a shifted or flipped mask is not.
+  assert n > 30 and darker / n > 0.85, (darker, n)
+
+
+def test_enlarged_epoch_length_of_shared_isic2016(real_data_cfg):
+  train = _split(real_data_cfg, 'train')
+  assert (int((train.labels == 0).sum()), int((train.labels == 1).sum())) == (605, 144)
+  _, per_epoch = input_pipeline.train_dataset(train, real_data_cfg, batch_size=10, seed=0)
+  assert per_epoch == 605 * 4 + 144 * 16 == 4724
+
+
+def test_mtl4_extra_melanomas_exclude_test_images(real_data_cfg):
+  cfg = ml_collections.ConfigDict(real_data_cfg.to_dict())
+  cfg.extra_melanomas = 'isic2017'
+  train = _split(cfg, 'train')
+  test_ids = set(_split(cfg, 'isic2016_test').ids)
+  assert not test_ids & set(train.ids)
+  assert len(train.ids) == len(set(train.ids))          # no double counting
+  info = train.info['extra_melanomas']
+  assert info['available'] == 404
+  assert info['dropped_in_eval_set'] == 63 and info['dropped_already_in_train'] == 147
+  assert info['added'] == 404 - 63 - 147 == len(train.ids) - 749
+  assert train.labels[749:].min() == 1
+  # The paper's protocol, asked for by name, keeps them all.
+  cfg.paper_protocol_train_on_test_images = True
+  paper = _split(cfg, 'train')
+  assert len(paper.ids) == 749 + 404 and len(test_ids & set(paper.ids)) == 63
+
+
+# ------------------------------------------------------------------------------ bad input
+
+@pytest.fixture
+def small_isic2016(tmp_path, shared_data_session):
+  """A copy of 3 training and 2 test cases of the shared ISIC 2016 in the official layout."""
+  src = shared_data_session / 'isic2016'
+  root = tmp_path / 'downloads'
+  cases = {'Training': ['ISIC_0000000', 'ISIC_0000001', 'ISIC_0000002'],
+           'Test': ['ISIC_0000003', 'ISIC_0000012']}
+  for part, ids in cases.items():
+    (root / f'ISBI2016_ISIC_Part1_{part}_Data').mkdir(parents=True)
+    (root / f'ISBI2016_ISIC_Part1_{part}_GroundTruth').mkdir()
+    for i in ids:
+      shutil.copy(src / f'ISBI2016_ISIC_Part1_{part}_Data' / f'{i}.jpg',
+                  root / f'ISBI2016_ISIC_Part1_{part}_Data')
+      shutil.copy(src / f'ISBI2016_ISIC_Part1_{part}_GroundTruth' / f'{i}_Segmentation.png',
+                  root / f'ISBI2016_ISIC_Part1_{part}_GroundTruth')
+  (root / 'ISBI2016_ISIC_Part3_Training_GroundTruth.csv').write_text(
+      'ISIC_0000000,benign\nISIC_0000001,benign\nISIC_0000002,malignant\n')
+  (root / 'ISBI2016_ISIC_Part3_Test_GroundTruth.csv').write_text(
+      'ISIC_0000003,0.0\nISIC_0000012,1.0\n')
+  return root
+
+
+def _build(manual_dir, data_dir, name='isic2016'):
+  return prepare.prepare(name, str(manual_dir), str(data_dir), SIZE)
+
+
+def test_small_copy_builds_from_folders_and_from_zips(small_isic2016, tmp_path):
+  b = _build(small_isic2016, tmp_path / 'a')
+  assert b.info.splits['train'].num_examples == 3
+  # The same downloads as the official zip files (each holds its folder).
+  zipped = tmp_path / 'zipped'
+  zipped.mkdir()
+  for d in small_isic2016.iterdir():
+    if d.is_dir():
+      with zipfile.ZipFile(zipped / f'{d.name}.zip', 'w') as z:
+        for f in d.iterdir():
+          z.write(f, f'{d.name}/{f.name}')
+    else:
+      shutil.copy(d, zipped)
+  b2 = _build(zipped, tmp_path / 'b')
+  src_a, src_b = b.as_data_source()['test'], b2.as_data_source()['test']
+  for i in range(2):
+    np.testing.assert_array_equal(src_a[i]['image'], src_b[i]['image'])
+    np.testing.assert_array_equal(src_a[i]['mask'], src_b[i]['mask'])
+
+
+def _assert_fails_cleanly(manual_dir, data_dir, match):
+  with pytest.raises(DataError, match=match):
+    _build(manual_dir, data_dir)
+  # Nothing that a later run could take for a built dataset.
+  builder = prepare.get_builder('isic2016', str(data_dir), SIZE)
+  assert not builder.is_prepared()
+  leftovers = list(pathlib.Path(data_dir).rglob('*.array_record*'))
+  assert not leftovers, leftovers
+
+
+def test_missing_and_empty_directories(tmp_path):
+  with pytest.raises(DataError, match='is not a directory'):
+    _build(tmp_path / 'nope', tmp_path / 'data')
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(DataError, match='is empty'):
+    _build(tmp_path / 'empty', tmp_path / 'data')
+  (tmp_path / 'other' / 'something').mkdir(parents=True)
+  with pytest.raises(DataError, match='ISBI2016_ISIC_Part1_Training_Data'):
+    _build(tmp_path / 'other', tmp_path / 'data')
+  (tmp_path / 'e2' / 'ISBI2016_ISIC_Part1_Training_Data').mkdir(parents=True)
+  with pytest.raises(DataError, match='is empty'):
+    _build(tmp_path / 'e2', tmp_path / 'data')
+
+
+def test_zip_without_the_expected_folder(small_isic2016, tmp_path):
+  d = small_isic2016 / 'ISBI2016_ISIC_Part1_Training_Data'
+  with zipfile.ZipFile(small_isic2016 / 'ISBI2016_ISIC_Part1_Training_Data.zip', 'w') as z:
+    for f in d.iterdir():
+      z.write(f, f'wrong_folder/{f.name}')
+  shutil.rmtree(d)
+  _assert_fails_cleanly(small_isic2016, tmp_path / 'data', 'does not contain the folder')
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage', 'empty'])
+def test_unreadable_image_names_the_file(small_isic2016, tmp_path, damage):
+  f = small_isic2016 / 'ISBI2016_ISIC_Part1_Test_Data' / 'ISIC_0000012.jpg'
+  data = f.read_bytes()
+  f.write_bytes({'truncated': data[:len(data) // 3], 'garbage': os.urandom(500),
+                 'empty': b''}[damage])
+  _assert_fails_cleanly(small_isic2016, tmp_path / 'data', 'ISIC_0000012.jpg')
+
+
+def test_missing_mask(small_isic2016, tmp_path):
+  os.remove(small_isic2016 / 'ISBI2016_ISIC_Part1_Training_GroundTruth' /
+            'ISIC_0000001_Segmentation.png')
+  _assert_fails_cleanly(small_isic2016, tmp_path / 'data', 'mask for ISIC_0000001 is missing')
+
+
+@pytest.mark.parametrize('csv,match', [
+    ('ISIC_0000000,benign\nISIC_0000001,maybe\nISIC_0000002,malignant\n', "row 2: unknown label 'maybe'"),
+    ('ISIC_0000000,benign\nISIC_0000009,benign\n', 'lists ISIC_0000009'),
+    ('ISIC_0000000,benign\nISIC_0000000,benign\n', 'row 2: duplicate ID ISIC_0000000'),
+])
+def test_bad_label_csv(small_isic2016, tmp_path, csv, match):
+  (small_isic2016 / 'ISBI2016_ISIC_Part3_Training_GroundTruth.csv').write_text(csv)
+  _assert_fails_cleanly(small_isic2016, tmp_path / 'data', match)
+
+
+def test_ph2_sheet_with_moved_header(tmp_path, shared_data_session):
+  import openpyxl
+  root = tmp_path / 'ph2'
+  shutil.copytree(shared_data_session / 'ph2_fixture', root)
+  sheet = root / 'PH2Dataset' / 'PH2_dataset.xlsx'
+  wb = openpyxl.load_workbook(sheet)
+  wb.worksheets[0].delete_rows(1)           # the header is now on row 12
+  wb.save(sheet)
+  with pytest.raises(DataError, match='row 13'):
+    _build(root, tmp_path / 'data', 'ph2')
+
+
+def test_unprepared_dataset_without_manual_dir_says_what_to_do(tmp_path):
+  with pytest.raises(DataError, match='manual_dir'):
+    prepare.prepare('isic2016', '', str(tmp_path), SIZE)
