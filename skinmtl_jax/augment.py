@@ -83,8 +83,19 @@ def apply_transform(image: np.ndarray, mask: np.ndarray, tid: int) -> tuple[np.n
     return image, mask
   h, w = mask.shape
   sy, sx = _source_coords(tid, h, w)
-  new_image = _bilinear(image, sy, sx).astype(image.dtype)
-  ny, nx = np.round(sy).astype(np.int64), np.round(sx).astype(np.int64)
-  inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-  new_mask = np.where(inside, mask[np.clip(ny, 0, h - 1), np.clip(nx, 0, w - 1)], 0)
+  ny, nx, inside, on_grid = _nearest(tid, h, w)
+  if on_grid:  # right-angle cases: a pure pixel move, one gather instead of four
+    new_image = np.where(inside[..., None], image[ny, nx], 0).astype(image.dtype)
+  else:
+    new_image = _bilinear(image, sy, sx).astype(image.dtype)
+  new_mask = np.where(inside, mask[ny, nx], 0)
   return new_image, new_mask.astype(mask.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _nearest(tid: int, height: int, width: int):
+  sy, sx = _source_coords(tid, height, width)
+  ny, nx = np.round(sy).astype(np.int64), np.round(sx).astype(np.int64)
+  inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+  on_grid = bool(np.all(sy == ny) and np.all(sx == nx))
+  return np.clip(ny, 0, height - 1), np.clip(nx, 0, width - 1), inside, on_grid

@@ -86,8 +86,8 @@ def _ids_and_labels(source) -> tuple[tuple[str, ...], np.ndarray]:
 
 
 def _real_split(name: str, dataset: str, split: str, data_cfg) -> Split:
-  from skinmtl_jax import prepare  # pylint: disable=import-outside-toplevel
-  source = TfdsSource(prepare.load(dataset, split, data_cfg))
+  from skinmtl_jax.datasets import builders  # pylint: disable=import-outside-toplevel
+  source = TfdsSource(builders.load(dataset, split, data_cfg))
   ids, labels = _ids_and_labels(source)
   return Split(name, source, labels, ids)
 

@@ -1,76 +1,18 @@
-"""Prepares the real datasets: `python -m skinmtl_jax.prepare --dataset=isic2016|isic2017|ph2
---manual_dir=DIR --data_dir=DIR [--size=192x256]`.
+"""Prepares a real dataset from the user's downloads:
 
-`main` calls `load` too, which prepares a dataset on first use when the config names a
-`data.manual_dir`. A preparation that fails leaves no dataset behind: TFDS writes into a
-temporary folder and renames it only when every split is complete.
+    python -m skinmtl_jax.prepare --dataset=isic2016|isic2017|ph2 --manual_dir=DIR \
+        [--data_dir=DIR] [--size=192x256]
 """
 
-from __future__ import annotations
+from absl import app, flags
 
-import os
-import shutil
-
-from absl import app, flags, logging
-import tensorflow_datasets as tfds
-
-from skinmtl_jax.datasets import common, files
-from skinmtl_jax.datasets.isic2016 import Isic2016
-from skinmtl_jax.datasets.isic2017 import Isic2017
-from skinmtl_jax.datasets.ph2 import Ph2
-
-BUILDERS = {'isic2016': Isic2016, 'isic2017': Isic2017, 'ph2': Ph2}
-DEFAULT_DATA_DIR = os.path.join('~', 'tensorflow_datasets')
-
-
-def get_builder(name: str, data_dir: str, size) -> tfds.core.DatasetBuilder:
-  if name not in BUILDERS:
-    raise files.DataError(f'Unknown dataset {name!r}; expected one of {sorted(BUILDERS)}.')
-  data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
-  return BUILDERS[name](data_dir=data_dir, config=common.resolution_config(size),
-                        file_format='array_record')
-
-
-def prepare(name: str, manual_dir: str, data_dir: str, size) -> tfds.core.DatasetBuilder:
-  """Builds dataset `name` at `size` from the user's downloads in `manual_dir`, if not built."""
-  builder = get_builder(name, data_dir, size)
-  if builder.is_prepared():
-    return builder
-  if not manual_dir:
-    raise files.DataError(
-        f'{name} at {size[0]}x{size[1]} is not prepared in {builder.data_dir}. Pass the folder '
-        f'with your downloads as --config.data.manual_dir=DIR (or run python -m '
-        f'skinmtl_jax.prepare). {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}')
-  files.check_manual_dir(manual_dir)
-  logging.info('Preparing %s at %dx%d from %s into %s.', name, size[0], size[1], manual_dir,
-               builder.data_dir)
-  try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir)))
-  except BaseException:
-    # TFDS keeps failed attempts in 'incomplete.*' folders; remove ours so nothing partial stays.
-    parent = os.path.dirname(builder.data_dir)
-    if os.path.isdir(parent):
-      for entry in os.listdir(parent):
-        if entry.startswith('incomplete.'):
-          shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-    raise
-  return builder
-
-
-def load(name: str, split: str, data_cfg):
-  """The TFDS data source of `name`'s `split`, preparing the dataset first if needed."""
-  builder = prepare(name, data_cfg.manual_dir, data_cfg.data_dir, tuple(data_cfg.image_size))
-  sources = builder.as_data_source()
-  if split not in sources:
-    raise files.DataError(f'{name} has no split {split!r}; it has {sorted(sources)}.')
-  return sources[split]
-
+from skinmtl_jax.datasets import builders
+from skinmtl_jax.datasets.files import DataError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('dataset', None, sorted(BUILDERS), 'Dataset to prepare.')
+flags.DEFINE_enum('dataset', None, sorted(builders.BUILDERS), 'Dataset to prepare.')
 flags.DEFINE_string('manual_dir', None, 'Folder holding the downloads (archives or extracted).')
-flags.DEFINE_string('data_dir', DEFAULT_DATA_DIR, 'Where prepared datasets are stored.')
+flags.DEFINE_string('data_dir', builders.DEFAULT_DATA_DIR, 'Where prepared datasets are stored.')
 flags.DEFINE_string('size', '192x256', 'Stored resolution, HxW.')
 
 
@@ -78,8 +20,8 @@ def main(argv):
   del argv
   try:
     size = tuple(int(v) for v in FLAGS.size.lower().split('x'))
-    builder = prepare(FLAGS.dataset, FLAGS.manual_dir, FLAGS.data_dir, size)
-  except files.DataError as e:
+    builder = builders.prepare(FLAGS.dataset, FLAGS.manual_dir, FLAGS.data_dir, size)
+  except DataError as e:
     raise SystemExit(f'skinmtl_jax.prepare: {e}') from None
   for split, info in builder.info.splits.items():
     print(f'{FLAGS.dataset} {split}: {info.num_examples} examples in {builder.data_dir}')

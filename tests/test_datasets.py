@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from skinmtl_jax import input_pipeline, prepare
+from skinmtl_jax import input_pipeline
+from skinmtl_jax.datasets import builders
 from skinmtl_jax.datasets.files import DataError
 
 SIZE = (32, 48)
@@ -44,7 +45,7 @@ def test_built_counts(real_data_cfg):
   for name, splits in {'isic2016': {'train': 749, 'test': 305},
                        'isic2017': {'train': 2000, 'validation': 150},
                        'ph2': {'test': 4}}.items():
-    builder = prepare.prepare(name, real_data_cfg.manual_dir, real_data_cfg.data_dir, SIZE)
+    builder = builders.prepare(name, real_data_cfg.manual_dir, real_data_cfg.data_dir, SIZE)
     assert {s: i.num_examples for s, i in builder.info.splits.items()} == splits, name
 
 
@@ -53,7 +54,7 @@ def test_labels_of_named_cases(real_data_cfg):
   assert test.labels[test.ids.index('ISIC_0000013')] == 1
   assert test.labels[test.ids.index('ISIC_0000003')] == 0
   assert (int(test.labels.sum()), len(test.labels)) == (63, 305)
-  ph2 = prepare.load('ph2', 'test', real_data_cfg)
+  ph2 = builders.load('ph2', 'test', real_data_cfg)
   records = {r['id'].decode() if isinstance(r['id'], bytes) else r['id']: r
              for r in (ph2[i] for i in range(len(ph2)))}
   assert records['IMD058']['label'] == 1
@@ -127,7 +128,7 @@ def small_isic2016(tmp_path, shared_data_session):
 
 
 def _build(manual_dir, data_dir, name='isic2016'):
-  return prepare.prepare(name, str(manual_dir), str(data_dir), SIZE)
+  return builders.prepare(name, str(manual_dir), str(data_dir), SIZE)
 
 
 def test_small_copy_builds_from_folders_and_from_zips(small_isic2016, tmp_path):
@@ -154,7 +155,7 @@ def _assert_fails_cleanly(manual_dir, data_dir, match):
   with pytest.raises(DataError, match=match):
     _build(manual_dir, data_dir)
   # Nothing that a later run could take for a built dataset.
-  builder = prepare.get_builder('isic2016', str(data_dir), SIZE)
+  builder = builders.get_builder('isic2016', str(data_dir), SIZE)
   assert not builder.is_prepared()
   leftovers = list(pathlib.Path(data_dir).rglob('*.array_record*'))
   assert not leftovers, leftovers
@@ -222,4 +223,4 @@ def test_ph2_sheet_with_moved_header(tmp_path, shared_data_session):
 
 def test_unprepared_dataset_without_manual_dir_says_what_to_do(tmp_path):
   with pytest.raises(DataError, match='manual_dir'):
-    prepare.prepare('isic2016', '', str(tmp_path), SIZE)
+    builders.prepare('isic2016', '', str(tmp_path), SIZE)
