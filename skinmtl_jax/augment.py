@@ -78,7 +78,7 @@ def _bilinear(img: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> np.ndarray:
 
 
 def apply_transform(image: np.ndarray, mask: np.ndarray, tid: int) -> tuple[np.ndarray, np.ndarray]:
-  """Applies transform `tid` to an (H, W, C) float image and its (H, W) mask."""
+  """Applies transform `tid` to an (H, W, C) image (uint8 or float) and its (H, W) mask."""
   if tid == 0:
     return image, mask
   h, w = mask.shape
@@ -87,7 +87,10 @@ def apply_transform(image: np.ndarray, mask: np.ndarray, tid: int) -> tuple[np.n
   if on_grid:  # right-angle cases: a pure pixel move, one gather instead of four
     new_image = np.where(inside[..., None], image[ny, nx], 0).astype(image.dtype)
   else:
-    new_image = _bilinear(image, sy, sx).astype(image.dtype)
+    new_image = _bilinear(image, sy, sx)
+    if np.issubdtype(image.dtype, np.integer):
+      new_image = np.clip(np.round(new_image), 0, np.iinfo(image.dtype).max)
+    new_image = new_image.astype(image.dtype)
   new_mask = np.where(inside, mask[ny, nx], 0)
   return new_image, new_mask.astype(mask.dtype)
 

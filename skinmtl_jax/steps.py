@@ -29,6 +29,13 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
+def to_float_images(images: Array) -> Array:
+  """uint8 images (as the input pipeline delivers them) to float32 in [0, 1]; floats pass."""
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return images.astype(jnp.float32) / 255.0
+  return images
+
+
 def init_variables(model, key: Array, images: Array) -> dict:
   """`model.init(key, images)`, compiled without optimisation since it runs once.
 
@@ -61,7 +68,8 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model, tx, dice_we
 
   def loss_fn(params):
     outputs, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                    batch['image'], train=True, mutable=['batch_stats'])
+                                    to_float_images(batch['image']), train=True,
+                                    mutable=['batch_stats'])
     loss, terms = losses.total_loss(outputs, batch, dice_weight=dice_weight,
                                     cls_weight=cls_weight, dice_smooth=dice_smooth)
     return loss, (terms, outputs, new_vars.get('batch_stats', {}))
@@ -81,7 +89,7 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model, tx, dice_we
 
 def predict(variables: dict, images: Array, *, model) -> dict[str, Array]:
   """Lesion probability maps (batch, H, W) and melanoma probabilities (batch,), where present."""
-  outputs = model.apply(variables, images, train=False)
+  outputs = model.apply(variables, to_float_images(images), train=False)
   out = {}
   if 'seg_logits' in outputs:
     out['lesion_prob'] = jax.nn.softmax(outputs['seg_logits'], axis=-1)[..., 1]

@@ -224,3 +224,23 @@ def test_ph2_sheet_with_moved_header(tmp_path, shared_data_session):
 def test_unprepared_dataset_without_manual_dir_says_what_to_do(tmp_path):
   with pytest.raises(DataError, match='manual_dir'):
     builders.prepare('isic2016', '', str(tmp_path), SIZE)
+
+
+def test_mtl4_trains_on_the_shared_data_and_reports_both_test_sets(tmp_path, real_data_cfg):
+  import json
+  import subprocess
+  import sys
+  from conftest import ROOT
+  r = subprocess.run(
+      [sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/mtl4.py',
+       f'--workdir={tmp_path / "run"}', f'--config.data.manual_dir={real_data_cfg.manual_dir}',
+       f'--config.data.data_dir={real_data_cfg.data_dir}', f'--config.data.image_size={SIZE}',
+       '--config.model.features=(4, 8, 8, 16)', '--config.model.cls_hidden=8',
+       '--config.num_train_steps=3', '--config.eval_batch_size=50'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert r.returncode == 0, r.stderr[-3000:]
+  m = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+  assert m['isic2016_test']['n'] == 305 and m['ph2']['n'] == 4
+  assert m['extra_melanomas']['added'] == 194 and m['train_examples'] == 749 + 194
+  assert 'trained_on_test_images' not in m

@@ -6,6 +6,7 @@ import pytest
 from conftest import tiny_config
 from skinmtl_jax import input_pipeline
 from skinmtl_jax.config_base import ConfigError
+from skinmtl_jax.datasets.files import DataError
 from skinmtl_jax.datasets.synthetic import SyntheticLesions
 
 
@@ -15,8 +16,8 @@ def test_synthetic_is_deterministic_and_well_formed():
   for i in (0, 7, 19):
     ea, eb = a[i], b[i]
     np.testing.assert_array_equal(ea['image'], eb['image'])
-    assert ea['image'].shape == (48, 64, 3) and ea['image'].dtype == np.float32
-    assert 0.0 <= ea['image'].min() and ea['image'].max() <= 1.0
+    assert ea['image'].shape == (48, 64, 3) and ea['image'].dtype == np.uint8
+    assert ea['image'].max() > 100
     assert set(np.unique(ea['mask'])) == {0, 1}
   with pytest.raises(IndexError):
     a[20]
@@ -73,13 +74,14 @@ def test_train_pipeline_enlarges_shuffles_per_epoch_and_restores():
     np.testing.assert_array_equal(got['mask'], e['mask'])
 
 
-def test_real_datasets_stop_with_instructions():
+def test_unknown_data_and_unprepared_real_data_stop_with_instructions(tmp_path):
   cfg = tiny_config()
-  cfg.data.name = 'isic2016'
-  with pytest.raises(ConfigError, match='manual_dir'):
-    input_pipeline.get_split(cfg.data, 'train')
-  with pytest.raises(ConfigError, match='PH2'):
-    input_pipeline.get_split(cfg.data, 'ph2')
   cfg.data.name = 'imagenet'
   with pytest.raises(ConfigError, match='data.name'):
+    input_pipeline.get_split(cfg.data, 'train')
+  with pytest.raises(ConfigError, match='data.eval_sets'):
+    input_pipeline.get_split(cfg.data, 'isic2019_test')
+  cfg.data.name = 'isic2016'
+  cfg.data.data_dir = str(tmp_path)
+  with pytest.raises(DataError, match='manual_dir'):
     input_pipeline.get_split(cfg.data, 'train')

@@ -132,10 +132,11 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
   assert full['test'] == resumed['test']
 
 
-def test_paper_config_on_real_data_stops_with_instructions(tmp_path):
+def test_paper_config_without_prepared_data_stops_with_instructions(tmp_path):
   r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/mtl2.py',
-                      f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
-                     timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+                      f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={tmp_path / "tfds"}'],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300,
+                     env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert r.returncode != 0
-  assert 'manual_dir' in r.stderr and 'ISIC 2016' in r.stderr
+  assert 'manual_dir' in r.stderr and 'isic2016' in r.stderr and 'challenge.isic-archive.com' in r.stderr
   assert 'Traceback' not in r.stderr

@@ -7,7 +7,7 @@ Melanomas follow the ABCD rule's cues: more Asymmetric shapes, more irregular Bo
 Colours (black, blue-grey, red-brown patches on the brown), and larger Diameters on average.
 The cues overlap between the classes, so diagnosis is learnable but not trivial.
 
-Examples: {'image': float32 (H, W, 3) in [0, 1], 'mask': uint8 (H, W) in {0, 1},
+Examples: {'image': uint8 (H, W, 3), 'mask': uint8 (H, W) in {0, 1},
 'label': int32 (0 benign, 1 melanoma), 'id': str}.
 """
 
@@ -144,5 +144,5 @@ def render(label: int, rng: np.random.Generator, image_size: tuple[int, int], ex
   img = img * (1 - rng.uniform(0.05, 0.3) * rr[..., None] ** 2)
   if rng.random() < 0.4:
     img = img * (rr < rng.uniform(1.05, 1.3))[..., None]
-  return {'image': np.clip(img, 0, 1).astype(np.float32), 'mask': mask,
+  return {'image': np.round(np.clip(img, 0, 1) * 255).astype(np.uint8), 'mask': mask,
           'label': np.int32(label), 'id': example_id}
