@@ -22,4 +22,5 @@ def get_config():
   c.num_epochs = 3
   c.log_every_steps = 100
   c.checkpoint_every_steps = 500
+  c.experiment = 'demo'
   return c

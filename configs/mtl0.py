@@ -11,4 +11,6 @@ from skinmtl_jax import config_base
 
 
 def get_config():
-  return config_base.get_config()
+  c = config_base.get_config()
+  c.experiment = 'mtl0'
+  return c

@@ -14,4 +14,5 @@ from configs import mtl0
 def get_config():
   c = mtl0.get_config()
   c.model.attention_pool = True
+  c.experiment = 'mtl1'
   return c

@@ -18,4 +18,5 @@ def get_config():
   c = mtl1.get_config()
   c.model.reverse = True
   c.model.encoder_pool_levels = 2
+  c.experiment = 'mtl2'
   return c

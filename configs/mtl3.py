@@ -13,4 +13,5 @@ from configs import mtl2
 def get_config():
   c = mtl2.get_config()
   c.model.cbam = True
+  c.experiment = 'mtl3'
   return c

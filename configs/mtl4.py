@@ -15,4 +15,5 @@ from configs import mtl3
 def get_config():
   c = mtl3.get_config()
   c.data.extra_melanomas = 'isic2017'
+  c.experiment = 'mtl4'
   return c

@@ -14,4 +14,5 @@ from skinmtl_jax import config_base
 def get_config():
   c = config_base.get_config()
   c.model.arch = 'resnet50'
+  c.experiment = 'resnet50'
   return c

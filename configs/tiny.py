@@ -25,4 +25,5 @@ def get_config():
   c.num_train_steps = 6
   c.log_every_steps = 2
   c.checkpoint_every_steps = 3
+  c.experiment = 'tiny'
   return c

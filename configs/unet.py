@@ -12,4 +12,5 @@ from skinmtl_jax import config_base
 def get_config():
   c = config_base.get_config()
   c.model.classify = False
+  c.experiment = 'unet'
   return c

@@ -3,7 +3,8 @@
 #
 #   bash launch/ladder.sh RUNS_DIR [--config.field=value ...]
 #
-# Each config trains into RUNS_DIR/<config>/ and writes its metrics.json there; extra
+# Each config trains into RUNS_DIR/<config>/ and writes its metrics.json there; at the end
+# RUNS_DIR/table3_isic2016.md and table4_ph2.md put every run beside the paper. Extra
 # arguments go to every run (for example --config.data.manual_dir=/path/to/downloads).
 # Re-running resumes each run from its latest checkpoint; finished runs only re-evaluate.
 set -euo pipefail
@@ -18,3 +19,4 @@ for name in unet resnet50 mtl0 mtl1 mtl2 mtl3 mtl4; do
   echo "=== $name -> $runs/$name"
   python -m skinmtl_jax.main --config="configs/$name.py" --workdir="$runs/$name" "$@"
 done
+python -m skinmtl_jax.tables "$runs"

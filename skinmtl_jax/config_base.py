@@ -15,6 +15,7 @@ class ConfigError(ValueError):
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.experiment = 'default'       # the config's name; reports put the paper's row beside ours
   c.seed = 0
 
   # Model: mtl0 (shared encoder, classifier on the pooled bottleneck) at the paper's widths.

@@ -126,3 +126,41 @@ def classification_scores(labels: np.ndarray, probs: np.ndarray,
   out['auc'] = roc_auc(labels, probs)
   out['confusion'] = cm.tolist()
   return out
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+  """Average precision of the melanoma score (the ISIC 2016 challenge's ranking measure):
+  sum over thresholds of (recall step) x precision, ties counted as one threshold. NaN
+  without positives."""
+  labels, scores = np.asarray(labels, int), np.asarray(scores, np.float64)
+  n_pos = int(labels.sum())
+  if n_pos == 0:
+    return float('nan')
+  order = np.argsort(-scores, kind='mergesort')
+  s, y = scores[order], labels[order]
+  last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+  tp = np.cumsum(y)[last_of_tie]
+  fp = (last_of_tie + 1) - tp
+  precision = tp / (tp + fp)
+  recall = tp / n_pos
+  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def bootstrap_ci(statistic, n: int, *, num_samples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+  """Percentile bootstrap interval of `statistic(indices)` over `n` resampled items (images).
+
+  Args:
+    statistic: maps an index array (a resample of range(n)) to a number; NaNs are ignored.
+    n: number of items.
+  Returns:
+    (low, high) of the central `level` interval.
+  """
+  rng = np.random.default_rng(seed)
+  values = np.array([statistic(rng.integers(0, n, n)) for _ in range(num_samples)], np.float64)
+  values = values[np.isfinite(values)]
+  if not len(values):
+    return float('nan'), float('nan')
+  tail = (1 - level) / 2 * 100
+  lo, hi = np.percentile(values, [tail, 100 - tail])
+  return float(lo), float(hi)

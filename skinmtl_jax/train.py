@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -64,23 +62,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'{name}={config[name]} must be positive.')
 
 
-def _write_per_image(path: str, per_image: dict[str, list]) -> None:
-  keys = [k for k in ('id', 'label', 'melanoma_prob', 'dice', 'iou', 'mcc') if k in per_image]
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='', encoding='utf-8') as f:
-    w = csv.writer(f)
-    w.writerow(keys)
-    w.writerows(zip(*(per_image[k] for k in keys)))
-  os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)  # never a half-written file under the final name
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the configured model in `workdir`, resuming from its latest checkpoint if any,
   evaluates it on every set in `config.data.eval_sets`, and writes `workdir/metrics.json`.
@@ -98,7 +79,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ------------------------------------------------------------------------ Input pipeline
   train_split = input_pipeline.get_split(config.data, 'train')
-  eval_splits = [input_pipeline.get_split(config.data, s) for s in config.data.eval_sets]
+  # Fetched (and prepared) before training, so a missing test set stops the run at once.
+  eval_splits = {s: input_pipeline.get_split(config.data, s) for s in config.data.eval_sets}
   train_ds, per_epoch = input_pipeline.train_dataset(
       train_split, config.data, batch_size=config.batch_size, seed=config.seed)
   train_iter = iter(train_ds)
@@ -126,8 +108,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       functools.partial(steps.train_step, model=model, tx=tx, dice_weight=config.loss.dice_weight,
                         cls_weight=config.loss.cls_weight, dice_smooth=config.loss.dice_smooth),
       donate_argnums=0)
-  eval_step = jax.jit(functools.partial(steps.eval_step, model=model,
-                                        threshold=config.threshold))
 
   # ---------------------------------------------------------------------------- Train loop
   start_step = int(state.step)
@@ -159,15 +139,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              'train_examples': len(train_split.source), **train_split.info}
   if config.data.extra_melanomas and config.data.paper_protocol_train_on_test_images:
     results['trained_on_test_images'] = True
-  for split_name, split in zip(config.data.eval_sets, eval_splits):
-    r = evaluate.evaluate_split(eval_step, state, split, batch_size=config.eval_batch_size,
-                                threshold=config.threshold)
-    _write_per_image(os.path.join(workdir, f'per_image_{split_name}.csv'), r.pop('per_image'))
-    results[split_name] = r
-    writer.write_scalars(int(state.step), {f'{split_name}/{k}': v for k, v in r.items()
+  results = evaluate.evaluate_and_report(config, state, model, workdir, eval_splits, results)
+  for name in config.data.eval_sets:
+    r = results[name]
+    writer.write_scalars(int(state.step), {f'{name}/{k}': v for k, v in r.items()
                                            if isinstance(v, float)})
-    logging.info('%s: %s', split_name, {k: v for k, v in r.items() if k != 'confusion'})
-  _write_json(os.path.join(workdir, 'metrics.json'), results)
+    logging.info('%s: %s', name, {k: v for k, v in r.items() if k not in ('confusion', 'ci95')})
   writer.flush()
   manager.close()
   return results

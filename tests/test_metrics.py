@@ -78,3 +78,21 @@ def test_per_image_mean_differs_from_pooled():
   s = metrics.segmentation_scores(metrics.segmentation_counts(pred, truth))
   assert s['dice'] == pytest.approx(0.5)
   assert s['dice_pooled'] == pytest.approx(2 * 16 / (2 * 16 + 1))
+
+
+def test_average_precision_hand_computed():
+  # Ranked: P, N, P, N -> precision at the positives 1/1 and 2/3; AP = (1 + 2/3) / 2.
+  assert metrics.average_precision(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1])) == \
+      pytest.approx(5 / 6)
+  # A tie between a positive and a negative is one threshold: precision 1/2 there.
+  assert metrics.average_precision(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+  assert np.isnan(metrics.average_precision(np.array([0, 0]), np.array([0.1, 0.2])))
+
+
+def test_bootstrap_interval_brackets_the_statistic():
+  x = np.random.default_rng(1).normal(10, 2, 400)
+  lo, hi = metrics.bootstrap_ci(lambda idx: x[idx].mean(), len(x), num_samples=500)
+  assert lo < x.mean() < hi
+  se = x.std() / np.sqrt(len(x))
+  assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.2)   # the normal-theory width
+  assert metrics.bootstrap_ci(lambda idx: 3.0, 10) == (3.0, 3.0)

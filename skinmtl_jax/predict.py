@@ -1,0 +1,130 @@
+"""Second opinion on new images: lesion mask, overlay and melanoma probability.
+
+    python -m skinmtl_jax.predict --workdir=RUN --out=DIR [--tta] IMAGE...
+
+For each image (any size; JPEG, PNG, BMP, ...) writes DIR/<name>_mask.png (the lesion mask at
+the image's own resolution, 0/255), DIR/<name>_overlay.png (the image with the lesion outline),
+and one JSON line, printed and appended to DIR/predictions.jsonl, with the melanoma
+probability, the decision at the run's threshold and the checkpoint used. `--tta` averages the
+predictions over the 8 flips and right-angle rotations. An image that cannot be read is
+reported by name and the others are still processed; the exit code is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from skinmtl_jax import evaluate, steps
+from skinmtl_jax.datasets import files
+
+flags.DEFINE_string('workdir', None, 'Training run whose latest checkpoint is used.')
+flags.DEFINE_string('out', None, 'Output folder.')
+flags.DEFINE_bool('tta', False, 'Average over the 8 flips and right-angle rotations.')
+FLAGS = flags.FLAGS
+
+
+def _dihedral(images, k: int, flip: bool):
+  x = images[:, :, ::-1] if flip else images
+  return jnp.rot90(x, k, axes=(1, 2))
+
+
+def _undo(maps, k: int, flip: bool):
+  x = jnp.rot90(maps, -k, axes=(1, 2))
+  return x[:, :, ::-1] if flip else x
+
+
+def make_predictor(model, variables, tta: bool):
+  """images (N, H, W, 3) uint8 -> {'lesion_prob' (N, H, W), 'melanoma_prob' (N,)}, averaged
+  over the 8 dihedral transforms when `tta`."""
+  fn = jax.jit(functools.partial(steps.predict, model=model))
+  transforms = [(k, f) for f in (False, True) for k in range(4)] if tta else [(0, False)]
+
+  def predict(images):
+    outs = []
+    for k, f in transforms:
+      o = fn(variables, _dihedral(jnp.asarray(images), k, f))
+      if 'lesion_prob' in o:
+        o = {**o, 'lesion_prob': _undo(o['lesion_prob'], k, f)}
+      outs.append(o)
+    return jax.device_get(jax.tree.map(lambda *xs: sum(xs) / len(xs), *outs))
+
+  return predict
+
+
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+  inner = mask.copy()
+  for _ in range(width):
+    shrunk = inner.copy()
+    shrunk[1:] &= inner[:-1]
+    shrunk[:-1] &= inner[1:]
+    shrunk[:, 1:] &= inner[:, :-1]
+    shrunk[:, :-1] &= inner[:, 1:]
+    inner = shrunk
+  return mask & ~inner
+
+
+def predict_file(path: str, out_dir: str, predict, size, threshold: float, checkpoint: str) -> dict:
+  """Runs the predictor on one image file and writes its mask and overlay."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  image = files.decode_image(data, path, mode='RGB')
+  small = np.asarray(image.resize((size[1], size[0]), Image.BILINEAR), np.uint8)
+  out = predict(small[None])
+  name = os.path.splitext(os.path.basename(path))[0]
+  record = {'image': path, 'checkpoint': checkpoint, 'threshold': threshold,
+            'width': image.width, 'height': image.height}
+  if 'melanoma_prob' in out:
+    p = float(out['melanoma_prob'][0])
+    record.update(melanoma_prob=p, decision='melanoma' if p >= threshold else 'benign')
+  if 'lesion_prob' in out:
+    prob = Image.fromarray(np.asarray(out['lesion_prob'][0], np.float32), mode='F')
+    full = np.asarray(prob.resize((image.width, image.height), Image.BILINEAR)) >= threshold
+    mask_path = os.path.join(out_dir, f'{name}_mask.png')
+    Image.fromarray((full * 255).astype(np.uint8)).save(mask_path)
+    rgb = np.array(image)
+    rgb[_outline(full, max(1, min(image.width, image.height) // 200))] = (0, 191, 255)
+    overlay_path = os.path.join(out_dir, f'{name}_overlay.png')
+    Image.fromarray(rgb).save(overlay_path)
+    record.update(mask=mask_path, overlay=overlay_path, lesion_fraction=float(full.mean()))
+  return record
+
+
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    raise app.UsageError('Give one or more image files.')
+  config, model, state = evaluate.load_run(FLAGS.workdir)
+  os.makedirs(FLAGS.out, exist_ok=True)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  predict = make_predictor(model, variables, FLAGS.tta)
+  checkpoint = os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints', str(int(state.step)))
+  failed = 0
+  with open(os.path.join(FLAGS.out, 'predictions.jsonl'), 'a', encoding='utf-8') as log:
+    for path in paths:
+      try:
+        record = predict_file(path, FLAGS.out, predict, tuple(config.data.image_size),
+                              config.threshold, checkpoint)
+      except (files.DataError, OSError) as e:
+        failed += 1
+        print(f'skinmtl_jax.predict: {path}: {e}', file=sys.stderr)
+        continue
+      line = json.dumps(record)
+      print(line)
+      log.write(line + '\n')
+  if failed:
+    print(f'skinmtl_jax.predict: {failed} of {len(paths)} images failed.', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'out'])
+  app.run(main)
