@@ -36,6 +36,11 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ConfigError, DataError) as e:
     sys.exit(f'skinmtl_jax: {e}')
+  except FloatingPointError as e:
+    sys.exit(f'skinmtl_jax: {e}')
+  except train.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

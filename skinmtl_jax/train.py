@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -62,6 +64,52 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'{name}={config[name]} must be positive.')
 
 
+# Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: "try again").
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+  """The run received SIGTERM and saved a checkpoint; rerunning the same command resumes."""
+
+
+class _SigtermFlag:
+  """Within the block, SIGTERM sets `received` instead of killing the process, so the loop can
+  save at the next step boundary (clusters send SIGTERM before preemption)."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if not self.received:
+      logging.warning('SIGTERM: saving a checkpoint at the next step boundary, then exiting.')
+    self.received = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+_WATCHED_TERMS = ('loss', 'dice_loss', 'cls_loss', 'l2_grads')
+
+
+def _check_finite(metrics_by_step, last_good_checkpoint) -> None:
+  """Raises FloatingPointError naming the first step with a non-finite loss or gradient."""
+  for step, m in metrics_by_step:
+    bad = [f'{k}={float(m[k])}' for k in _WATCHED_TERMS if k in m and not np.isfinite(m[k])]
+    if bad:
+      raise FloatingPointError(
+          f'Step {step}: {", ".join(bad)}. Stopped without saving; the latest checkpoint '
+          f'(step {last_good_checkpoint}) is the last good one. Lower optim.learning_rate or '
+          'check the data, then rerun to resume from it.')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the configured model in `workdir`, resuming from its latest checkpoint if any,
   evaluates it on every set in `config.data.eval_sets`, and writes `workdir/metrics.json`.
@@ -113,24 +161,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
-  pending = []
+  pending = []  # (step, metrics) since the last log; read back only at log and save steps
   t0 = time.time()
-  for step in range(start_step + 1, total_steps + 1):
-    batch = next(train_iter)
-    state, m = train_step(state, batch)
-    pending.append(m)
-    report(step)
-    if step % config.log_every_steps == 0 or step == total_steps:
-      means = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
-      means['learning_rate'] = float(state.opt_state.hyperparams['learning_rate'])
-      writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
-      pending = []
-      if not np.isfinite(means['loss']):
-        raise FloatingPointError(f'Loss became {means["loss"]} by step {step}; the last finite '
-                                 f'checkpoint is step {manager.latest_step()}.')
-    if step % config.checkpoint_every_steps == 0 or step == total_steps:
-      checkpointing.save(manager, state, train_iter)
-  manager.wait_until_finished()
+  try:
+    with _SigtermFlag() as preemption:
+      for step in range(start_step + 1, total_steps + 1):
+        batch = next(train_iter)
+        state, m = train_step(state, batch)
+        pending.append((step, m))
+        report(step)
+        preempted = preemption.received  # read once: the signal may land at any moment
+        save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
+        if step % config.log_every_steps == 0 or save_now:
+          host = [(i, jax.device_get(x)) for i, x in pending]
+          _check_finite(host, manager.latest_step())  # before any save: no bad checkpoint
+          if step % config.log_every_steps == 0 or step == total_steps:
+            means = jax.tree.map(lambda *xs: float(np.mean(xs)), *[x for _, x in host])
+            means['learning_rate'] = float(state.opt_state.hyperparams['learning_rate'])
+            writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+            pending = []
+        if save_now:
+          checkpointing.save(manager, state, train_iter)
+        if preempted:
+          writer.flush()
+          raise Preempted(f'SIGTERM received: saved the checkpoint of step {step} in '
+                          f'{manager.directory}; run the same command again to resume.')
+  finally:
+    # Whatever stops the loop (a non-finite loss, SIGTERM, an exception), finish the save in
+    # flight, so the latest good checkpoint is complete on disk.
+    manager.wait_until_finished()
   train_seconds = time.time() - t0
 
   # ---------------------------------------------------------------------------- Evaluation

@@ -14,7 +14,7 @@ import pathlib
 import zipfile
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 
@@ -120,7 +120,9 @@ def decode_image(data: bytes, where: str, *, mode: str) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
     return img.convert(mode)
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL's decoders raise many types on damaged input (OSError, ValueError, SyntaxError,
+    # struct.error, EOFError, IndexError, DecompressionBombError...): all mean the same here.
     raise DataError(f'{where} is not a readable image ({type(e).__name__}: {e}); replace the '
                     'file with a good copy.') from e
 
