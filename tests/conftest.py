@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / 'shared' / 'data'
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def shared_data():
   """Path of the real data in ../shared/data; skips (or fails under CI) when absent."""
   if not SHARED_DATA.is_dir():

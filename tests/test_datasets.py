@@ -18,23 +18,13 @@ SIZE = (32, 48)
 
 @pytest.fixture(scope='session')
 def real_data_cfg(tmp_path_factory, request):
-  shared = request.getfixturevalue('shared_data_session')
+  shared = request.getfixturevalue('shared_data')
   cfg = ml_collections.ConfigDict({
       'name': 'isic2016', 'manual_dir': str(shared), 'image_size': SIZE,
       'data_dir': str(tmp_path_factory.mktemp('tfds')), 'extra_melanomas': '',
       'paper_protocol_train_on_test_images': False, 'eval_sets': ('isic2016_test', 'ph2'),
       'enlarge_benign': 4, 'enlarge_melanoma': 16, 'num_workers': 0})
   return cfg
-
-
-@pytest.fixture(scope='session')
-def shared_data_session():
-  from conftest import SHARED_DATA
-  if not SHARED_DATA.is_dir():
-    if os.environ.get('SKINMTL_REQUIRE_DATA') == '1':
-      pytest.fail(f'{SHARED_DATA} is missing and SKINMTL_REQUIRE_DATA=1.')
-    pytest.skip(f'{SHARED_DATA} not present')
-  return SHARED_DATA
 
 
 def _split(cfg, name):
@@ -106,9 +96,9 @@ def test_mtl4_extra_melanomas_exclude_test_images(real_data_cfg):
 # ------------------------------------------------------------------------------ bad input
 
 @pytest.fixture
-def small_isic2016(tmp_path, shared_data_session):
+def small_isic2016(tmp_path, shared_data):
   """A copy of 3 training and 2 test cases of the shared ISIC 2016 in the official layout."""
-  src = shared_data_session / 'isic2016'
+  src = shared_data / 'isic2016'
   root = tmp_path / 'downloads'
   cases = {'Training': ['ISIC_0000000', 'ISIC_0000001', 'ISIC_0000002'],
            'Test': ['ISIC_0000003', 'ISIC_0000012']}
@@ -209,10 +199,10 @@ def test_bad_label_csv(small_isic2016, tmp_path, csv, match):
   _assert_fails_cleanly(small_isic2016, tmp_path / 'data', match)
 
 
-def test_ph2_sheet_with_moved_header(tmp_path, shared_data_session):
+def test_ph2_sheet_with_moved_header(tmp_path, shared_data):
   import openpyxl
   root = tmp_path / 'ph2'
-  shutil.copytree(shared_data_session / 'ph2_fixture', root)
+  shutil.copytree(shared_data / 'ph2_fixture', root)
   sheet = root / 'PH2Dataset' / 'PH2_dataset.xlsx'
   wb = openpyxl.load_workbook(sheet)
   wb.worksheets[0].delete_rows(1)           # the header is now on row 12

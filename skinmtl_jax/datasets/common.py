@@ -14,6 +14,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from skinmtl_jax.datasets import files
 from skinmtl_jax.datasets.files import DataError
 
 LABEL_NAMES = ('benign', 'melanoma')
@@ -87,3 +88,44 @@ def check_pairs(ids, images, masks, image_name, mask_name, label_file: str) -> N
     if not masks.has(mask_name(image_id)):
       raise DataError(f'The mask for {image_id} is missing: '
                       f'{masks.location(mask_name(image_id))} does not exist.')
+
+
+class IsicBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """What the ISIC 2016 and 2017 builders share; subclasses name their files.
+
+  Subclasses set SPLIT_FILES {split: (image folder, mask folder, label CSV)}, MASK_SUFFIX
+  (the mask file is <ID><MASK_SUFFIX>), CSV_HAS_HEADER and HOMEPAGE.
+  """
+
+  SPLIT_FILES: dict[str, tuple[str, str, str]] = {}
+  MASK_SUFFIX = ''
+  CSV_HAS_HEADER = False
+  HOMEPAGE = ''
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=features(self.builder_config),
+                                 homepage=self.HOMEPAGE)
+
+  def _split_generators(self, dl_manager):
+    # Everything is found and checked before the first example is written.
+    manual_dir = str(dl_manager.manual_dir)
+    plans = {split: self._plan(manual_dir, *names) for split, names in self.SPLIT_FILES.items()}
+    return {split: self._generate_examples(plan) for split, plan in plans.items()}
+
+  def _plan(self, manual_dir, image_folder, mask_folder, csv_name):
+    images = files.find_folder(manual_dir, image_folder)
+    masks = files.find_folder(manual_dir, mask_folder)
+    csv_path = files.find_file(manual_dir, csv_name)
+    labels = read_label_csv(csv_path, header=self.CSV_HAS_HEADER)
+    check_pairs(labels, images, masks, lambda i: f'{i}.jpg', lambda i: f'{i}{self.MASK_SUFFIX}',
+                str(csv_path))
+    return images, masks, labels
+
+  def _generate_examples(self, plan):
+    images, masks, labels = plan
+    size = (self.builder_config.height, self.builder_config.width)
+    for image_id, label in labels.items():
+      yield image_id, {
+          'image': files.load_image(images, f'{image_id}.jpg', size),
+          'mask': files.load_mask(masks, f'{image_id}{self.MASK_SUFFIX}', size),
+          'label': label, 'id': image_id}
