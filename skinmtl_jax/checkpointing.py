@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state and the input iterator, in `workdir/checkpoints`.
 
-Each checkpoint is a composite of 'state' (the TrainState pytree) and 'data' (the grain
-iterator's position), so a restarted run continues with the same next batch. Orbax writes into
+Each checkpoint is a composite of 'state' (the stacked TrainState pytree) and 'data0',
+'data1', ... (the positions of the grain iterators: one, or one per member when members
+read their own order), so a restarted run continues with the same next batches. Orbax writes into
 a temporary directory and renames it when complete, so an interrupted save never shadows the
 previous checkpoint.
 """
@@ -25,25 +26,30 @@ def create_manager(workdir: str, *, max_to_keep: int = 3,
                                options=options)
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, data_iter=None) -> None:
-  """Saves `state` (and the iterator position, if given) at step `state.step`."""
+def step_of(state: TrainState) -> int:
+  """The step of a (stacked) state as an int."""
+  return int(jax.device_get(state.step).reshape(-1)[0])  # members move in lockstep
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, data_iters=()) -> None:
+  """Saves `state` and the positions of `data_iters` at the state's step."""
   items = {'state': ocp.args.StandardSave(state)}
-  if data_iter is not None:
-    items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-  manager.save(int(jax.device_get(state.step)), args=ocp.args.Composite(**items))
+  for i, it in enumerate(data_iters):
+    items[f'data{i}'] = grain.checkpoint.CheckpointSave(it)
+  manager.save(step_of(state), args=ocp.args.Composite(**items))
 
 
-def restore(manager: ocp.CheckpointManager, template: TrainState, data_iter=None,
+def restore(manager: ocp.CheckpointManager, template: TrainState, data_iters=(),
             step: int | None = None) -> TrainState:
   """Restores the latest (or `step`'s) checkpoint into the structure of `template`.
 
-  The iterator, if given, is moved to its saved position in place.
+  The iterators, if given, are moved to their saved positions in place.
   """
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {manager.directory}.')
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   items = {'state': ocp.args.StandardRestore(abstract)}
-  if data_iter is not None:
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+  for i, it in enumerate(data_iters):
+    items[f'data{i}'] = grain.checkpoint.CheckpointRestore(it)
   return manager.restore(step, args=ocp.args.Composite(**items))['state']

@@ -17,6 +17,15 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = 'default'       # the config's name; reports put the paper's row beside ours
   c.seed = 0
+  # Seed ensembles: K models trained at once by one vmapped step; member i is initialised from
+  # seed + i. 'shared': all members read the same batches (ordered by data_seed); 'per_member':
+  # member i reads its own order, seeded by data_seed + i.
+  c.num_seeds = 1
+  c.seed_data_order = 'shared'
+  c.data_seed = -1               # -1: the same as seed
+  # True: members in one jax.vmap (best on GPUs); False: a jax.lax.map loop inside the step
+  # (faster on CPUs, where vmapped convolutions become slow grouped convolutions).
+  c.ensemble_vectorize = True
 
   # Model: mtl0 (shared encoder, classifier on the pooled bottleneck) at the paper's widths.
   c.model = m = ml_collections.ConfigDict()

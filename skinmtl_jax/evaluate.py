@@ -20,43 +20,33 @@ import jax
 import ml_collections
 import numpy as np
 
-from skinmtl_jax import input_pipeline, metrics, paper, steps
+from skinmtl_jax import checkpointing, input_pipeline, metrics, paper, steps
 
 SEG_KEYS = ('dice', 'iou', 'mcc')
 CLS_KEYS = ('f1_weighted', 'tpr_weighted', 'tnr', 'auc', 'ap', 'confusion')
 CI_KEYS = ('dice', 'iou', 'mcc', 'f1_weighted', 'tpr_weighted', 'tnr', 'auc')
 
 
-def evaluate_split(eval_step, state, split: input_pipeline.Split, *, batch_size: int,
-                   threshold: float, bootstrap_samples: int = 1000) -> dict[str, Any]:
-  """Runs the jitted `eval_step` over every example of `split` once.
+HEADLINE = ('dice', 'iou', 'mcc', 'dice_pooled', 'iou_pooled', 'mcc_pooled', 'f1_weighted',
+            'tpr_weighted', 'tnr', 'recall_melanoma', 'recall_benign', 'auc', 'ap')
 
-  Returns the metrics.json entry: segmentation and classification measures (None for a task
-  the model does not have), 'ci95' (bootstrap over images), 'n', and 'per_image' (ids, labels,
-  probabilities, scores) for the report.
-  """
-  counts, probs, ids = [], [], []
-  for batch, batch_ids in input_pipeline.eval_batches(split, batch_size):
-    valid = batch.pop('valid')
-    out = jax.device_get(eval_step(state, batch))
-    ids += batch_ids
-    if 'seg_counts' in out:
-      counts.append(out['seg_counts'][valid])
-    if 'melanoma_prob' in out:
-      probs.append(out['melanoma_prob'][valid])
-  labels = np.asarray(split.labels)
+
+def scores(labels: np.ndarray, counts: np.ndarray | None, probs: np.ndarray | None, *,
+           threshold: float, bootstrap_samples: int = 1000) -> tuple[dict, dict]:
+  """Measures of one model on one set, from per-image seg counts (N, 4) and melanoma
+  probabilities (N,) (either may be None). Returns (result, per_image)."""
   result: dict[str, Any] = {k: None for k in SEG_KEYS + CLS_KEYS}
-  per_image: dict[str, Any] = {'id': ids, 'label': labels.tolist()}
+  per_image: dict[str, Any] = {'label': labels.tolist()}
   stats = {}
-  if counts:
-    seg = metrics.segmentation_scores(np.concatenate(counts))
+  if counts is not None:
+    seg = metrics.segmentation_scores(counts)
     per = seg.pop('per_image')
     per_image.update({k: v.tolist() for k, v in per.items()})
     result.update(seg)
     stats.update({k: functools.partial(lambda a, idx: float(np.mean(a[idx])), per[k])
                   for k in SEG_KEYS})
-  if probs:
-    p = np.concatenate(probs).astype(np.float64)
+  if probs is not None:
+    p = np.asarray(probs, np.float64)
     result.update(metrics.classification_scores(labels, p, threshold))
     result['ap'] = metrics.average_precision(labels, p)
     per_image['melanoma_prob'] = p.tolist()
@@ -68,10 +58,70 @@ def evaluate_split(eval_step, state, split: input_pipeline.Split, *, batch_size:
       return metrics.classification_scores_from_confusion(cm)[key]
     stats.update({k: functools.partial(cls_stat, k) for k in ('f1_weighted', 'tpr_weighted',
                                                               'tnr', 'auc')})
-  result['ci95'] = {k: list(metrics.bootstrap_ci(stats[k], len(ids),
-                                                 num_samples=bootstrap_samples))
-                    for k in CI_KEYS if k in stats}
-  result['n'] = len(ids)
+  if bootstrap_samples:
+    result['ci95'] = {k: list(metrics.bootstrap_ci(stats[k], len(labels),
+                                                   num_samples=bootstrap_samples))
+                      for k in CI_KEYS if k in stats}
+  result['n'] = len(labels)
+  return result, per_image
+
+
+def aggregate_members(members: list[dict]) -> dict[str, Any]:
+  """Mean, standard deviation (ddof 1) and the 95 % t-interval of the mean across members, for
+  every headline number; the mean confusion matrix. Keys of the mean stay at the top level."""
+  from scipy import stats as sps  # pylint: disable=import-outside-toplevel
+  k = len(members)
+  out: dict[str, Any] = {'std': {}, 'ci95_across_members': {}}
+  for key in HEADLINE:
+    vals = [m[key] for m in members if m.get(key) is not None]
+    if len(vals) != k:
+      out[key] = None
+      continue
+    v = np.asarray(vals, np.float64)
+    mean, std = float(v.mean()), float(v.std(ddof=1)) if k > 1 else 0.0
+    half = float(sps.t.ppf(0.975, k - 1) * std / np.sqrt(k)) if k > 1 else 0.0
+    out[key] = mean
+    out['std'][key] = std
+    out['ci95_across_members'][key] = [mean - half, mean + half]
+  cms = [m['confusion'] for m in members if m.get('confusion') is not None]
+  out['confusion'] = np.mean(cms, axis=0).tolist() if len(cms) == k else None
+  return out
+
+
+def evaluate_split(eval_step, state, split: input_pipeline.Split, *, batch_size: int,
+                   threshold: float, bootstrap_samples: int = 1000) -> dict[str, Any]:
+  """Runs the jitted `eval_step` over every example of `split` once.
+
+  With one member, returns its measures ('ci95' by bootstrap over images). With K > 1, the
+  top-level measures are the members' means, with 'std', 'ci95_across_members', 'members'
+  (each member's measures) and 'ensemble' (the measures of the members' averaged
+  probabilities). 'per_image' (of the single model or the ensemble) is for the report.
+  """
+  outs, ids = [], []
+  for batch, batch_ids in input_pipeline.eval_batches(split, batch_size):
+    valid = batch.pop('valid')
+    out = jax.device_get(eval_step(state, batch))
+    outs.append({k: (v[:, valid] if not k.startswith('ensemble') else v[valid])
+                 for k, v in out.items()})
+    ids += batch_ids
+  cat = {k: np.concatenate([o[k] for o in outs], axis=0 if k.startswith('ensemble') else 1)
+         for k in outs[0]}
+  labels = np.asarray(split.labels)
+  num = (cat.get('seg_counts') if 'seg_counts' in cat else cat['melanoma_prob']).shape[0]
+  member_arrays = lambda i: (cat['seg_counts'][i] if 'seg_counts' in cat else None,
+                             cat['melanoma_prob'][i] if 'melanoma_prob' in cat else None)
+  if num == 1:
+    result, per_image = scores(labels, *member_arrays(0), threshold=threshold,
+                               bootstrap_samples=bootstrap_samples)
+  else:
+    members = [scores(labels, *member_arrays(i), threshold=threshold, bootstrap_samples=0)[0]
+               for i in range(num)]
+    ensemble, per_image = scores(labels, cat.get('ensemble_seg_counts'),
+                                 cat.get('ensemble_melanoma_prob'), threshold=threshold,
+                                 bootstrap_samples=bootstrap_samples)
+    result = {**aggregate_members(members), 'n': len(ids), 'members': members,
+              'ensemble': ensemble}
+  per_image['id'] = ids
   result['per_image'] = per_image
   return result
 
@@ -182,33 +232,49 @@ def _confusion_cells(cm):
   return rows[0], rows[1]
 
 
-def report_section(eval_set: str, r: dict, experiment: str, num_params: int) -> str:
-  """Markdown for one evaluation set: our row and the paper's in Table 3-4 layout."""
-  lines = [f'## {eval_set} ({r["n"]} images)', '',
-           '| ID | Param. [M] | truth | pred. B | pred. M | TPR | TNR | F1 | MCC | IoU | DSC |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+def report_section(eval_set: str, r: dict, experiment: str, num_params: int, *,
+                   paper_config: str | None = None, heading: bool = True) -> str:
+  """Markdown for one evaluation set: our row and the paper's in Table 3-4 layout.
+
+  For a seed ensemble's entry (with 'std'), each number is the members' mean ± std."""
+  std = r.get('std', {})
+
+  def cell(key):
+    v = r.get(key)
+    if v is None:
+      return '-'
+    return f'{100 * v:.2f} ± {100 * std[key]:.2f}' if key in std else f'{100 * v:.2f}'
+
+  lines = []
+  if heading:
+    lines += [f'## {eval_set} ({r["n"]} images)', '',
+              '| ID | Param. [M] | truth | pred. B | pred. M | TPR | TNR | F1 | MCC | IoU | DSC |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   b, m = _confusion_cells(r.get('confusion'))
-  lines.append(f'| {experiment} (ours) | {num_params / 1e6:.2f} | B | {b[0]} | {b[1]} | '
-               f'{_pct(r["tpr_weighted"])} | {_pct(r["tnr"])} | {_pct(r["f1_weighted"])} | '
-               f'{_pct(r["mcc"])} | {_pct(r["iou"])} | {_pct(r["dice"])} |')
+  label = f'{experiment} (ours, mean ± std of {len(r["members"])} seeds)' if std else \
+      f'{experiment} (ours)'
+  lines.append(f'| {label} | {num_params / 1e6:.2f} | B | {b[0]} | {b[1]} | '
+               + ' | '.join(cell(k) for k in ('tpr_weighted', 'tnr', 'f1_weighted', 'mcc', 'iou',
+                                               'dice')) + ' |')
   lines.append(f'| | | M | {m[0]} | {m[1]} | | | | | | |')
-  row = paper.paper_row(experiment, eval_set)
-  if row is not None:
+  name = paper_config or experiment
+  row = paper.paper_row(name, eval_set)
+  if heading and row is not None:
     params, cm, tpr, tnr, f1, mcc, iou, dsc = row
     pb, pm = _confusion_cells(cm)
     fmt = lambda v: '-' if v is None else f'{v:.2f}'
-    lines.append(f'| {experiment} (paper) | {params:.2f} | B | {pb[0]} | {pb[1]} | {fmt(tpr)} | '
+    lines.append(f'| {name} (paper) | {params:.2f} | B | {pb[0]} | {pb[1]} | {fmt(tpr)} | '
                  f'{fmt(tnr)} | {fmt(f1)} | {fmt(mcc)} | {fmt(iou)} | {fmt(dsc)} |')
     lines.append(f'| | | M | {pm[0]} | {pm[1]} | | | | | | |')
-  else:
-    lines.append(f'| (paper) | | | no row for {experiment} on {eval_set} | | | | | | | |')
-  lines += ['', 'Also: ' + ', '.join(
-      f'{k} {_pct(r.get(k))}' for k in ('auc', 'ap', 'recall_melanoma', 'recall_benign',
-                                        'dice_pooled', 'iou_pooled', 'mcc_pooled')
-      if r.get(k) is not None) + '.', '',
-            '95 % bootstrap intervals over images: ' + ', '.join(
-                f'{k} [{_pct(lo)}, {_pct(hi)}]' for k, (lo, hi) in r.get('ci95', {}).items()) + '.',
-            '']
+  elif heading:
+    lines.append(f'| (paper) | | | no row for {name} on {eval_set} | | | | | | | |')
+  lines += ['', f'{label}: ' + ', '.join(
+      f'{k} {cell(k)}' for k in ('auc', 'ap', 'recall_melanoma', 'recall_benign',
+                                 'dice_pooled', 'iou_pooled', 'mcc_pooled')
+      if r.get(k) is not None) + '.', '']
+  if r.get('ci95'):
+    lines += ['95 % bootstrap intervals over images: ' + ', '.join(
+        f'{k} [{_pct(lo)}, {_pct(hi)}]' for k, (lo, hi) in r['ci95'].items()) + '.', '']
   return '\n'.join(lines)
 
 
@@ -221,9 +287,9 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
   entries are added to it and the whole is written as metrics.json.
   """
   eval_step = jax.jit(functools.partial(steps.eval_step, model=model, threshold=config.threshold))
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  predict_jit = jax.jit(functools.partial(steps.predict, model=model))
-  predict_fn = lambda images: jax.device_get(predict_jit(variables, images))
+  predict_jit = jax.jit(lambda st, images: jax.tree.map(
+      lambda x: x.mean(0), steps.member_predictions(st, images, model=model)))
+  predict_fn = lambda images: jax.device_get(predict_jit(state, images))
   sections = [f'# Results of {config.experiment}', '',
               f'Step {results.get("steps")}; {results.get("params")} parameters. Percentages. '
               'TPR = support-weighted recall (the paper\'s "TPR"), TNR = benign recall, '
@@ -249,6 +315,10 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
               config.threshold, f'{config.experiment}: {name}')
     results[name] = r
     sections.append(report_section(name, r, config.experiment, results.get('params', 0)))
+    if 'ensemble' in r:
+      sections.append(report_section(name, r['ensemble'], f'{config.experiment} ensemble of '
+                                     f'{len(r["members"])}', results.get('params', 0),
+                                     paper_config=config.experiment, heading=False))
   write_json(os.path.join(workdir, 'metrics.json'), results)
   tmp = os.path.join(workdir, 'report.md.tmp')
   with open(tmp, 'w', encoding='utf-8') as f:
@@ -261,15 +331,16 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
 
 def load_run(workdir: str, step: int | None = None):
   """(config, model, state) of the run in `workdir`, at its latest (or `step`'s) checkpoint."""
-  from skinmtl_jax import checkpointing, models, train  # pylint: disable=import-outside-toplevel
+  from skinmtl_jax import models, train  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir} the --workdir of a training run?')
   with open(path, encoding='utf-8') as f:
     config = ml_collections.ConfigDict(json.load(f))
   model = models.create_model(config.model)
-  template = steps.create_train_state(model, train.create_optimizer(config, 1),
-                                      jax.random.key(0), tuple(config.data.image_size))
+  keys = steps.member_keys(0, config.get('num_seeds', 1))
+  template = steps.create_train_state(model, train.create_optimizer(config, 1), keys,
+                                      tuple(config.data.image_size))
   manager = checkpointing.create_manager(workdir, read_only=True)
   try:
     state = checkpointing.restore(manager, template, step=step)
@@ -290,8 +361,8 @@ def main(argv):
   if os.path.exists(path):
     with open(path, encoding='utf-8') as fh:
       results = json.load(fh)
-  results.update({'params': int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
-                  'steps': int(state.step)})
+  results.update({'params': int(sum(np.size(x) for x in jax.tree.leaves(
+      steps.member(state.params, 0)))), 'steps': checkpointing.step_of(state)})
   results = evaluate_and_report(config, state, model, f.workdir, splits, results)
   for n in names:
     print(n, {k: v for k, v in results[n].items() if k not in ('ci95', 'confusion')})

@@ -12,7 +12,6 @@ reported by name and the others are still processed; the exit code is 1 if any f
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from skinmtl_jax import evaluate, steps
+from skinmtl_jax import checkpointing, evaluate, steps
 from skinmtl_jax.datasets import files
 
 flags.DEFINE_string('workdir', None, 'Training run whose latest checkpoint is used.')
@@ -42,16 +41,17 @@ def _undo(maps, k: int, flip: bool):
   return x[:, :, ::-1] if flip else x
 
 
-def make_predictor(model, variables, tta: bool):
+def make_predictor(model, state, tta: bool):
   """images (N, H, W, 3) uint8 -> {'lesion_prob' (N, H, W), 'melanoma_prob' (N,)}, averaged
-  over the 8 dihedral transforms when `tta`."""
-  fn = jax.jit(functools.partial(steps.predict, model=model))
+  over the members of a seed ensemble and, when `tta`, over the 8 dihedral transforms."""
+  fn = jax.jit(lambda st, images: jax.tree.map(
+      lambda x: x.mean(0), steps.member_predictions(st, images, model=model)))
   transforms = [(k, f) for f in (False, True) for k in range(4)] if tta else [(0, False)]
 
   def predict(images):
     outs = []
     for k, f in transforms:
-      o = fn(variables, _dihedral(jnp.asarray(images), k, f))
+      o = fn(state, _dihedral(jnp.asarray(images), k, f))
       if 'lesion_prob' in o:
         o = {**o, 'lesion_prob': _undo(o['lesion_prob'], k, f)}
       outs.append(o)
@@ -104,9 +104,9 @@ def main(argv):
     raise app.UsageError('Give one or more image files.')
   config, model, state = evaluate.load_run(FLAGS.workdir)
   os.makedirs(FLAGS.out, exist_ok=True)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  predict = make_predictor(model, variables, FLAGS.tta)
-  checkpoint = os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints', str(int(state.step)))
+  predict = make_predictor(model, state, FLAGS.tta)
+  checkpoint = os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints',
+                            str(checkpointing.step_of(state)))
   failed = 0
   with open(os.path.join(FLAGS.out, 'predictions.jsonl'), 'a', encoding='utf-8') as log:
     for path in paths:

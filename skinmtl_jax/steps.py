@@ -1,8 +1,10 @@
 """The pure train and eval steps, and the train state they carry.
 
-`train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> outputs` are
-pure functions of explicit pytrees; the model, optimizer and loss weights are bound with
-`functools.partial` before `jax.jit`, so each compiles once.
+`train_step(state, batch) -> (state, metrics)` is a pure function of explicit pytrees for one
+model; the model, optimizer and loss weights are bound with `functools.partial`. Training always
+runs a *seed ensemble*: the state carries a leading member axis (K = config.num_seeds, 1 for an
+ordinary run) and `make_train_step` compiles `jax.jit(jax.vmap(train_step))` once, so K
+independent models train in one step and K = 1 goes through the same code.
 """
 
 from __future__ import annotations
@@ -48,13 +50,32 @@ def init_variables(model, key: Array, images: Array) -> dict:
   return compiled(key, images)
 
 
-def create_train_state(model, tx: optax.GradientTransformation, key: Array,
+def create_train_state(model, tx: optax.GradientTransformation, keys: Array,
                        image_shape: tuple[int, int]) -> TrainState:
-  """Initialises the model's variables from `key` and the optimizer state for them."""
-  variables = init_variables(model, key, jnp.zeros((1, *image_shape, 3), jnp.float32))
-  params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+  """Initialises one member per key (`keys` shaped (K,)): a TrainState whose leaves all carry a
+  leading member axis of size K. Member i equals a single-key init from keys[i]."""
+
+  def init(key):
+    variables = model.init(key, jnp.zeros((1, *image_shape, 3), jnp.float32), train=False)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+
+  # Compiled without optimisation since it runs once (see init_variables).
+  compiled = jax.jit(jax.vmap(init)).lower(keys).compile(
+      compiler_options={'xla_backend_optimization_level': 0})
+  return compiled(keys)
+
+
+def member_keys(seed: int, num_seeds: int) -> Array:
+  """Keys of the K members: member i is initialised from jax.random.key(seed + i), so it is the
+  same model as an ordinary run with seed + i."""
+  return jnp.stack([jax.random.key(seed + i) for i in range(num_seeds)])
+
+
+def member(state, i: int):
+  """Member i of a stacked state (or of any pytree with a leading member axis)."""
+  return jax.tree.map(lambda x: x[i], state)
 
 
 def train_step(state: TrainState, batch: dict[str, Array], *, model, tx, dice_weight: float,
@@ -98,23 +119,58 @@ def predict(variables: dict, images: Array, *, model) -> dict[str, Array]:
   return out
 
 
+def make_train_step(model, tx, *, dice_weight: float, cls_weight: float, dice_smooth: float,
+                    shared_batch: bool, vectorize: bool = True):
+  """One compiled step for all members, donating the state.
+
+  With `shared_batch`, every member trains on the same batch (batch leaves (B, ...));
+  otherwise each on its own (batch leaves (K, B, ...)). `vectorize` maps the members with
+  jax.vmap (one batched computation: convolutions with per-member weights become grouped
+  convolutions, fast on GPUs); otherwise with jax.lax.map (a loop inside the compiled step,
+  which XLA's CPU backend runs faster; see benchmarks/RESULTS.md).
+  """
+  step = functools.partial(train_step, model=model, tx=tx, dice_weight=dice_weight,
+                           cls_weight=cls_weight, dice_smooth=dice_smooth)
+  if vectorize:
+    fn = jax.vmap(step, in_axes=(0, None if shared_batch else 0))
+  elif shared_batch:
+    fn = lambda state, batch: jax.lax.map(lambda s: step(s, batch), state)
+  else:
+    fn = lambda state, batch: jax.lax.map(lambda sb: step(*sb), (state, batch))
+  return jax.jit(fn, donate_argnums=0)
+
+
+def _seg_counts(lesion_prob: Array, masks: Array, threshold: float) -> Array:
+  pred = lesion_prob >= threshold
+  truth = masks > 0
+  count = lambda a: jnp.sum(a, axis=(1, 2), dtype=jnp.int32)
+  return jnp.stack([count(pred & truth), count(pred & ~truth), count(~pred & truth),
+                    count(~pred & ~truth)], axis=-1)
+
+
+def member_predictions(state: TrainState, images: Array, *, model) -> dict[str, Array]:
+  """`predict` of every member: leaves with a leading member axis."""
+  return jax.vmap(lambda p, bs: predict({'params': p, 'batch_stats': bs}, images, model=model))(
+      state.params, state.batch_stats)
+
+
 def eval_step(state: TrainState, batch: dict[str, Array], *, model,
               threshold: float = 0.5) -> dict[str, Array]:
-  """Per-image outputs for evaluation: segmentation confusion counts and melanoma probability.
+  """Per-image outputs for evaluation, for every member and for their ensemble.
 
-  Returns:
-    {'seg_counts': (batch, 4) int32 (tp, fp, fn, tn) of the mask thresholded at `threshold`}
-    and/or {'melanoma_prob': (batch,)}, depending on the model's tasks.
+  Returns, depending on the model's tasks:
+    'seg_counts' (K, batch, 4) int32 (tp, fp, fn, tn) of each member's mask at `threshold`,
+    'ensemble_seg_counts' (batch, 4) of the mask of the members' averaged lesion probability,
+    'melanoma_prob' (K, batch) and 'ensemble_melanoma_prob' (batch,), the members' average.
   """
-  out = predict({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'],
-                model=model)
+  out = member_predictions(state, batch['image'], model=model)
   result = {}
   if 'lesion_prob' in out:
-    pred = out['lesion_prob'] >= threshold
-    truth = batch['mask'] > 0
-    count = lambda a: jnp.sum(a, axis=(1, 2), dtype=jnp.int32)
-    result['seg_counts'] = jnp.stack([count(pred & truth), count(pred & ~truth),
-                                      count(~pred & truth), count(~pred & ~truth)], axis=-1)
+    result['seg_counts'] = jax.vmap(lambda p: _seg_counts(p, batch['mask'], threshold))(
+        out['lesion_prob'])
+    result['ensemble_seg_counts'] = _seg_counts(jnp.mean(out['lesion_prob'], axis=0),
+                                                batch['mask'], threshold)
   if 'melanoma_prob' in out:
     result['melanoma_prob'] = out['melanoma_prob']
+    result['ensemble_melanoma_prob'] = jnp.mean(out['melanoma_prob'], axis=0)
   return result

@@ -59,6 +59,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 1 <= config.data[name] <= 16:
       raise ConfigError(f'data.{name}={config.data[name]}: must be in 1..16 (the paper\'s '
                         f'transforms; benign 4, melanoma 16).')
+  if config.num_seeds < 1:
+    raise ConfigError(f'num_seeds={config.num_seeds} must be at least 1.')
+  if config.seed_data_order not in ('shared', 'per_member'):
+    raise ConfigError(f'seed_data_order={config.seed_data_order!r}: expected "shared" or '
+                      '"per_member".')
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] < 1:
       raise ConfigError(f'{name}={config[name]} must be positive.')
@@ -102,7 +107,8 @@ _WATCHED_TERMS = ('loss', 'dice_loss', 'cls_loss', 'l2_grads')
 def _check_finite(metrics_by_step, last_good_checkpoint) -> None:
   """Raises FloatingPointError naming the first step with a non-finite loss or gradient."""
   for step, m in metrics_by_step:
-    bad = [f'{k}={float(m[k])}' for k in _WATCHED_TERMS if k in m and not np.isfinite(m[k])]
+    bad = [f'{k}={np.asarray(m[k]).tolist()}' for k in _WATCHED_TERMS
+           if k in m and not np.all(np.isfinite(m[k]))]
     if bad:
       raise FloatingPointError(
           f'Step {step}: {", ".join(bad)}. Stopped without saving; the latest checkpoint '
@@ -129,36 +135,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_split = input_pipeline.get_split(config.data, 'train')
   # Fetched (and prepared) before training, so a missing test set stops the run at once.
   eval_splits = {s: input_pipeline.get_split(config.data, s) for s in config.data.eval_sets}
-  train_ds, per_epoch = input_pipeline.train_dataset(
-      train_split, config.data, batch_size=config.batch_size, seed=config.seed)
-  train_iter = iter(train_ds)
+  k = config.num_seeds
+  data_seed = config.seed if config.data_seed < 0 else config.data_seed
+  shared = config.seed_data_order == 'shared'
+  train_iters = []
+  for i in range(1 if shared else k):
+    ds, per_epoch = input_pipeline.train_dataset(
+        train_split, config.data, batch_size=config.batch_size, seed=data_seed + i)
+    train_iters.append(iter(ds))
   total_steps = num_steps(config, per_epoch)
-  logging.info('%s: %d examples, %d after enlargement; %d steps of batch %d.', train_split.name,
-               len(train_split.source), per_epoch, total_steps, config.batch_size)
+  logging.info('%s: %d examples, %d after enlargement; %d steps of batch %d; %d member(s).',
+               train_split.name, len(train_split.source), per_epoch, total_steps,
+               config.batch_size, k)
 
   # --------------------------------------------------------------------- Model & optimizer
   model = models.create_model(config.model)
   tx = create_optimizer(config, total_steps)
-  state = steps.create_train_state(model, tx, jax.random.key(config.seed),
+  state = steps.create_train_state(model, tx, steps.member_keys(config.seed, k),
                                    tuple(config.data.image_size))
-  parameter_overview.log_parameter_overview(state.params)
-  num_params = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
-  logging.info('Parameters: %d (%.2f M).', num_params, num_params / 1e6)
+  parameter_overview.log_parameter_overview(steps.member(state.params, 0))
+  num_params = int(sum(np.size(x) for x in jax.tree.leaves(state.params))) // k
+  logging.info('Parameters: %d (%.2f M) per member.', num_params, num_params / 1e6)
 
   # ---------------------------------------------------------------------------- Checkpoint
   manager = checkpointing.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   if manager.latest_step() is not None:
-    state = checkpointing.restore(manager, state, train_iter)
-    logging.info('Resumed from step %d.', int(state.step))
+    state = checkpointing.restore(manager, state, train_iters)
+    logging.info('Resumed from step %d.', checkpointing.step_of(state))
 
   # --------------------------------------------------------------------------- Update step
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=model, tx=tx, dice_weight=config.loss.dice_weight,
-                        cls_weight=config.loss.cls_weight, dice_smooth=config.loss.dice_smooth),
-      donate_argnums=0)
+  train_step = steps.make_train_step(
+      model, tx, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
+      dice_smooth=config.loss.dice_smooth, shared_batch=shared,
+      vectorize=config.ensemble_vectorize)
+
+  def next_batch():
+    if shared:
+      return next(train_iters[0])
+    batches = [next(it) for it in train_iters]
+    return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
 
   # ---------------------------------------------------------------------------- Train loop
-  start_step = int(state.step)
+  start_step = checkpointing.step_of(state)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   pending = []  # (step, metrics) since the last log; read back only at log and save steps
@@ -166,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     with _SigtermFlag() as preemption:
       for step in range(start_step + 1, total_steps + 1):
-        batch = next(train_iter)
+        batch = next_batch()
         state, m = train_step(state, batch)
         pending.append((step, m))
         report(step)
@@ -177,11 +195,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           _check_finite(host, manager.latest_step())  # before any save: no bad checkpoint
           if step % config.log_every_steps == 0 or step == total_steps:
             means = jax.tree.map(lambda *xs: float(np.mean(xs)), *[x for _, x in host])
-            means['learning_rate'] = float(state.opt_state.hyperparams['learning_rate'])
+            means['learning_rate'] = float(np.mean(state.opt_state.hyperparams['learning_rate']))
             writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
             pending = []
         if save_now:
-          checkpointing.save(manager, state, train_iter)
+          checkpointing.save(manager, state, train_iters)
         if preempted:
           writer.flush()
           raise Preempted(f'SIGTERM received: saved the checkpoint of step {step} in '
@@ -193,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_seconds = time.time() - t0
 
   # ---------------------------------------------------------------------------- Evaluation
-  results: dict[str, Any] = {'params': num_params, 'steps': int(state.step),
+  results: dict[str, Any] = {'params': num_params, 'steps': checkpointing.step_of(state),
+                             'num_seeds': k,
                              'train_seconds_this_run': round(train_seconds, 1),
                              'train_examples': len(train_split.source), **train_split.info}
   if config.data.extra_melanomas and config.data.paper_protocol_train_on_test_images:
@@ -201,9 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results = evaluate.evaluate_and_report(config, state, model, workdir, eval_splits, results)
   for name in config.data.eval_sets:
     r = results[name]
-    writer.write_scalars(int(state.step), {f'{name}/{k}': v for k, v in r.items()
-                                           if isinstance(v, float)})
-    logging.info('%s: %s', name, {k: v for k, v in r.items() if k not in ('confusion', 'ci95')})
+    writer.write_scalars(results['steps'], {f'{name}/{key}': v for key, v in r.items()
+                                            if isinstance(v, float)})
+    logging.info('%s: %s', name, {key: v for key, v in r.items() if isinstance(v, float)})
   writer.flush()
   manager.close()
   return results

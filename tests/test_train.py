@@ -21,15 +21,15 @@ def _compiled(cfg_json, n):
   cfg = ml_collections.ConfigDict(json.loads(cfg_json))
   model = models.create_model(cfg.model)
   tx = train.create_optimizer(cfg, n)
-  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, dice_weight=0.5,
-                                   cls_weight=0.5), donate_argnums=0)
+  step = steps.make_train_step(model, tx, dice_weight=0.5, cls_weight=0.5, dice_smooth=1.0,
+                              shared_batch=True)
   return model, tx, step
 
 
 def _run_steps(cfg, n, batches=None):
   model, tx, step = _compiled(json.dumps({'model': cfg.model.to_dict(), 'optim': cfg.optim.to_dict(),
                                           'num_train_steps': n}), n)
-  state = steps.create_train_state(model, tx, jax.random.key(cfg.seed),
+  state = steps.create_train_state(model, tx, steps.member_keys(cfg.seed, 1),
                                    tuple(cfg.data.image_size))
   if batches is None:
     split = input_pipeline.get_split(cfg.data, 'train')
@@ -39,7 +39,7 @@ def _run_steps(cfg, n, batches=None):
   losses = []
   for b in batches:
     state, m = step(state, b)
-    losses.append(float(m['loss']))
+    losses.append(float(m['loss'][0]))
   return state, losses, batches
 
 
@@ -104,7 +104,7 @@ def _final_params(workdir):
   from skinmtl_jax import checkpointing
   cfg = tiny.get_config()
   model = models.create_model(cfg.model)
-  template = steps.create_train_state(model, train.create_optimizer(cfg, 6), jax.random.key(0),
+  template = steps.create_train_state(model, train.create_optimizer(cfg, 6), steps.member_keys(0, 1),
                                       tuple(cfg.data.image_size))
   manager = checkpointing.create_manager(str(workdir), read_only=True)
   state = checkpointing.restore(manager, template)

@@ -1,0 +1,69 @@
+"""Seed ensembles: time per training step of K members in one vmapped step against K
+sequential single-member steps, for K = 1, 2, 4, 8.
+
+    python benchmarks/seed_ensemble.py [--config=configs/demo.py] [--steps=20]
+
+Both ways of stepping the members are timed: jax.vmap (config ensemble_vectorize=True) and
+jax.lax.map (False). Prints a table; a speed-up is the time of K sequential single-member
+steps over the ensemble step's time, measured in the same run.
+"""
+
+import functools
+import os
+import sys
+import time
+
+from absl import app, flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from skinmtl_jax import input_pipeline, models, steps, train
+
+# Config files import their parents as `configs.*`: make the repository root importable.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Model and data config.')
+flags.DEFINE_integer('steps', 20, 'Timed steps per setting (after 2 warm-up steps).')
+flags.DEFINE_list('ks', ['1', '2', '4', '8'], 'Ensemble sizes.')
+FLAGS = flags.FLAGS
+
+
+def _time(step, state, batch, n):
+  for _ in range(2):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(n):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  return (time.perf_counter() - t) / n
+
+
+def main(argv):
+  del argv
+  cfg = FLAGS.config
+  split = input_pipeline.get_split(cfg.data, 'train')
+  ds, _ = input_pipeline.train_dataset(split, cfg.data, batch_size=cfg.batch_size, seed=0)
+  batch = next(iter(ds))
+  model = models.create_model(cfg.model)
+  tx = train.create_optimizer(cfg, 1000)
+  make = functools.partial(steps.make_train_step, model, tx, dice_weight=0.5, cls_weight=0.5,
+                           dice_smooth=1.0, shared_batch=True)
+  size = tuple(cfg.data.image_size)
+  single = _time(make(), steps.create_train_state(model, tx, steps.member_keys(0, 1), size),
+                 batch, FLAGS.steps)
+  print(f'{cfg.experiment}: {size[0]}x{size[1]}, batch {cfg.batch_size}, '
+        f'{jax.devices()[0].device_kind}; one member: {1000 * single:.1f} ms/step')
+  print('| K | K sequential single steps, ms | vmap, ms/step | speed-up | lax.map, ms/step | speed-up |')
+  print('| --- | --- | --- | --- | --- | --- |')
+  for k in (int(v) for v in FLAGS.ks):
+    times = [_time(make(vectorize=v), steps.create_train_state(model, tx, steps.member_keys(0, k),
+                                                               size), batch, FLAGS.steps)
+             for v in (True, False)]
+    print(f'| {k} | {1000 * k * single:.1f} | ' + ' | '.join(
+        f'{1000 * t:.1f} | {k * single / t:.2f}' for t in times) + ' |', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
