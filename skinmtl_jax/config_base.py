@@ -23,9 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_seeds = 1
   c.seed_data_order = 'shared'
   c.data_seed = -1               # -1: the same as seed
-  # True: members in one jax.vmap (best on GPUs); False: a jax.lax.map loop inside the step
-  # (faster on CPUs, where vmapped convolutions become slow grouped convolutions).
-  c.ensemble_vectorize = True
 
   # Model: mtl0 (shared encoder, classifier on the pooled bottleneck) at the paper's widths.
   c.model = m = ml_collections.ConfigDict()

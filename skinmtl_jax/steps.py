@@ -120,24 +120,15 @@ def predict(variables: dict, images: Array, *, model) -> dict[str, Array]:
 
 
 def make_train_step(model, tx, *, dice_weight: float, cls_weight: float, dice_smooth: float,
-                    shared_batch: bool, vectorize: bool = True):
-  """One compiled step for all members, donating the state.
+                    shared_batch: bool):
+  """jit(vmap(train_step)) over the member axis, donating the state.
 
   With `shared_batch`, every member trains on the same batch (batch leaves (B, ...));
-  otherwise each on its own (batch leaves (K, B, ...)). `vectorize` maps the members with
-  jax.vmap (one batched computation: convolutions with per-member weights become grouped
-  convolutions, fast on GPUs); otherwise with jax.lax.map (a loop inside the compiled step,
-  which XLA's CPU backend runs faster; see benchmarks/RESULTS.md).
+  otherwise each on its own (batch leaves (K, B, ...)).
   """
   step = functools.partial(train_step, model=model, tx=tx, dice_weight=dice_weight,
                            cls_weight=cls_weight, dice_smooth=dice_smooth)
-  if vectorize:
-    fn = jax.vmap(step, in_axes=(0, None if shared_batch else 0))
-  elif shared_batch:
-    fn = lambda state, batch: jax.lax.map(lambda s: step(s, batch), state)
-  else:
-    fn = lambda state, batch: jax.lax.map(lambda sb: step(*sb), (state, batch))
-  return jax.jit(fn, donate_argnums=0)
+  return jax.jit(jax.vmap(step, in_axes=(0, None if shared_batch else 0)), donate_argnums=0)
 
 
 def _seg_counts(lesion_prob: Array, masks: Array, threshold: float) -> Array:

@@ -166,8 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --------------------------------------------------------------------------- Update step
   train_step = steps.make_train_step(
       model, tx, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
-      dice_smooth=config.loss.dice_smooth, shared_batch=shared,
-      vectorize=config.ensemble_vectorize)
+      dice_smooth=config.loss.dice_smooth, shared_batch=shared)
 
   def next_batch():
     if shared:

@@ -27,7 +27,7 @@ def _train(cfg, num_steps):
   state = steps.create_train_state(model, tx, steps.member_keys(cfg.seed, k),
                                    tuple(cfg.data.image_size))
   step = steps.make_train_step(model, tx, dice_weight=0.5, cls_weight=0.5, dice_smooth=1.0,
-                               shared_batch=shared, vectorize=cfg.ensemble_vectorize)
+                               shared_batch=shared)
   for _ in range(num_steps):
     batches = [next(it) for it in iters]
     batch = batches[0] if shared else {key: np.stack([b[key] for b in batches])
@@ -41,11 +41,10 @@ def _bias_before_batchnorm(path) -> bool:
   return keys[-2:] == ['conv', 'bias'] and any(str(k).startswith('block') for k in keys)
 
 
-@pytest.mark.parametrize('order,vectorize', [('per_member', True), ('shared', False)])
-def test_member_i_equals_a_single_run_with_its_seed(order, vectorize):
+@pytest.mark.parametrize('order', ['per_member', 'shared'])
+def test_member_i_equals_a_single_run_with_its_seed(order):
   cfg = tiny_config()
   cfg.num_seeds, cfg.seed_data_order, cfg.seed = 3, order, 5
-  cfg.ensemble_vectorize = vectorize  # jax.vmap or the jax.lax.map loop
   ensemble = _train(cfg, 4)
   for i in (2,):
     single_cfg = tiny_config()
