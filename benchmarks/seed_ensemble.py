@@ -14,7 +14,6 @@ import time
 
 from absl import app, flags
 import jax
-import numpy as np
 from ml_collections import config_flags
 
 from skinmtl_jax import input_pipeline, models, steps, train

@@ -1,7 +1,6 @@
 """Every config loads, opens with a docstring naming its command, and passes validation."""
 
 import importlib
-import pathlib
 
 import pytest
 
