@@ -43,11 +43,11 @@ def _bias_before_batchnorm(path) -> bool:
 
 @pytest.mark.parametrize('order', ['per_member', 'shared'])
 def test_member_i_equals_a_single_run_with_its_seed(order):
-  cfg = tiny_config()
+  cfg = tiny_config('mtl2')
   cfg.num_seeds, cfg.seed_data_order, cfg.seed = 3, order, 5
   ensemble = _train(cfg, 4)
   for i in (2,):
-    single_cfg = tiny_config()
+    single_cfg = tiny_config('mtl2')
     single_cfg.seed = 5 + i
     # A shared order is the ensemble seed's order: give the single run that data seed.
     single_cfg.data_seed = 5 if order == 'shared' else -1
@@ -62,9 +62,12 @@ def test_member_i_equals_a_single_run_with_its_seed(order):
         assert np.max(np.abs(x)) < 10 * cfg.optim.learning_rate
         continue
       # Running means of those layers' outputs carry the bias, so they agree to its size.
+      # Elsewhere: Adam divides by the gradient's own scale, so where a gradient is tiny the
+      # round-off of a differently ordered (vmapped) computation moves a parameter by up to a
+      # few percent of one step (lr). A wrong key or data order differs by ~0.1.
       atol = 10 * cfg.optim.learning_rate if str(getattr(path[-1], 'key', '')).startswith('mean') \
-          else 1e-5
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
+          else 0.05 * cfg.optim.learning_rate
+      np.testing.assert_allclose(x, y, rtol=1e-3, atol=atol, err_msg=jax.tree_util.keystr(path))
   # ... and the members differ from each other.
   assert not np.allclose(jax.tree.leaves(steps.member(ensemble, 0).params)[0],
                          jax.tree.leaves(steps.member(ensemble, 1).params)[0])
