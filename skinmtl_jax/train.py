@@ -105,7 +105,9 @@ _WATCHED_TERMS = ('loss', 'dice_loss', 'cls_loss', 'l2_grads')
 def _check_finite(metrics_by_step, last_good_checkpoint) -> None:
   """Raises FloatingPointError naming the first step with a non-finite loss or gradient."""
   for step, m in metrics_by_step:
-    bad = [f'{k}={np.asarray(m[k]).tolist()}' for k in _WATCHED_TERMS
+    # One value per member; a single member's is shown as a plain number.
+    show = lambda v: np.asarray(v).item() if np.size(v) == 1 else np.asarray(v).tolist()
+    bad = [f'{k}={show(m[k])}' for k in _WATCHED_TERMS
            if k in m and not np.all(np.isfinite(m[k]))]
     if bad:
       raise FloatingPointError(
