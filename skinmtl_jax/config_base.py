@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.dice_weight = 0.5
   c.loss.cls_weight = 0.5
   c.loss.dice_smooth = 1.0
+  # How the two task gradients combine: 'weighted' (the fixed weights above, the paper) or
+  # 'pcgrad' (Yu et al. 2020: conflicting task gradients projected before they are added).
+  c.loss.balancing = 'weighted'
 
   # Adam; the learning rate decays exponentially from 3e-3 to 3e-4 over the run.
   c.optim = ml_collections.ConfigDict()
@@ -83,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.synthetic.seed = 0
 
   c.log_every_steps = 50
+  # Every N steps, the gradient study (skinmtl_jax/grad_study.py) on the training batch goes to
+  # the summaries and workdir/grad_study.csv; 0 turns it off.
+  c.grad_study_every_steps = 0
   c.checkpoint_every_steps = 1000
   c.max_checkpoints_to_keep = 3
   return c

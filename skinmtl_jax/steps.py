@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from skinmtl_jax import losses
+from skinmtl_jax import gradients, losses
 
 Array = Any
 
@@ -47,7 +47,9 @@ def init_variables(model, key: Array, images: Array) -> dict:
   init = jax.jit(functools.partial(model.init, train=False))
   compiled = init.lower(key, images).compile(
       compiler_options={'xla_backend_optimization_level': 0})
-  return compiled(key, images)
+  variables = compiled(key, images)
+  # Not model state: what `sow` and `perturb` (gradient study) recorded during init.
+  return {k: v for k, v in variables.items() if k not in ('intermediates', 'perturbations')}
 
 
 def create_train_state(model, tx: optax.GradientTransformation, keys: Array,
@@ -78,28 +80,58 @@ def member(state, i: int):
   return jax.tree.map(lambda x: x[i], state)
 
 
+def forward_loss_terms(params, batch_stats, batch, *, model, dice_smooth: float = 1.0):
+  """The training forward pass: (unweighted loss terms, (outputs, updated batch_stats))."""
+  outputs, new_vars = model.apply({'params': params, 'batch_stats': batch_stats},
+                                  to_float_images(batch['image']), train=True,
+                                  mutable=['batch_stats'])
+  _, terms = losses.total_loss(outputs, batch, dice_weight=1.0, cls_weight=1.0,
+                               dice_smooth=dice_smooth)
+  return terms, (outputs, new_vars.get('batch_stats', {}))
+
+
+BALANCING = ('weighted', 'pcgrad')
+
+
 def train_step(state: TrainState, batch: dict[str, Array], *, model, tx, dice_weight: float,
-               cls_weight: float, dice_smooth: float = 1.0) -> tuple[TrainState, dict[str, Array]]:
+               cls_weight: float, dice_smooth: float = 1.0,
+               balancing: str = 'weighted') -> tuple[TrainState, dict[str, Array]]:
   """One optimisation step on `batch` ({'image', 'mask', 'label'}).
+
+  `balancing` says how the two task gradients combine: 'weighted', the gradient of the paper's
+  fixed-weight loss (Eq. 3); 'pcgrad', PCGrad on the two weighted task gradients
+  (`gradients.pcgrad`), which also reports their cosine as 'task_cosine'.
 
   Returns:
     (new state, metrics) where metrics holds the loss, each task's loss, the batch accuracy of
     the diagnosis, and the l2 norms of gradients, parameters and updates.
   """
-
-  def loss_fn(params):
-    outputs, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                    to_float_images(batch['image']), train=True,
-                                    mutable=['batch_stats'])
-    loss, terms = losses.total_loss(outputs, batch, dice_weight=dice_weight,
-                                    cls_weight=cls_weight, dice_smooth=dice_smooth)
-    return loss, (terms, outputs, new_vars.get('batch_stats', {}))
-
-  (loss, (terms, outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  if balancing not in BALANCING:
+    raise ValueError(f'loss.balancing={balancing!r}; expected one of {BALANCING}.')
+  terms_fn = functools.partial(forward_loss_terms, batch_stats=state.batch_stats, batch=batch,
+                               model=model, dice_smooth=dice_smooth)
+  weights = {'seg': dice_weight, 'cls': cls_weight}
+  extra = {}
+  if balancing == 'weighted':
+    def loss_fn(params):
+      terms, aux = terms_fn(params)
+      return sum(weights[t] * terms[gradients.TASK_TERMS[t]] for t in gradients.TASKS
+                 if gradients.TASK_TERMS[t] in terms), (terms, aux)
+    (loss, (terms, (outputs, batch_stats))), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+  else:
+    by_task, terms, (outputs, batch_stats) = gradients.task_gradients(
+        terms_fn, state.params, weights)
+    if set(by_task) != set(gradients.TASKS):
+      raise ValueError('loss.balancing="pcgrad" needs both tasks (model.classify=True).')
+    grads = gradients.pcgrad(by_task['seg'], by_task['cls'])
+    loss = sum(weights[t] * terms[gradients.TASK_TERMS[t]] for t in gradients.TASKS)
+    dot = gradients.tree_vdot(by_task['seg'], by_task['cls'])
+    extra['task_cosine'] = dot / (optax.tree.norm(by_task['seg']) *
+                                  optax.tree.norm(by_task['cls']) + 1e-30)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {'loss': loss, **terms, 'l2_grads': optax.tree.norm(grads),
+  metrics = {'loss': loss, **terms, **extra, 'l2_grads': optax.tree.norm(grads),
              'l2_params': optax.tree.norm(params), 'l2_updates': optax.tree.norm(updates)}
   if 'cls_logits' in outputs:
     metrics['accuracy'] = jnp.mean(jnp.argmax(outputs['cls_logits'], -1) == batch['label'])
@@ -120,14 +152,14 @@ def predict(variables: dict, images: Array, *, model) -> dict[str, Array]:
 
 
 def make_train_step(model, tx, *, dice_weight: float, cls_weight: float, dice_smooth: float,
-                    shared_batch: bool):
+                    shared_batch: bool, balancing: str = 'weighted'):
   """jit(vmap(train_step)) over the member axis, donating the state.
 
   With `shared_batch`, every member trains on the same batch (batch leaves (B, ...));
   otherwise each on its own (batch leaves (K, B, ...)).
   """
   step = functools.partial(train_step, model=model, tx=tx, dice_weight=dice_weight,
-                           cls_weight=cls_weight, dice_smooth=dice_smooth)
+                           cls_weight=cls_weight, dice_smooth=dice_smooth, balancing=balancing)
   return jax.jit(jax.vmap(step, in_axes=(0, None if shared_batch else 0)), donate_argnums=0)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from skinmtl_jax import writers  # first: makes clu importable without TensorFlow
-from skinmtl_jax import checkpointing, evaluate, input_pipeline, models, steps
+from skinmtl_jax import checkpointing, evaluate, grad_study, input_pipeline, models, steps
 from skinmtl_jax.config_base import ConfigError
 from clu import parameter_overview, periodic_actions  # pylint: disable=g-bad-import-order
 
@@ -62,6 +62,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.seed_data_order not in ('shared', 'per_member'):
     raise ConfigError(f'seed_data_order={config.seed_data_order!r}: expected "shared" or '
                       '"per_member".')
+  if config.loss.balancing not in steps.BALANCING:
+    raise ConfigError(f'loss.balancing={config.loss.balancing!r}: expected one of '
+                      f'{steps.BALANCING}.')
+  if config.loss.balancing == 'pcgrad' and not (m.arch == 'mtl' and m.classify):
+    raise ConfigError('loss.balancing="pcgrad" balances two tasks; the model has one '
+                      '(needs model.arch="mtl" and model.classify=True).')
+  if config.grad_study_every_steps < 0:
+    raise ConfigError(f'grad_study_every_steps={config.grad_study_every_steps}: 0 (off) or '
+                      'a positive number of steps.')
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] < 1:
       raise ConfigError(f'{name}={config[name]} must be positive.')
@@ -166,7 +175,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --------------------------------------------------------------------------- Update step
   train_step = steps.make_train_step(
       model, tx, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
-      dice_smooth=config.loss.dice_smooth, shared_batch=shared)
+      dice_smooth=config.loss.dice_smooth, shared_batch=shared,
+      balancing=config.loss.balancing)
+  study_every = config.grad_study_every_steps
+  if study_every:
+    study_step = grad_study.make_study_step(
+        model, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
+        dice_smooth=config.loss.dice_smooth, shared_batch=shared)
+    study_log = grad_study.CsvLog(os.path.join(workdir, 'grad_study.csv'),
+                                  resume_step=checkpointing.step_of(state))
+    study_writer = writers.create_summary_writer(workdir) if jax.process_index() == 0 else None
 
   def next_batch():
     if shared:
@@ -184,6 +202,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with _SigtermFlag() as preemption:
       for step in range(start_step + 1, total_steps + 1):
         batch = next_batch()
+        if study_every and (step - 1) % study_every == 0:
+          # On this step's batch, before its update: rows are labelled with the updates done.
+          result = study_step(state, batch)
+          study_log.write(grad_study.rows(step - 1, result))
+          if study_writer is not None:
+            study_writer.write_scalars(step - 1, grad_study.summary_scalars(result))
         state, m = train_step(state, batch)
         pending.append((step, m))
         report(step)

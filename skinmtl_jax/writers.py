@@ -99,3 +99,8 @@ def create_writer(workdir: str, *, just_logging: bool = False) -> metric_writers
     if have_tensorflow():
       writers.append(metric_writers.SummaryWriter(workdir))
   return metric_writers.MultiWriter(writers)
+
+
+def create_summary_writer(workdir: str) -> metric_writers.MetricWriter | None:
+  """TensorBoard only (None without TensorFlow): for many scalars that would flood the log."""
+  return metric_writers.SummaryWriter(workdir) if have_tensorflow() else None

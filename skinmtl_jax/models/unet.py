@@ -124,6 +124,11 @@ class DecoderLevel(nn.Module):
       up, skip = up * g.astype(up.dtype), skip * g.astype(skip.dtype)
       stats = 'pass2'
     x = jnp.concatenate([up, skip], axis=-1)
+    if gate is not None:
+      # For the gradient study: the gate, and (when a 'perturbations' collection is passed)
+      # the gradient at the channel-scaled feature maps. Both are no-ops in training.
+      self.sow('intermediates', 'gate', gate)
+      x = self.perturb('gated_input', x)
     x = ConvBlock(self.features, 1, self.dtype, name='block1')(x, train, stats)
     return ConvBlock(self.features, 1, self.dtype, name='block2')(x, train, stats)
 

@@ -1,0 +1,378 @@
+"""The gradient study: what each task's loss sends into the shared network.
+
+For one model, a state and a batch, `study` computes the two weighted task gradients
+(segmentation: dice_weight * grad Dice; classification: cls_weight * grad CE; they add up to the
+training gradient) and reports, for every parameter group (each encoder stage, each decoder
+level, the segmentation head, CBAM modules, each classifier layer, and the aggregates 'encoder',
+'decoder', 'classifier' and 'all'):
+
+  seg_norm, cls_norm   l2 norms of the two task gradients
+  ratio                seg_norm / cls_norm: which task dominates the group (NaN if cls_norm = 0)
+  cosine               cosine similarity of the two (NaN where either is zero)
+  conflict             share of the group's parameters where their signs are opposite
+
+For reverse-learning models (mtl2+) it separates, at each classifier layer, the gradient of the training
+loss that arrives through the reverse connection (the classification head stopped: the cls
+logits under stop_gradient) from what arrives through the classification head (the reverse
+connection stopped: FC_cls^k under stop_gradient):
+
+  reverse_norm, head_norm, reverse_head_cosine
+
+and, for each gated decoder level ('gated/decoderN' rows), the gradient at its channel-scaled
+input feature maps (seg_norm, cls_norm as above, of the activations' gradient) and the gate's
+mean, min and max (FC_cls^k).
+
+During training (`config.grad_study_every_steps` > 0) these go to the summaries and to
+`workdir/grad_study.csv`; `python -m skinmtl_jax.grad_study --workdir=RUN --out=DIR` computes
+them over a run's checkpoints on a fixed, class-balanced evaluation batch and plots them.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import os
+from typing import Any
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from skinmtl_jax import gradients, losses, steps
+
+Array = Any
+
+QUANTITIES = ('seg_norm', 'cls_norm', 'ratio', 'cosine', 'conflict', 'reverse_norm',
+              'head_norm', 'reverse_head_cosine', 'gate_mean', 'gate_min', 'gate_max')
+CSV_COLUMNS = ('step', 'member', 'group') + QUANTITIES
+_AGGREGATES = {'encoder': lambda n: n.startswith('encoder/'),
+               'decoder': lambda n: n.startswith('decoder'),
+               'classifier': lambda n: n.startswith('classifier/'), 'all': lambda n: True}
+
+
+def _pair(a, b, **kw) -> dict[str, dict[str, Array]]:
+  return gradients.pair_statistics(a, b, **kw)
+
+
+def _with_ratio(stats: dict[str, Array]) -> dict[str, Array]:
+  seg, cls = stats.pop('a_norm'), stats.pop('b_norm')
+  return {'seg_norm': seg, 'cls_norm': cls,
+          'ratio': jnp.where(cls > 0, seg / jnp.maximum(cls, 1e-30), jnp.nan), **stats}
+
+
+def study(params, batch_stats, batch: dict[str, Array], *, model, dice_weight: float,
+          cls_weight: float, dice_smooth: float = 1.0) -> dict[str, dict[str, Array]]:
+  """The study of one model (no member axis) on `batch`, in training mode (batch statistics,
+  as the training step sees it). Returns {group: {quantity: scalar}}; see the module docstring.
+  """
+  images = steps.to_float_images(batch['image'])
+  variables = {'params': params, 'batch_stats': batch_stats}
+  # Zero perturbations of the gated decoder inputs: their gradient is the activations' gradient.
+  shapes = jax.eval_shape(
+      lambda: model.apply(variables, images, train=True,
+                          mutable=['batch_stats', 'perturbations'])[1].get('perturbations', {}))
+  perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def terms_fn(p, m=model, stop_head=False):
+    outputs, new_vars = m.apply({**p, 'batch_stats': batch_stats}, images, train=True,
+                                mutable=['batch_stats', 'intermediates'])
+    if stop_head and 'cls_logits' in outputs:
+      outputs = {**outputs, 'cls_logits': jax.lax.stop_gradient(outputs['cls_logits'])}
+    _, terms = losses.total_loss(outputs, batch, dice_weight=1.0, cls_weight=1.0,
+                                       dice_smooth=dice_smooth)
+    return terms, new_vars.get('intermediates', {})
+
+  weights = {'seg': dice_weight, 'cls': cls_weight}
+  by_task, _, intermediates = gradients.task_gradients(
+      terms_fn, {'params': params, 'perturbations': perturbations}, weights)
+  # A single-task model has one task gradient; the other is zero.
+  zeros = jax.tree.map(jnp.zeros_like, next(iter(by_task.values())))
+  seg, cls = by_task.get('seg', zeros), by_task.get('cls', zeros)
+
+  out = {g: _with_ratio(s) for g, s in
+         _pair(seg['params'], cls['params'], aggregates=_AGGREGATES).items()}
+
+  gated = _pair(seg['perturbations'], cls['perturbations'],
+                group=lambda n: 'gated/' + n.split('/')[0])
+  gates = {}
+  for path, values in jax.tree_util.tree_flatten_with_path(
+      intermediates, is_leaf=lambda x: isinstance(x, tuple))[0]:
+    name = gradients.path_name(path)
+    if name.endswith('/gate'):
+      g = values[0]
+      gates['gated/' + name.split('/')[0]] = {
+          'gate_mean': jnp.mean(g), 'gate_min': jnp.min(g), 'gate_max': jnp.max(g)}
+  for g, s in gated.items():
+    out[g] = {**_with_ratio(s), **gates.get(g, {})}
+
+  if getattr(model, 'reverse', False):
+    def total(p, m, stop_head):
+      terms, _ = terms_fn({'params': p}, m, stop_head)
+      return (dice_weight * terms['dice_loss'] + cls_weight * terms['cls_loss'])
+
+    through_reverse = jax.grad(total)(params, model, True)
+    through_head = jax.grad(total)(params, model.clone(reverse_stop_gradient=True), False)
+    # Only the classifier's layers: elsewhere "stopping the head" leaves the segmentation
+    # loss's own direct path, which is not the reverse connection.
+    paths = _pair(through_reverse, through_head, aggregates={
+        'classifier': lambda n: n.startswith('classifier/')})
+    for g, s in paths.items():
+      if not g.startswith('classifier'):
+        continue
+      out[g].update({'reverse_norm': s['a_norm'], 'head_norm': s['b_norm'],
+                     'reverse_head_cosine': s['cosine']})
+  return out
+
+
+def make_study_step(model, *, dice_weight: float, cls_weight: float, dice_smooth: float,
+                    shared_batch: bool):
+  """jit(vmap(study)) over the member axis of a stacked TrainState (see steps.make_train_step)."""
+  fn = functools.partial(study, model=model, dice_weight=dice_weight, cls_weight=cls_weight,
+                         dice_smooth=dice_smooth)
+  return jax.jit(lambda state, batch: jax.vmap(fn, in_axes=(0, 0, None if shared_batch else 0))(
+      state.params, state.batch_stats, batch))
+
+
+def rows(step: int, result: dict[str, dict[str, Array]]) -> list[dict[str, Any]]:
+  """CSV rows (one per member and group) of a stacked `study` result."""
+  host = jax.device_get(result)
+  out = []
+  for group in sorted(host):
+    values = host[group]
+    num_members = np.size(next(iter(values.values())))
+    for i in range(num_members):
+      row = {'step': step, 'member': i, 'group': group}
+      for q in QUANTITIES:
+        row[q] = float(np.asarray(values[q]).reshape(-1)[i]) if q in values else ''
+      out.append(row)
+  return out
+
+
+def summary_scalars(result: dict[str, dict[str, Array]]) -> dict[str, float]:
+  """Members' means as flat scalars 'grad_study/<group>/<quantity>' for the metric writers."""
+  host = jax.device_get(result)
+  return {f'grad_study/{g}/{q}': float(np.nanmean(v)) if np.any(np.isfinite(v)) else math.nan
+          for g, qs in host.items() for q, v in qs.items()}
+
+
+class CsvLog:
+  """Appends study rows to a CSV. On resume it first drops rows of steps at or after
+  `resume_step` (written before an interruption, after the checkpoint being resumed), so the
+  file has each step once."""
+
+  def __init__(self, path: str, resume_step: int = 0):
+    self.path = path
+    kept = []
+    if os.path.exists(path):
+      with open(path, newline='', encoding='utf-8') as f:
+        kept = [r for r in csv.DictReader(f) if int(r['step']) < resume_step]
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='', encoding='utf-8') as f:
+      w = csv.DictWriter(f, CSV_COLUMNS)
+      w.writeheader()
+      w.writerows(kept)
+    os.replace(tmp, path)
+
+  def write(self, new_rows: list[dict[str, Any]]) -> None:
+    with open(self.path, 'a', newline='', encoding='utf-8') as f:
+      csv.DictWriter(f, CSV_COLUMNS).writerows(new_rows)
+
+
+def read_csv(path: str) -> list[dict[str, Any]]:
+  with open(path, newline='', encoding='utf-8') as f:
+    return [{k: (v if k == 'group' else (float(v) if v != '' else math.nan))
+             for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------------- Plots
+
+
+def _series(table, group, quantity):
+  """(steps, members' mean) of one quantity of one group."""
+  by_step: dict[float, list[float]] = {}
+  for r in table:
+    if r['group'] == group and not math.isnan(r[quantity]):
+      by_step.setdefault(r['step'], []).append(r[quantity])
+  s = sorted(by_step)
+  return np.array(s), np.array([np.mean(by_step[k]) for k in s])
+
+
+def _stage_groups(table):
+  groups = sorted({r['group'] for r in table})
+  order = lambda g: (g.split('/')[0], int(''.join(c for c in g if c.isdigit()) or 0))
+  encoder = sorted((g for g in groups if g.startswith('encoder/')), key=order)
+  decoder = sorted((g for g in groups if g.startswith('decoder')), key=order, reverse=True)
+  classifier = sorted(g for g in groups if g.startswith('classifier/'))
+  gated = sorted(g for g in groups if g.startswith('gated/'))
+  return encoder, decoder, classifier, gated
+
+
+def plot(table: list[dict[str, Any]], path: str, title: str) -> None:
+  """One figure of the study over training: per-stage norms, dominance ratio, cosine and sign
+  conflicts of the two task gradients; the classifier's reverse vs head paths; the gated
+  decoder features."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  encoder, decoder, classifier, gated = _stage_groups(table)
+  shared = encoder + decoder
+  fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+  cmap = plt.get_cmap('viridis')
+  colour = {g: cmap(i / max(len(shared) - 1, 1)) for i, g in enumerate(shared)}
+
+  def lines(ax, groups, quantity, styles=None, log=False, **kw):
+    for g in groups:
+      x, y = _series(table, g, quantity)
+      if len(x):
+        ax.plot(x, y, label=g, color=colour.get(g), **(styles or {}), **kw)
+    if log:
+      ax.set_yscale('log')
+
+  ax = axes[0, 0]
+  for g in encoder + ['encoder', 'all']:
+    for q, ls in (('seg_norm', '-'), ('cls_norm', '--')):
+      x, y = _series(table, g, q)
+      y = np.where(y > 0, y, np.nan)
+      if len(x):
+        ax.plot(x, y, ls, color=colour.get(g, 'k' if g == 'all' else 'grey'),
+                label=f'{g} {q.split("_")[0]}')
+  ax.set_yscale('log')
+  ax.set_title('Task gradient norms per encoder stage (solid: seg, dashed: cls)')
+  ax.legend(fontsize=6, ncol=2)
+
+  ax = axes[0, 1]
+  lines(ax, shared + ['encoder', 'all'], 'ratio', log=True)
+  ax.axhline(1.0, color='k', lw=0.5)
+  ax.set_title('Dominance: seg_norm / cls_norm (> 1: segmentation dominates)')
+  ax.legend(fontsize=6, ncol=2)
+
+  ax = axes[0, 2]
+  lines(ax, shared + ['encoder', 'all'], 'cosine')
+  ax.axhline(0.0, color='k', lw=0.5)
+  ax.set_title('Cosine similarity of the two task gradients')
+  ax.legend(fontsize=6, ncol=2)
+
+  ax = axes[1, 0]
+  lines(ax, shared + ['encoder', 'all'], 'conflict')
+  ax.set_title('Share of parameters whose task gradients have opposite signs')
+  ax.legend(fontsize=6, ncol=2)
+
+  ax = axes[1, 1]
+  for i, g in enumerate(classifier):
+    c = plt.get_cmap('tab10')(i)
+    for q, ls in (('reverse_norm', '-'), ('head_norm', '--')):
+      x, y = _series(table, g, q)
+      y = np.where(y > 0, y, np.nan)
+      if len(x) and np.any(np.isfinite(y)):
+        ax.plot(x, y, ls, color=c, label=f'{g} {q.split("_")[0]}')
+  ax.set_yscale('log')
+  ax.set_title('Classifier: gradient through the reverse path (solid) vs the head (dashed)')
+  if ax.lines:
+    ax.legend(fontsize=6)
+  else:
+    ax.text(0.5, 0.5, 'no reverse connection\n(or reverse path gives zero everywhere)',
+            ha='center', va='center', transform=ax.transAxes)
+
+  ax = axes[1, 2]
+  for i, g in enumerate(gated):
+    c = plt.get_cmap('tab10')(i)
+    x, y = _series(table, g, 'seg_norm')
+    if len(x):
+      ax.plot(x, y, color=c, label=f'{g} |grad|')
+    x, y = _series(table, g, 'gate_mean')
+    if len(x):
+      ax2 = ax.twinx() if not hasattr(ax, '_twin') else ax._twin  # pylint: disable=protected-access
+      ax._twin = ax2  # pylint: disable=protected-access
+      ax2.plot(x, y, ':', color=c, label=f'{g} mean gate')
+      ax2.set_ylabel('mean FC_cls^k gate (dotted)')
+  ax.set_title('Gated decoder inputs: gradient norm (solid), mean gate (dotted)')
+  if gated:
+    ax.legend(fontsize=6, loc='upper left')
+  else:
+    ax.text(0.5, 0.5, 'no gated decoder levels', ha='center', va='center',
+            transform=ax.transAxes)
+  for a in axes.flat:
+    a.set_xlabel('step')
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------------------ Over checkpoints
+
+
+def fixed_batch(split, num_images: int) -> dict[str, np.ndarray]:
+  """The first num_images // 2 melanomas and the first benign images to fill `num_images`, in
+  split order: the same batch for every checkpoint, with both classes present."""
+  from skinmtl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  labels = np.asarray(split.labels)
+  mel = np.flatnonzero(labels == 1)[:num_images // 2]
+  ben = np.flatnonzero(labels == 0)[:num_images - len(mel)]
+  idx = sorted(np.concatenate([mel, ben]).tolist())
+  return input_pipeline._stack([split.source[i] for i in idx])  # pylint: disable=protected-access
+
+
+def study_checkpoints(workdir: str, split_name: str | None, num_images: int
+                      ) -> tuple[list[dict[str, Any]], Any]:
+  """Study rows for every checkpoint of the run in `workdir` (and the run's config)."""
+  from skinmtl_jax import checkpointing, evaluate, input_pipeline  # pylint: disable=import-outside-toplevel
+  config, model, state = evaluate.load_run(workdir)
+  split = input_pipeline.get_split(config.data, split_name or config.data.eval_sets[0])
+  batch = fixed_batch(split, num_images)
+  fn = make_study_step(model, dice_weight=config.loss.dice_weight,
+                       cls_weight=config.loss.cls_weight, dice_smooth=config.loss.dice_smooth,
+                       shared_batch=True)
+  manager = checkpointing.create_manager(workdir, read_only=True)
+  table = []
+  try:
+    for step in manager.all_steps():
+      state = checkpointing.restore(manager, state, step=step)
+      table += rows(step, fn(state, batch))
+      logging.info('Studied the checkpoint of step %d.', step)
+  finally:
+    manager.close()
+  return table, config
+
+
+def write_csv(path: str, table: list[dict[str, Any]]) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='', encoding='utf-8') as f:
+    w = csv.DictWriter(f, CSV_COLUMNS)
+    w.writeheader()
+    w.writerows(table)
+  os.replace(tmp, path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  os.makedirs(f.out, exist_ok=True)
+  table, config = study_checkpoints(f.workdir, f.split, f.num_images)
+  if not table:
+    raise app.UsageError(f'No checkpoints in {f.workdir}/checkpoints.')
+  name = config.get('experiment', 'run')
+  write_csv(os.path.join(f.out, 'grad_study_checkpoints.csv'), table)
+  plot(table, os.path.join(f.out, 'grad_study_checkpoints.png'),
+       f'{name}: task gradients on a fixed batch of {f.num_images} images, per checkpoint')
+  print(f'Wrote {f.out}/grad_study_checkpoints.csv and .png ({len(table)} rows).')
+  during = os.path.join(f.workdir, 'grad_study.csv')
+  if os.path.exists(during):
+    plot(read_csv(during), os.path.join(f.out, 'grad_study_training.png'),
+         f'{name}: task gradients on the training batches, during training')
+    print(f'Wrote {f.out}/grad_study_training.png from {during}.')
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'The training run (its --workdir).')
+  flags.DEFINE_string('out', None, 'Folder for the CSV and the plots.')
+  flags.DEFINE_string('split', None, 'Evaluation set of the fixed batch (default: the run\'s '
+                      'first data.eval_sets).')
+  flags.DEFINE_integer('num_images', 16, 'Images in the fixed batch (half melanomas, if the '
+                       'set has that many).')
+  flags.mark_flags_as_required(['workdir', 'out'])
+  app.run(main)
