@@ -13,6 +13,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from skinmtl_jax.steps import TrainState
@@ -28,7 +29,12 @@ def create_manager(workdir: str, *, max_to_keep: int = 3,
 
 def step_of(state: TrainState) -> int:
   """The step of a (stacked) state as an int."""
-  return int(jax.device_get(state.step).reshape(-1)[0])  # members move in lockstep
+  # Members move in lockstep, so any member's step will do: this process's first shard (a
+  # multi-host state split by member is not fully addressable from one process).
+  step = state.step
+  if isinstance(step, jax.Array):
+    step = step.addressable_shards[0].data
+  return int(np.asarray(step).reshape(-1)[0])
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, data_iters=()) -> None:

@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_seeds = 1
   c.seed_data_order = 'shared'
   c.data_seed = -1               # -1: the same as seed
+  # Devices: 'data' splits each batch over all devices (state replicated); 'members' puts the
+  # ensemble's member axis on the mesh too (see skinmtl_jax/parallel.py). One device: no change.
+  c.sharding = 'data'
 
   # Model: mtl0 (shared encoder, classifier on the pooled bottleneck) at the paper's widths.
   c.model = m = ml_collections.ConfigDict()
@@ -39,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Woo et al. use 16; 8 gives the paper's parameter count for mtl3 (10.90 M).
   m.cbam_reduction = 8
   m.resnet_width = 64            # resnet50 only
+  # Compute dtype. 'bfloat16' is mixed precision (for GPUs): convolutions and activations in
+  # bfloat16; parameters, BatchNorm statistics, the classifier, the losses and the optimizer in
+  # float32.
   m.dtype = 'float32'
 
   # Loss (Eq. 3): lambda_1 Dice + lambda_2 cross-entropy.

@@ -280,11 +280,12 @@ def report_section(eval_set: str, r: dict, experiment: str, num_params: int, *,
 
 def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir: str,
                         splits: dict[str, input_pipeline.Split],
-                        results: dict[str, Any]) -> dict[str, Any]:
+                        results: dict[str, Any], write: bool = True) -> dict[str, Any]:
   """Evaluates `state` on each split (by eval set name) and writes every artifact into `workdir`.
 
   `results` holds what is known already (params, steps, data provenance); the evaluation
-  entries are added to it and the whole is written as metrics.json.
+  entries are added to it and the whole is written as metrics.json. With `write=False`
+  (processes other than the first of a multi-host run) nothing is written.
   """
   eval_step = jax.jit(functools.partial(steps.eval_step, model=model, threshold=config.threshold))
   predict_jit = jax.jit(lambda st, images: jax.tree.map(
@@ -305,6 +306,14 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
     r = evaluate_split(eval_step, state, split, batch_size=config.eval_batch_size,
                        threshold=config.threshold)
     per_image = r.pop('per_image')
+    results[name] = r
+    sections.append(report_section(name, r, config.experiment, results.get('params', 0)))
+    if 'ensemble' in r:
+      sections.append(report_section(name, r['ensemble'], f'{config.experiment} ensemble of '
+                                     f'{len(r["members"])}', results.get('params', 0),
+                                     paper_config=config.experiment, heading=False))
+    if not write:
+      continue
     _write_per_image(os.path.join(workdir, f'per_image_{name}.csv'), per_image)
     if r['dice'] is not None:
       _boxplot(os.path.join(workdir, f'boxplot_{name}.png'), per_image, f'{config.experiment}: {name}')
@@ -313,12 +322,8 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
            per_image['melanoma_prob'], r['auc'], f'{config.experiment}: {name}')
     _overlays(os.path.join(workdir, f'overlays_{name}.png'), split, per_image, predict_fn,
               config.threshold, f'{config.experiment}: {name}')
-    results[name] = r
-    sections.append(report_section(name, r, config.experiment, results.get('params', 0)))
-    if 'ensemble' in r:
-      sections.append(report_section(name, r['ensemble'], f'{config.experiment} ensemble of '
-                                     f'{len(r["members"])}', results.get('params', 0),
-                                     paper_config=config.experiment, heading=False))
+  if not write:
+    return results
   write_json(os.path.join(workdir, 'metrics.json'), results)
   tmp = os.path.join(workdir, 'report.md.tmp')
   with open(tmp, 'w', encoding='utf-8') as f:

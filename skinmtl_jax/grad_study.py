@@ -127,12 +127,19 @@ def study(params, batch_stats, batch: dict[str, Array], *, model, dice_weight: f
 
 
 def make_study_step(model, *, dice_weight: float, cls_weight: float, dice_smooth: float,
-                    shared_batch: bool):
-  """jit(vmap(study)) over the member axis of a stacked TrainState (see steps.make_train_step)."""
+                    shared_batch: bool, mesh=None):
+  """jit(vmap(study)) over the member axis of a stacked TrainState (see steps.make_train_step);
+  with a `mesh`, the results come back replicated."""
   fn = functools.partial(study, model=model, dice_weight=dice_weight, cls_weight=cls_weight,
                          dice_smooth=dice_smooth)
-  return jax.jit(lambda state, batch: jax.vmap(fn, in_axes=(0, 0, None if shared_batch else 0))(
-      state.params, state.batch_stats, batch))
+  per_member = lambda state, batch: jax.vmap(fn, in_axes=(0, 0, None if shared_batch else 0))(
+      state.params, state.batch_stats, batch)
+  kw = {}
+  if mesh is not None:
+    from skinmtl_jax import parallel  # pylint: disable=import-outside-toplevel
+    per_member = parallel.shard_members(per_member, mesh, shared_batch)
+    kw['out_shardings'] = parallel.replicated(mesh)
+  return jax.jit(per_member, **kw)
 
 
 def rows(step: int, result: dict[str, dict[str, Array]]) -> list[dict[str, Any]]:

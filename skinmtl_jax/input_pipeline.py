@@ -189,27 +189,37 @@ def _stack(examples: Sequence[dict]) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in ('image', 'mask', 'label')}
 
 
-class _LoadAndTransform(grain.transforms.Map):
+class _LoadBatch(grain.transforms.Map):
+  """(batch_size, 2) (example, transform) pairs -> the batch of rows `rows` of them."""
 
-  def __init__(self, source):
+  def __init__(self, source, rows: slice):
     self._source = source
+    self._rows = rows
 
-  def map(self, pair):
-    ex = self._source[int(pair[0])]
-    image, mask = augment.apply_transform(ex['image'], ex['mask'], int(pair[1]))
-    return {'image': image, 'mask': mask, 'label': ex['label']}
+  def map(self, pairs):
+    examples = []
+    for example, transform in pairs[self._rows]:
+      ex = self._source[int(example)]
+      image, mask = augment.apply_transform(ex['image'], ex['mask'], int(transform))
+      examples.append({'image': image, 'mask': mask, 'label': ex['label']})
+    return _stack(examples)
 
 
 def train_dataset(split: Split, data_cfg: ml_collections.ConfigDict, *, batch_size: int,
-                  seed: int) -> tuple[grain.IterDataset, int]:
-  """The training pipeline. Returns (dataset of batches, enlarged examples per epoch)."""
+                  seed: int, rows: slice = slice(None)) -> tuple[grain.IterDataset, int]:
+  """The training pipeline. Returns (dataset of batches, enlarged examples per epoch).
+
+  Batches are drawn as (example, transform) pairs from the shuffled, enlarged index; only the
+  rows `rows` of each are loaded (a process of a multi-host run loads the rows its devices
+  hold), so every process walks the same global order.
+  """
   pairs = enlarged_index(split.labels, (data_cfg.enlarge_benign, data_cfg.enlarge_melanoma))
   if len(pairs) < batch_size:
     raise ConfigError(f'{split.name}: {len(pairs)} enlarged examples are fewer than one batch '
                      f'(batch_size={batch_size}).')
   ds = (grain.MapDataset.source(pairs).seed(seed).shuffle().repeat(None)
-        .map(_LoadAndTransform(split.source))
-        .batch(batch_size, drop_remainder=True, batch_fn=_stack))
+        .batch(batch_size, drop_remainder=True, batch_fn=np.stack)
+        .map(_LoadBatch(split.source, rows)))
   it = ds.to_iter_dataset()
   if data_cfg.num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))

@@ -10,7 +10,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from skinmtl_jax import train
+from skinmtl_jax import parallel, train
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets.files import DataError
 
@@ -31,6 +31,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Orbax logs every step of every save at INFO; keep its warnings, drop the chatter.
   logging.get_absl_handler().addFilter(_QuietOrbax())
+  # Several processes (SLURM tasks, or JAX_COORDINATOR_ADDRESS): join them before using JAX.
+  parallel.maybe_initialize_distributed()
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -53,9 +53,13 @@ def init_variables(model, key: Array, images: Array) -> dict:
 
 
 def create_train_state(model, tx: optax.GradientTransformation, keys: Array,
-                       image_shape: tuple[int, int]) -> TrainState:
+                       image_shape: tuple[int, int], sharding=None) -> TrainState:
   """Initialises one member per key (`keys` shaped (K,)): a TrainState whose leaves all carry a
-  leading member axis of size K. Member i equals a single-key init from keys[i]."""
+  leading member axis of size K. Member i equals a single-key init from keys[i].
+
+  `sharding` (a jax.sharding.Sharding for every leaf, see parallel.state_sharding) places the
+  state on a device mesh; None leaves it on the default device.
+  """
 
   def init(key):
     variables = model.init(key, jnp.zeros((1, *image_shape, 3), jnp.float32), train=False)
@@ -64,7 +68,7 @@ def create_train_state(model, tx: optax.GradientTransformation, keys: Array,
                       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
 
   # Compiled without optimisation since it runs once (see init_variables).
-  compiled = jax.jit(jax.vmap(init)).lower(keys).compile(
+  compiled = jax.jit(jax.vmap(init), out_shardings=sharding).lower(keys).compile(
       compiler_options={'xla_backend_optimization_level': 0})
   return compiled(keys)
 
@@ -133,6 +137,8 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model, tx, dice_we
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, **terms, **extra, 'l2_grads': optax.tree.norm(grads),
              'l2_params': optax.tree.norm(params), 'l2_updates': optax.tree.norm(updates)}
+  if hasattr(opt_state, 'hyperparams'):  # optax.inject_hyperparams
+    metrics['learning_rate'] = opt_state.hyperparams['learning_rate']
   if 'cls_logits' in outputs:
     metrics['accuracy'] = jnp.mean(jnp.argmax(outputs['cls_logits'], -1) == batch['label'])
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -152,15 +158,23 @@ def predict(variables: dict, images: Array, *, model) -> dict[str, Array]:
 
 
 def make_train_step(model, tx, *, dice_weight: float, cls_weight: float, dice_smooth: float,
-                    shared_batch: bool, balancing: str = 'weighted'):
+                    shared_batch: bool, balancing: str = 'weighted', mesh=None):
   """jit(vmap(train_step)) over the member axis, donating the state.
 
   With `shared_batch`, every member trains on the same batch (batch leaves (B, ...));
-  otherwise each on its own (batch leaves (K, B, ...)).
+  otherwise each on its own (batch leaves (K, B, ...)). With a `mesh` (parallel.make_mesh),
+  the state and batch keep their shardings on it and the metrics come back replicated.
   """
   step = functools.partial(train_step, model=model, tx=tx, dice_weight=dice_weight,
                            cls_weight=cls_weight, dice_smooth=dice_smooth, balancing=balancing)
-  return jax.jit(jax.vmap(step, in_axes=(0, None if shared_batch else 0)), donate_argnums=0)
+  fn, kw = jax.vmap(step, in_axes=(0, None if shared_batch else 0)), {}
+  if mesh is not None:
+    from skinmtl_jax import parallel  # pylint: disable=import-outside-toplevel
+    state_sh = parallel.state_sharding(mesh)
+    fn = parallel.shard_members(fn, mesh, shared_batch)
+    kw = dict(in_shardings=(state_sh, parallel.batch_sharding(mesh, shared_batch)),
+              out_shardings=(state_sh, parallel.replicated(mesh)))
+  return jax.jit(fn, donate_argnums=0, **kw)
 
 
 def _seg_counts(lesion_prob: Array, masks: Array, threshold: float) -> Array:

@@ -15,7 +15,8 @@ import numpy as np
 import optax
 
 from skinmtl_jax import writers  # first: makes clu importable without TensorFlow
-from skinmtl_jax import checkpointing, evaluate, grad_study, input_pipeline, models, steps
+from skinmtl_jax import (checkpointing, evaluate, grad_study, input_pipeline, models, parallel,
+                         steps)
 from skinmtl_jax.config_base import ConfigError
 from clu import parameter_overview, periodic_actions  # pylint: disable=g-bad-import-order
 
@@ -68,6 +69,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.loss.balancing == 'pcgrad' and not (m.arch == 'mtl' and m.classify):
     raise ConfigError('loss.balancing="pcgrad" balances two tasks; the model has one '
                       '(needs model.arch="mtl" and model.classify=True).')
+  if config.sharding not in parallel.SHARDINGS:
+    raise ConfigError(f'sharding={config.sharding!r}: expected one of {parallel.SHARDINGS}.')
   if config.grad_study_every_steps < 0:
     raise ConfigError(f'grad_study_every_steps={config.grad_study_every_steps}: 0 (off) or '
                       'a positive number of steps.')
@@ -135,10 +138,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ------------------------------------------------------------------------------ Set up
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-    f.write(config.to_json_best_effort(indent=1))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=1))
   writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(config.to_dict())
+  mesh = parallel.make_mesh(config)
+  shared = config.seed_data_order == 'shared'
+  batch_sharding = parallel.batch_sharding(mesh, shared)
+  logging.info('Mesh %s over %d device(s) in %d process(es).', dict(mesh.shape),
+               jax.device_count(), jax.process_count())
 
   # ------------------------------------------------------------------------ Input pipeline
   train_split = input_pipeline.get_split(config.data, 'train')
@@ -146,11 +155,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_splits = {s: input_pipeline.get_split(config.data, s) for s in config.data.eval_sets}
   k = config.num_seeds
   data_seed = config.seed if config.data_seed < 0 else config.data_seed
-  shared = config.seed_data_order == 'shared'
+  # The rows of each global batch this process's devices hold (all of them on one host).
+  rows = parallel.local_rows(batch_sharding, (config.batch_size,) if shared else
+                             (k, config.batch_size), axis=0 if shared else 1)
   train_iters = []
   for i in range(1 if shared else k):
     ds, per_epoch = input_pipeline.train_dataset(
-        train_split, config.data, batch_size=config.batch_size, seed=data_seed + i)
+        train_split, config.data, batch_size=config.batch_size, seed=data_seed + i, rows=rows)
     train_iters.append(iter(ds))
   total_steps = num_steps(config, per_epoch)
   logging.info('%s: %d examples, %d after enlargement; %d steps of batch %d; %d member(s).',
@@ -161,8 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = models.create_model(config.model)
   tx = create_optimizer(config, total_steps)
   state = steps.create_train_state(model, tx, steps.member_keys(config.seed, k),
-                                   tuple(config.data.image_size))
-  parameter_overview.log_parameter_overview(steps.member(state.params, 0))
+                                   tuple(config.data.image_size),
+                                   sharding=parallel.state_sharding(mesh))
+  parameter_overview.log_parameter_overview(parallel.to_local(steps.member(state.params, 0)))
   num_params = int(sum(np.size(x) for x in jax.tree.leaves(state.params))) // k
   logging.info('Parameters: %d (%.2f M) per member.', num_params, num_params / 1e6)
 
@@ -176,21 +188,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = steps.make_train_step(
       model, tx, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
       dice_smooth=config.loss.dice_smooth, shared_batch=shared,
-      balancing=config.loss.balancing)
+      balancing=config.loss.balancing, mesh=mesh)
   study_every = config.grad_study_every_steps
   if study_every:
     study_step = grad_study.make_study_step(
         model, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
-        dice_smooth=config.loss.dice_smooth, shared_batch=shared)
+        dice_smooth=config.loss.dice_smooth, shared_batch=shared, mesh=mesh)
     study_log = grad_study.CsvLog(os.path.join(workdir, 'grad_study.csv'),
-                                  resume_step=checkpointing.step_of(state))
+                                  resume_step=checkpointing.step_of(state)
+                                  ) if jax.process_index() == 0 else None
     study_writer = writers.create_summary_writer(workdir) if jax.process_index() == 0 else None
 
   def next_batch():
     if shared:
-      return next(train_iters[0])
-    batches = [next(it) for it in train_iters]
-    return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+      local = next(train_iters[0])
+    else:
+      batches = [next(it) for it in train_iters]
+      local = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+    return parallel.global_batch(local, batch_sharding, config.batch_size, rows, shared)
 
   # ---------------------------------------------------------------------------- Train loop
   start_step = checkpointing.step_of(state)
@@ -205,7 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if study_every and (step - 1) % study_every == 0:
           # On this step's batch, before its update: rows are labelled with the updates done.
           result = study_step(state, batch)
-          study_log.write(grad_study.rows(step - 1, result))
+          if study_log is not None:
+            study_log.write(grad_study.rows(step - 1, result))
           if study_writer is not None:
             study_writer.write_scalars(step - 1, grad_study.summary_scalars(result))
         state, m = train_step(state, batch)
@@ -218,7 +234,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           _check_finite(host, manager.latest_step())  # before any save: no bad checkpoint
           if step % config.log_every_steps == 0 or step == total_steps:
             means = jax.tree.map(lambda *xs: float(np.mean(xs)), *[x for _, x in host])
-            means['learning_rate'] = float(np.mean(state.opt_state.hyperparams['learning_rate']))
             writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
             pending = []
         if save_now:
@@ -240,7 +255,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              'train_examples': len(train_split.source), **train_split.info}
   if config.data.extra_melanomas and config.data.paper_protocol_train_on_test_images:
     results['trained_on_test_images'] = True
-  results = evaluate.evaluate_and_report(config, state, model, workdir, eval_splits, results)
+  # Every process evaluates its own copy (no collectives); process 0 writes the artifacts.
+  results = evaluate.evaluate_and_report(config, parallel.to_local(state), model, workdir,
+                                         eval_splits, results, write=jax.process_index() == 0)
   for name in config.data.eval_sets:
     r = results[name]
     writer.write_scalars(results['steps'], {f'{name}/{key}': v for key, v in r.items()

@@ -1,0 +1,100 @@
+"""Devices and hosts (#7): sharded training equals single-device training; mesh and batch rows."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from skinmtl_jax import parallel
+from skinmtl_jax.config_base import ConfigError
+
+
+@pytest.fixture(scope='module')
+def sharded(tmp_path_factory):
+  """tests/sharded_check.py in a subprocess with 4 forced host devices."""
+  workdir = tmp_path_factory.mktemp('sharded')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'sharded_check.py'),
+                         str(workdir / 'run')], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
+  return json.loads(line[len('RESULT '):]), workdir / 'run'
+
+
+CASES = ['mtl2 K=1 data shared', 'tiny K=2 data shared', 'tiny K=2 members shared',
+         'tiny K=2 members per_member']
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_sharded_training_matches_single_device_training(sharded, case):
+  r = {c['name']: c for c in sharded[0]['cases']}[case]
+  np.testing.assert_allclose(r['loss_four'], r['loss_one'], rtol=1e-5)
+  # Differences in units of one Adam step (lr), after 3 steps. Parameters: where a gradient is
+  # tiny, Adam turns the round-off of a differently ordered reduction into up to a few percent
+  # of a step; a wrong shard, batch or member order differs by whole steps. Conv biases that
+  # feed BatchNorm have a true gradient of zero (pure round-off, rescaled by Adam to
+  # step-sized moves) and the running means carry them: both only stay within a few steps.
+  assert r['param_rel'] < 0.05, r
+  assert r['bias_abs'] < 10 and r['stats_abs'] < 10, r
+  # The work really was split: the batch over devices, and with 'members' the state too.
+  assert r['state_devices'] == 4
+  if 'members' in case:
+    assert r['mesh'] == {'members': 2, 'data': 2}
+    assert r['state_shard_shape'][0] == 1 and r['state_shape'][0] == 2
+    assert r['batch_shard_shape'][:2] == ([1, 2] if 'per_member' in case else [2, 32])
+  else:
+    assert r['mesh'] == {'members': 1, 'data': 4}
+    assert r['state_shard_shape'] == r['state_shape']
+    assert r['batch_shard_shape'][0] == 1
+
+
+def test_a_run_on_four_devices_with_members_on_the_mesh_trains_resumes_and_evaluates(sharded):
+  e2e, workdir = sharded[0]['e2e'], sharded[1]
+  assert 0.0 <= e2e['dice'] <= 1.0
+  metrics = json.loads((workdir / 'metrics.json').read_text())
+  assert metrics['steps'] == 4 and metrics['num_seeds'] == 2
+  assert (workdir / 'grad_study.csv').exists()
+
+
+def test_mesh_shapes_and_batch_divisibility():
+  cfg = tiny_config()
+  devices = [jax.devices()[0]] * 1
+  assert dict(parallel.make_mesh(cfg, devices).shape) == {'members': 1, 'data': 1}
+  cfg.sharding = 'nonsense'
+  with pytest.raises(ConfigError, match='sharding'):
+    parallel.make_mesh(cfg, devices)
+
+
+def test_local_rows_of_a_single_process_are_the_whole_batch():
+  cfg = tiny_config()
+  mesh = parallel.make_mesh(cfg)
+  assert parallel.local_rows(parallel.batch_sharding(mesh, True), (4,), 0) == slice(0, 4)
+  assert parallel.local_rows(parallel.batch_sharding(mesh, False), (2, 4), 1) == slice(0, 4)
+  batch = {'image': np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3)}
+  g = parallel.global_batch(batch, parallel.batch_sharding(mesh, True), 4, slice(0, 4), True)
+  np.testing.assert_array_equal(np.asarray(g['image']), batch['image'])
+
+
+def test_distributed_start_only_when_the_environment_asks(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  for var in ('SLURM_NTASKS', 'SLURM_JOB_ID', 'JAX_COORDINATOR_ADDRESS'):
+    monkeypatch.delenv(var, raising=False)
+  assert not parallel.maybe_initialize_distributed()
+  monkeypatch.setenv('SLURM_JOB_ID', '7')
+  monkeypatch.setenv('SLURM_NTASKS', '1')
+  assert not parallel.maybe_initialize_distributed()  # one task: nothing to join
+  monkeypatch.setenv('SLURM_NTASKS', '2')
+  assert parallel.maybe_initialize_distributed() and calls[-1] == {}  # JAX reads SLURM's vars
+  monkeypatch.delenv('SLURM_NTASKS')
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'host:1234')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
+  monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  assert parallel.maybe_initialize_distributed()
+  assert calls[-1] == {'coordinator_address': 'host:1234', 'num_processes': 2, 'process_id': 1}
