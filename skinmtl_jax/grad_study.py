@@ -152,7 +152,7 @@ def rows(step: int, result: dict[str, dict[str, Array]]) -> list[dict[str, Any]]
     for i in range(num_members):
       row = {'step': step, 'member': i, 'group': group}
       for q in QUANTITIES:
-        row[q] = float(np.asarray(values[q]).reshape(-1)[i]) if q in values else ''
+        row[q] = float(np.asarray(values[q]).reshape(-1)[i]) if q in values else math.nan
       out.append(row)
   return out
 
@@ -189,34 +189,67 @@ class CsvLog:
 
 def read_csv(path: str) -> list[dict[str, Any]]:
   with open(path, newline='', encoding='utf-8') as f:
-    return [{k: (v if k == 'group' else (float(v) if v != '' else math.nan))
+    return [{k: (v if k == 'group' else (float(v) if v not in ('', 'nan') else math.nan))
              for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------------------- Plots
 
 
-def _series(table, group, quantity):
-  """(steps, members' mean) of one quantity of one group."""
+def _series(table, group, quantity, smooth: int = 1):
+  """(steps, members' mean) of one quantity of one group; `smooth` > 1 takes a centred moving
+  mean over that many points (per-batch values are noisy)."""
   by_step: dict[float, list[float]] = {}
   for r in table:
     if r['group'] == group and not math.isnan(r[quantity]):
       by_step.setdefault(r['step'], []).append(r[quantity])
   s = sorted(by_step)
-  return np.array(s), np.array([np.mean(by_step[k]) for k in s])
+  y = np.array([np.mean(by_step[k]) for k in s])
+  if smooth > 1 and len(y) >= smooth:
+    y = np.convolve(y, np.ones(smooth) / smooth, mode='same')
+    edge = smooth // 2
+    s, y = s[edge:len(s) - edge], y[edge:len(y) - edge]
+  return np.array(s), y
+
+
+def summary(table: list[dict[str, Any]], groups: list[str] | None = None) -> str:
+  """A markdown table of each group's quantities averaged over all rows (steps and members):
+  geometric mean for norms and ratios, arithmetic mean otherwise."""
+  qs = ('seg_norm', 'cls_norm', 'ratio', 'cosine', 'conflict', 'reverse_norm', 'head_norm',
+        'gate_mean')
+  present = sorted({r['group'] for r in table})
+  encoder, decoder, classifier, gated = _stage_groups(table)
+  order = groups or (encoder + ['encoder'] + decoder + ['decoder', 'seg_head'] + classifier +
+                     ['classifier'] + gated + ['all'])
+  lines = ['| group | ' + ' | '.join(qs) + ' |', '|---' * (len(qs) + 1) + '|']
+  for g in order:
+    if g not in present:
+      continue
+    cells = []
+    for q in qs:
+      v = np.array([r[q] for r in table if r['group'] == g], float)
+      v = v[np.isfinite(v)]
+      if q in ('seg_norm', 'cls_norm', 'ratio', 'reverse_norm', 'head_norm'):
+        v = v[v > 0]
+        cells.append(f'{np.exp(np.mean(np.log(v))):.3g}' if len(v) else '')
+      else:
+        cells.append(f'{np.mean(v):.3f}' if len(v) else '')
+    lines.append(f'| {g} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
 
 
 def _stage_groups(table):
   groups = sorted({r['group'] for r in table})
   order = lambda g: (g.split('/')[0], int(''.join(c for c in g if c.isdigit()) or 0))
   encoder = sorted((g for g in groups if g.startswith('encoder/')), key=order)
-  decoder = sorted((g for g in groups if g.startswith('decoder')), key=order, reverse=True)
+  decoder = sorted((g for g in groups if g.startswith('decoder') and g[-1].isdigit()),
+                   key=order, reverse=True)
   classifier = sorted(g for g in groups if g.startswith('classifier/'))
   gated = sorted(g for g in groups if g.startswith('gated/'))
   return encoder, decoder, classifier, gated
 
 
-def plot(table: list[dict[str, Any]], path: str, title: str) -> None:
+def plot(table: list[dict[str, Any]], path: str, title: str, smooth: int = 1) -> None:
   """One figure of the study over training: per-stage norms, dominance ratio, cosine and sign
   conflicts of the two task gradients; the classifier's reverse vs head paths; the gated
   decoder features."""
@@ -230,9 +263,11 @@ def plot(table: list[dict[str, Any]], path: str, title: str) -> None:
   cmap = plt.get_cmap('viridis')
   colour = {g: cmap(i / max(len(shared) - 1, 1)) for i, g in enumerate(shared)}
 
+  series = functools.partial(_series, smooth=smooth)
+
   def lines(ax, groups, quantity, styles=None, log=False, **kw):
     for g in groups:
-      x, y = _series(table, g, quantity)
+      x, y = series(table, g, quantity)
       if len(x):
         ax.plot(x, y, label=g, color=colour.get(g), **(styles or {}), **kw)
     if log:
@@ -241,42 +276,42 @@ def plot(table: list[dict[str, Any]], path: str, title: str) -> None:
   ax = axes[0, 0]
   for g in encoder + ['encoder', 'all']:
     for q, ls in (('seg_norm', '-'), ('cls_norm', '--')):
-      x, y = _series(table, g, q)
+      x, y = series(table, g, q)
       y = np.where(y > 0, y, np.nan)
       if len(x):
         ax.plot(x, y, ls, color=colour.get(g, 'k' if g == 'all' else 'grey'),
                 label=f'{g} {q.split("_")[0]}')
   ax.set_yscale('log')
-  ax.set_title('Task gradient norms per encoder stage (solid: seg, dashed: cls)')
+  ax.set_title('Task gradient norms (solid: seg, dashed: cls)')
   ax.legend(fontsize=6, ncol=2)
 
   ax = axes[0, 1]
   lines(ax, shared + ['encoder', 'all'], 'ratio', log=True)
   ax.axhline(1.0, color='k', lw=0.5)
-  ax.set_title('Dominance: seg_norm / cls_norm (> 1: segmentation dominates)')
+  ax.set_title('seg_norm / cls_norm (> 1: seg dominates)')
   ax.legend(fontsize=6, ncol=2)
 
   ax = axes[0, 2]
   lines(ax, shared + ['encoder', 'all'], 'cosine')
   ax.axhline(0.0, color='k', lw=0.5)
-  ax.set_title('Cosine similarity of the two task gradients')
+  ax.set_title('Cosine of the two task gradients')
   ax.legend(fontsize=6, ncol=2)
 
   ax = axes[1, 0]
   lines(ax, shared + ['encoder', 'all'], 'conflict')
-  ax.set_title('Share of parameters whose task gradients have opposite signs')
+  ax.set_title('Share of parameters with opposite signs')
   ax.legend(fontsize=6, ncol=2)
 
   ax = axes[1, 1]
   for i, g in enumerate(classifier):
     c = plt.get_cmap('tab10')(i)
     for q, ls in (('reverse_norm', '-'), ('head_norm', '--')):
-      x, y = _series(table, g, q)
+      x, y = series(table, g, q)
       y = np.where(y > 0, y, np.nan)
       if len(x) and np.any(np.isfinite(y)):
         ax.plot(x, y, ls, color=c, label=f'{g} {q.split("_")[0]}')
   ax.set_yscale('log')
-  ax.set_title('Classifier: gradient through the reverse path (solid) vs the head (dashed)')
+  ax.set_title('Classifier: reverse path (solid), head (dashed)')
   if ax.lines:
     ax.legend(fontsize=6)
   else:
@@ -286,16 +321,16 @@ def plot(table: list[dict[str, Any]], path: str, title: str) -> None:
   ax = axes[1, 2]
   for i, g in enumerate(gated):
     c = plt.get_cmap('tab10')(i)
-    x, y = _series(table, g, 'seg_norm')
+    x, y = series(table, g, 'seg_norm')
     if len(x):
       ax.plot(x, y, color=c, label=f'{g} |grad|')
-    x, y = _series(table, g, 'gate_mean')
+    x, y = series(table, g, 'gate_mean')
     if len(x):
       ax2 = ax.twinx() if not hasattr(ax, '_twin') else ax._twin  # pylint: disable=protected-access
       ax._twin = ax2  # pylint: disable=protected-access
       ax2.plot(x, y, ':', color=c, label=f'{g} mean gate')
       ax2.set_ylabel('mean FC_cls^k gate (dotted)')
-  ax.set_title('Gated decoder inputs: gradient norm (solid), mean gate (dotted)')
+  ax.set_title('Gated decoder inputs: |grad| (solid), gate (dotted)')
   if gated:
     ax.legend(fontsize=6, loc='upper left')
   else:
@@ -303,7 +338,7 @@ def plot(table: list[dict[str, Any]], path: str, title: str) -> None:
             transform=ax.transAxes)
   for a in axes.flat:
     a.set_xlabel('step')
-  fig.suptitle(title)
+  fig.suptitle(title + (f' (moving mean over {smooth} points)' if smooth > 1 else ''))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -366,12 +401,21 @@ def main(argv):
   write_csv(os.path.join(f.out, 'grad_study_checkpoints.csv'), table)
   plot(table, os.path.join(f.out, 'grad_study_checkpoints.png'),
        f'{name}: task gradients on a fixed batch of {f.num_images} images, per checkpoint')
+  sections = [f'# Gradient study of {name}', '',
+              f'## Per checkpoint, fixed batch of {f.num_images} images', '', summary(table), '']
   print(f'Wrote {f.out}/grad_study_checkpoints.csv and .png ({len(table)} rows).')
   during = os.path.join(f.workdir, 'grad_study.csv')
   if os.path.exists(during):
-    plot(read_csv(during), os.path.join(f.out, 'grad_study_training.png'),
-         f'{name}: task gradients on the training batches, during training')
+    training = read_csv(during)
+    plot(training, os.path.join(f.out, 'grad_study_training.png'),
+         f'{name}: task gradients on the training batches', smooth=5)
+    sections += ['## During training, on the training batches', '', summary(training), '']
     print(f'Wrote {f.out}/grad_study_training.png from {during}.')
+  sections += ['Norms and ratios: geometric means over steps and members; cosine, conflict and '
+               'gate: arithmetic means. See skinmtl_jax/grad_study.py for the definitions.']
+  with open(os.path.join(f.out, 'summary.md'), 'w', encoding='utf-8') as fh:
+    fh.write('\n'.join(sections) + '\n')
+  print(f'Wrote {f.out}/summary.md.')
 
 
 if __name__ == '__main__':
