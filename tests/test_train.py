@@ -140,3 +140,29 @@ def test_paper_config_without_prepared_data_stops_with_instructions(tmp_path):
   assert r.returncode != 0
   assert 'manual_dir' in r.stderr and 'isic2016' in r.stderr and 'challenge.isic-archive.com' in r.stderr
   assert 'Traceback' not in r.stderr
+
+
+def test_bfloat16_mixed_precision_computes_in_bf16_and_keeps_float32_state():
+  cfg = tiny_config('mtl2')
+  cfg.model.dtype = 'bfloat16'
+  cfg.optim.learning_rate = cfg.optim.final_learning_rate = 3e-3
+  model = models.create_model(cfg.model)
+  tx = train.create_optimizer(cfg, 8)
+  state = steps.create_train_state(model, tx, steps.member_keys(0, 1), (32, 32))
+  step = steps.make_train_step(model, tx, dice_weight=0.5, cls_weight=0.5, dice_smooth=1.0,
+                               shared_batch=True)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+           'mask': (rng.random((8, 32, 32)) > 0.5).astype(np.uint8),
+           'label': np.array([0, 1] * 4, np.int32)}
+  hlo = step.lower(state, batch).as_text()
+  assert 'convolution' in hlo and 'bf16' in hlo  # the convolutions run in bfloat16
+  losses = []
+  for _ in range(8):
+    state, m = step(state, batch)
+    losses.append(float(m['loss'][0]))
+    assert m['loss'].dtype == np.float32
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves((state.params, state.batch_stats,
+                                                              state.opt_state)) if
+             np.issubdtype(x.dtype, np.floating))
+  assert losses[-1] < 0.9 * losses[0], losses
