@@ -1,0 +1,260 @@
+"""Our models against MONAI's DynUNet (the nnU-Net of MONAI): training throughput and
+inference latency, on the same machine in the same run.
+
+    pip install torch==2.13.0 && pip install -e '.[bench]'   # torch first: the CPU wheel
+    python benchmarks/vs_monai.py [--models=unet,mtl4,dynunet] [--steps=3] [--warmup=1]
+        [--infer_runs=5] [--infer_batches=1,32] [--upconv_variant=none|also]
+        [--torch_threads=1,2]
+
+Ours go through the code path training runs: `models.create_model(config.model)`,
+`train.create_optimizer`, `steps.create_train_state` and `steps.make_train_step` (jit of the
+step vmapped over a member axis of size K = 1, donating the state), fed random uint8 images,
+masks and labels. Inference is `steps.predict` (eval mode: running BatchNorm statistics),
+jitted, on uint8 images. DynUNet has the same widths, strides and 2x2 transposed convolutions
+(`filters=[32, 64, 128, 256, 320, 320]`, `norm_name='batch'`, no deep supervision) and trains
+with Adam and `DiceCELoss(to_onehot_y=True, softmax=True)`; inference in `eval()` under
+`torch.inference_mode()`. The conversion of uint8 images to floats is inside the timed step
+for both.
+
+Training: `--warmup` steps (the first compiles ours), then `--steps` timed steps, per model,
+in `--rounds` rounds that visit the models in turn (other jobs may share the machine: the
+interleaving keeps the ratios fair); images/s from the median round. Inference: per batch
+size, one warm-up call, then the median of `--infer_runs` timed calls, also interleaved.
+`--torch_threads=1,2` gives one DynUNet row per torch thread count; the ratios are against
+the first. On a CPU shared with other jobs, torch's OpenMP threads wait on each other when one
+of them is descheduled (measured on our 2-core machine with one core busy elsewhere: DynUNet
+at 64x64, batch 10, 0.6 s per step with 1 thread, 5.4 s with 2), so compare with 1 thread
+there, or run on an idle machine.
+
+Runs on a GPU when there is one (torch on cuda, JAX on its default device).
+
+`--upconv_variant=also` adds rows for our models with the decoder's up-convolution computed
+as a matmul (`benchmarks/conv_variants.py`, `UpConv2x2`: the same parameters and outputs).
+"""
+
+import functools
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+
+# Config files import their parents as `configs.*`: make the repository root importable.
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+import jax
+import numpy as np
+
+from skinmtl_jax import models, steps, train
+
+flags.DEFINE_list('models', ['unet', 'mtl4', 'dynunet'],
+                  'Our configs (configs/<name>.py) and/or dynunet.')
+flags.DEFINE_integer('steps', 3, 'Timed training steps per model and round.')
+flags.DEFINE_integer('warmup', 1, 'Untimed training steps first (ours compile in the first).')
+flags.DEFINE_integer('rounds', 1, 'Rounds of training measurements, models interleaved.')
+flags.DEFINE_integer('batch', 10, 'Training batch size.')
+flags.DEFINE_list('image_size', ['192', '256'], 'H,W.')
+flags.DEFINE_list('infer_batches', ['1', '32'], 'Inference batch sizes.')
+flags.DEFINE_integer('infer_runs', 5, 'Timed inference calls per batch size (median).')
+flags.DEFINE_enum('upconv_variant', 'none', ['none', 'also'],
+                  "'also': add our models with UpConv2x2 (benchmarks/conv_variants.py).")
+flags.DEFINE_list('torch_threads', [],
+                  'DynUNet rows, one per torch thread count (default: one, torch\'s default). '
+                  'On a shared machine torch\'s OpenMP threads slow down badly when another job '
+                  'holds a core; compare 1 thread there.')
+flags.DEFINE_integer('seed', 0, 'Seed of the random data and of the models.')
+FLAGS = flags.FLAGS
+
+
+def machine() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return f'{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}'
+
+
+def random_batch(b, size, rng):
+  return {'image': rng.integers(0, 256, (b, *size, 3), dtype=np.uint8),
+          'mask': rng.integers(0, 2, (b, *size), dtype=np.uint8),
+          'label': rng.integers(0, 2, (b,), dtype=np.int32)}
+
+
+class Ours:
+  """One of our configs through the training code path."""
+
+  def __init__(self, name, size, batch, rng, upconv=False):
+    import conv_variants  # pylint: disable=g-import-not-at-top
+    self.name = name + (' (UpConv2x2)' if upconv else '')
+    self._variant = functools.partial(conv_variants.upconv_variant, upconv)
+    cfg = importlib.import_module(f'configs.{name}').get_config()
+    self.model = models.create_model(cfg.model)
+    tx = train.create_optimizer(cfg, 1000)
+    self.size = size
+    with self._variant():
+      self.state = steps.create_train_state(self.model, tx, steps.member_keys(FLAGS.seed, 1),
+                                            size)
+      self.step = steps.make_train_step(self.model, tx, dice_weight=cfg.loss.dice_weight,
+                                        cls_weight=cfg.loss.cls_weight,
+                                        dice_smooth=cfg.loss.dice_smooth, shared_batch=True)
+    self.batch = jax.device_put(random_batch(batch, size, rng))
+    self.predict = jax.jit(functools.partial(steps.predict, model=self.model))
+    self.compile_s = 0.0
+
+  def train_steps(self, n):
+    with self._variant():  # traced (and compiled) on the first call
+      for _ in range(n):
+        t = time.perf_counter()
+        self.state, metrics = self.step(self.state, self.batch)
+        jax.block_until_ready(metrics)
+        if not self.compile_s:
+          self.compile_s = time.perf_counter() - t
+
+  def infer_fn(self, b, rng):
+    images = jax.device_put(random_batch(b, self.size, rng)['image'])
+    variables = {'params': steps.member(self.state.params, 0),
+                 'batch_stats': steps.member(self.state.batch_stats, 0)}
+
+    def run():
+      with self._variant():
+        jax.block_until_ready(self.predict(variables, images))
+    return run
+
+
+class DynUNet:
+  """MONAI's DynUNet with nnU-Net's 2D widths, trained with Adam and Dice + cross-entropy."""
+
+  def __init__(self, size, batch, rng, threads=None):
+    import torch  # pylint: disable=g-import-not-at-top
+    self.threads = threads or torch.get_num_threads()
+    self.name = f'MONAI DynUNet ({self.threads} torch thread{"s" if self.threads > 1 else ""})'
+    from monai.losses import DiceCELoss  # pylint: disable=g-import-not-at-top
+    from monai.networks.nets import DynUNet as Net  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    torch.manual_seed(FLAGS.seed)
+    self.net = Net(spatial_dims=2, in_channels=3, out_channels=2, kernel_size=[3] * 6,
+                   strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5,
+                   filters=[32, 64, 128, 256, 320, 320], norm_name='batch',
+                   deep_supervision=False).to(self.device)
+    self.opt = torch.optim.Adam(self.net.parameters(), lr=3e-3)
+    self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    data = random_batch(batch, size, rng)
+    self.images = torch.from_numpy(data['image']).permute(0, 3, 1, 2).contiguous().to(
+        self.device)
+    self.masks = torch.from_numpy(data['mask'])[:, None].to(self.device)
+    self.size = size
+    self.compile_s = 0.0
+
+  def _sync(self):
+    if self.device.type == 'cuda':
+      self.torch.cuda.synchronize()
+
+  def train_steps(self, n):
+    self.torch.set_num_threads(self.threads)
+    self.net.train()
+    for _ in range(n):
+      t = time.perf_counter()
+      self.opt.zero_grad(set_to_none=True)
+      out = self.net(self.images.float() / 255.0)
+      self.loss(out, self.masks).backward()
+      self.opt.step()
+      self._sync()
+      if not self.compile_s:
+        self.compile_s = time.perf_counter() - t
+
+  def infer_fn(self, b, rng):
+    images = self.torch.from_numpy(random_batch(b, self.size, rng)['image']).permute(
+        0, 3, 1, 2).contiguous().to(self.device)
+
+    def run():
+      self.torch.set_num_threads(self.threads)
+      self.net.eval()
+      with self.torch.inference_mode():
+        self.torch.softmax(self.net(images.float() / 255.0), dim=1)
+      self._sync()
+    return run
+
+
+def main(argv):
+  del argv
+  size = tuple(int(v) for v in FLAGS.image_size)
+  rng = np.random.default_rng(FLAGS.seed)
+  print(f'machine: {machine()}')
+  print(f'JAX {jax.__version__}, devices {jax.devices()}; '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  entries = []
+  for name in FLAGS.models:
+    if name == 'dynunet':
+      import torch  # pylint: disable=g-import-not-at-top
+      import monai  # pylint: disable=g-import-not-at-top
+      print(f'torch {torch.__version__} ({"cuda" if torch.cuda.is_available() else "cpu"}, '
+            f'{torch.get_num_threads()} threads by default), MONAI {monai.__version__}')
+      for threads in FLAGS.torch_threads or [None]:
+        entries.append(DynUNet(size, FLAGS.batch, rng, int(threads) if threads else None))
+    else:
+      entries.append(Ours(name, size, FLAGS.batch, rng))
+      if FLAGS.upconv_variant == 'also':
+        entries.append(Ours(name, size, FLAGS.batch, rng, upconv=True))
+  print(f'training: {size[0]}x{size[1]}, batch {FLAGS.batch}, {FLAGS.warmup} warm-up + '
+        f'{FLAGS.steps} timed steps x {FLAGS.rounds} round(s); inference: batches '
+        f'{",".join(FLAGS.infer_batches)}, 1 warm-up + median of {FLAGS.infer_runs}', flush=True)
+
+  for e in entries:
+    t = time.perf_counter()
+    e.train_steps(FLAGS.warmup)
+    print(f'  {e.name}: warm-up {time.perf_counter() - t:.1f} s (first step '
+          f'{e.compile_s:.1f} s)', flush=True)
+  rounds = {e.name: [] for e in entries}
+  for _ in range(FLAGS.rounds):
+    for e in entries:
+      t = time.perf_counter()
+      e.train_steps(FLAGS.steps)
+      rounds[e.name].append(FLAGS.steps * FLAGS.batch / (time.perf_counter() - t))
+      print(f'  {e.name}: {rounds[e.name][-1]:.2f} images/s', flush=True)
+  throughput = {k: statistics.median(v) for k, v in rounds.items()}
+
+  latency = {}
+  for b in (int(v) for v in FLAGS.infer_batches):
+    runs = {e.name: e.infer_fn(b, rng) for e in entries}
+    for e in entries:
+      runs[e.name]()  # warm-up (compiles ours)
+    times = {e.name: [] for e in entries}
+    for _ in range(FLAGS.infer_runs):
+      for e in entries:
+        t = time.perf_counter()
+        runs[e.name]()
+        times[e.name].append(1000 * (time.perf_counter() - t))
+    for e in entries:
+      latency[(e.name, b)] = statistics.median(times[e.name])
+      print(f'  {e.name}: inference batch {b}: {latency[(e.name, b)]:.1f} ms', flush=True)
+
+  ref = next((e.name for e in entries if isinstance(e, DynUNet)), None)
+  bs = [int(v) for v in FLAGS.infer_batches]
+  head = '| model | train images/s | ' + ' | '.join(f'infer ms, batch {b}' for b in bs)
+  sep = '| --- | --- | ' + ' | '.join('---' for _ in bs)
+  if ref:
+    head += ' | train throughput vs DynUNet | ' + ' | '.join(
+        f'latency vs DynUNet, batch {b}' for b in bs)
+    sep += ' | --- | ' + ' | '.join('---' for _ in bs)
+  print('\n' + head + ' |\n' + sep + ' |')
+  for e in entries:
+    row = f'| {e.name} | {throughput[e.name]:.2f} | ' + ' | '.join(
+        f'{latency[(e.name, b)]:.1f}' for b in bs)
+    if ref:
+      row += f' | {throughput[e.name] / throughput[ref]:.2f} | ' + ' | '.join(
+          f'{latency[(e.name, b)] / latency[(ref, b)]:.2f}' for b in bs)
+    print(row + ' |')
+  if ref:
+    print('\nthroughput ratio: ours / DynUNet images/s (above 1: ours trains faster); latency '
+          'ratio: ours / DynUNet ms (above 1: ours is slower).')
+
+
+if __name__ == '__main__':
+  app.run(main)
