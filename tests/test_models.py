@@ -201,3 +201,23 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
   assert {a.dtype for a in jax.tree.leaves(variables['params'])} == {jnp.dtype('float32')}
   out = jax.jit(model.apply)(variables, x)
   assert out['seg_logits'].dtype == out['cls_logits'].dtype == jnp.float32
+
+
+def test_upconv_is_flax_conv_transpose_with_the_same_parameters():
+  from skinmtl_jax.models.unet import UpConv2x2  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(1), (2, 3, 5, 6))
+  ours, ref = UpConv2x2(4), nn.ConvTranspose(4, (2, 2), strides=(2, 2))
+  v_ours, v_ref = ours.init(jax.random.key(0), x), ref.init(jax.random.key(0), x)
+  # Same names, shapes and initial values: checkpoints of either load into the other.
+  assert jax.tree.map(jnp.shape, v_ours) == jax.tree.map(jnp.shape, v_ref)
+  for a, b in zip(jax.tree.leaves(v_ours), jax.tree.leaves(v_ref)):
+    np.testing.assert_array_equal(a, b)
+  v = {'params': {'kernel': jax.random.normal(jax.random.key(2), (2, 2, 6, 4)),
+                  'bias': jnp.arange(4.0)}}
+  np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), atol=1e-5)
+  loss = lambda m: lambda vv, xx: jnp.sum(jnp.sin(m.apply(vv, xx)))
+  g_ours = jax.grad(loss(ours), argnums=(0, 1))(v, x)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(v, x)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

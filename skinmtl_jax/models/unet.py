@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 
@@ -103,6 +104,31 @@ class Encoder(nn.Module):
     return skips
 
 
+class UpConv2x2(nn.Module):
+  """`nn.ConvTranspose(features, (2, 2), strides=(2, 2))` as one matmul and a depth-to-space.
+
+  Same parameter names, shapes and initialisers (kernel (2, 2, in, out) lecun_normal, bias
+  zeros) and the same outputs. The 2x2 stride-2 windows do not overlap, so
+  out[2i + a, 2j + c] = x[i, j] @ kernel[1 - a, 1 - c] + bias (lax.conv_transpose without
+  transpose_kernel flips the kernel). Its gradients are matmuls, whereas flax's kernel gradient
+  is a dilated convolution with a huge window that XLA's CPU backend runs 20-70x slower: it
+  took 22 of the 36 s of a full-size U-Net step (benchmarks/conv_variants.py).
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (2, 2, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    b, h, w, _ = x.shape
+    y = jnp.einsum('bhwi,acio->bhawco', x, kernel[::-1, ::-1])
+    return y.reshape(b, 2 * h, 2 * w, self.features) + bias
+
+
 class DecoderLevel(nn.Module):
   """Transposed conv up, concat with the skip, two conv blocks.
 
@@ -116,8 +142,7 @@ class DecoderLevel(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, skip: Array, train: bool, gate: Array | None = None) -> Array:
-    up = nn.ConvTranspose(self.features, (2, 2), strides=(2, 2), dtype=self.dtype,
-                          name='upconv')(x)
+    up = UpConv2x2(self.features, self.dtype, name='upconv')(x)
     stats = ''
     if gate is not None:
       g = gate.reshape(gate.shape[:-1] + (1, 1, gate.shape[-1])) if gate.ndim == 2 else gate
