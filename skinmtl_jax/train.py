@@ -234,6 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           _check_finite(host, manager.latest_step())  # before any save: no bad checkpoint
           if step % config.log_every_steps == 0 or step == total_steps:
             means = jax.tree.map(lambda *xs: float(np.mean(xs)), *[x for _, x in host])
+            if 'learning_rate' in host[-1][1]:  # the current one, not the window's mean
+              means['learning_rate'] = float(np.mean(host[-1][1]['learning_rate']))
             writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
             pending = []
         if save_now:
