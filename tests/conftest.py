@@ -4,6 +4,12 @@ SKINMTL_REQUIRE_DATA=1 (set by .ci/run), which turns that skip into a failure.""
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# A persistent compilation cache shared by the tests and the training subprocesses they start:
+# many tests compile the same tiny models.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    __import__('tempfile').gettempdir(), f'skinmtl_jax_test_cache_{os.getuid()}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pathlib  # pylint: disable=wrong-import-position
 

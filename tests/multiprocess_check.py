@@ -25,6 +25,6 @@ from skinmtl_jax import parallel, train  # pylint: disable=wrong-import-position
 if __name__ == '__main__':
   assert parallel.maybe_initialize_distributed()
   assert jax.process_count() == 2 and jax.device_count() == 4
-  cfg = tiny_config('mtl2')
+  cfg = tiny_config()
   cfg.num_train_steps, cfg.checkpoint_every_steps = 3, 3
   train.train_and_evaluate(cfg, workdir)

@@ -28,8 +28,7 @@ def sharded(tmp_path_factory):
   return json.loads(line[len('RESULT '):]), workdir / 'run'
 
 
-CASES = ['mtl2 K=1 data shared', 'tiny K=2 data shared', 'tiny K=2 members shared',
-         'tiny K=2 members per_member']
+CASES = ['tiny K=1 data shared', 'tiny K=2 data shared', 'tiny K=2 members per_member']
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -55,11 +54,11 @@ def test_sharded_training_matches_single_device_training(sharded, case):
     assert r['batch_shard_shape'][0] == 1
 
 
-def test_a_run_on_four_devices_with_members_on_the_mesh_trains_resumes_and_evaluates(sharded):
+def test_a_run_on_four_devices_with_members_on_the_mesh_trains_and_evaluates(sharded):
   e2e, workdir = sharded[0]['e2e'], sharded[1]
   assert 0.0 <= e2e['dice'] <= 1.0
   metrics = json.loads((workdir / 'metrics.json').read_text())
-  assert metrics['steps'] == 4 and metrics['num_seeds'] == 2
+  assert metrics['steps'] == 2 and metrics['num_seeds'] == 2
   assert (workdir / 'grad_study.csv').exists()
 
 
@@ -121,7 +120,7 @@ def test_two_processes_each_loading_its_rows_train_like_one_process(tmp_path):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
 
-  cfg = tiny_config('mtl2')
+  cfg = tiny_config()
   cfg.num_train_steps, cfg.checkpoint_every_steps = 3, 3
   train.train_and_evaluate(cfg, str(single))
   a, b = evaluate.load_run(str(multi))[2], evaluate.load_run(str(single))[2]
