@@ -6,15 +6,16 @@
 Sections (`--parts`):
 
   layers  Each decoder up-convolution of the U-Net (2x2 kernel, stride 2, batch 10 at 192x256):
-          flax's `nn.ConvTranspose` (what `DecoderLevel` uses; `lax.conv_transpose`, i.e. an
-          input-dilated convolution) against `UpConv2x2` below (one matmul, then
-          depth-to-space), with the same parameters. Forward ms, forward+backward ms, and the
+          flax's `nn.ConvTranspose` (what `DecoderLevel` used before; `lax.conv_transpose`,
+          i.e. an input-dilated convolution) against `UpConv2x2`, what it uses now
+          (`skinmtl_jax/models/unet.py`: one matmul, then depth-to-space), with the same
+          parameters. Forward ms, forward+backward ms, and the
           largest differences of the outputs and of both gradients.
   convs   A 3x3 convolution's forward, input gradient and weight gradient: NHWC float32 (ours),
           NCHW float32, NHWC bfloat16.
   model   The whole training step of `--config` (`steps.make_train_step`, member axis K = 1,
-          exactly what training runs) with the model as it is and with `DecoderLevel`'s
-          up-convolution computed by `UpConv2x2`: parameters compared leaf by leaf, the
+          exactly what training runs) with the model as it is (`UpConv2x2`) and with
+          `DecoderLevel`'s up-convolution put back to flax's `nn.ConvTranspose`: parameters compared leaf by leaf, the
           training forward's outputs and the gradients compared, and ms per step, per forward
           alone and per value_and_grad alone; also a plain jit of the unvmapped step.
 
@@ -36,7 +37,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 import flax.linen as nn
-from flax.linen.dtypes import promote_dtype
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -45,10 +45,11 @@ import numpy as np
 
 from skinmtl_jax import models, steps, train
 from skinmtl_jax.models import unet as unet_module
+from skinmtl_jax.models.unet import UpConv2x2
 
 
 def _define_flags():
-  """Only when run as a script: benchmarks/vs_monai.py imports UpConv2x2 from here."""
+  """Only when run as a script: benchmarks/vs_monai.py imports flax_upconv from here."""
   config_flags.DEFINE_config_file('config', 'configs/unet.py', 'Model config (model part).')
   flags.DEFINE_list('parts', ['layers', 'convs', 'model'], 'Sections to run.')
   flags.DEFINE_integer('steps', 3, 'Timed calls per measurement (after one warm-up call).')
@@ -59,63 +60,25 @@ def _define_flags():
 FLAGS = flags.FLAGS
 
 
-class UpConv2x2(nn.Module):
-  """`nn.ConvTranspose(features, (2, 2), strides=(2, 2))`, computed as one matmul.
-
-  Same parameter names, shapes and initialisers as flax's module (kernel (2, 2, in, out),
-  lecun_normal; bias zeros), so a model using it has identical variables. With a 2x2 kernel
-  and stride 2 the windows do not overlap: output pixel (2i + a, 2j + c) is
-  x[i, j] @ kernel[1 - a, 1 - c] + bias (`lax.conv_transpose` without `transpose_kernel`
-  correlates the dilated input with the kernel, hence the flip). The gradients are then
-  matmuls too, instead of the weight gradient of an input-dilated convolution, which XLA's
-  CPU backend runs very slowly.
-  """
-
-  features: int
-  kernel_size: tuple = (2, 2)
-  strides: tuple = (2, 2)
-  dtype: object = None
-
-  @nn.compact
-  def __call__(self, x):
-    if tuple(self.kernel_size) != (2, 2) or tuple(self.strides) != (2, 2):
-      raise ValueError('UpConv2x2 covers kernel_size=(2, 2), strides=(2, 2) only.')
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (2, 2, x.shape[-1], self.features), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    b, h, w, _ = x.shape
-    y = jnp.einsum('bhwi,acio->bhawco', x, kernel[::-1, ::-1])
-    return y.reshape(b, 2 * h, 2 * w, self.features) + bias
-
-
-class _NNWithUpConv:
-  """flax.linen with ConvTranspose replaced by UpConv2x2 (for the 2x2 stride-2 case)."""
-
-  def __getattr__(self, name):
-    return getattr(nn, name)
-
-  @staticmethod
-  def ConvTranspose(features, kernel_size, strides=None, **kwargs):  # pylint: disable=invalid-name
-    if tuple(kernel_size) == (2, 2) and tuple(strides or (1, 1)) == (2, 2) and set(kwargs) <= {
-        'dtype', 'name'}:
-      return UpConv2x2(features, dtype=kwargs.get('dtype'), name=kwargs.get('name'))
-    return nn.ConvTranspose(features, kernel_size, strides=strides, **kwargs)
+def _flax_upconv(features, dtype=jnp.float32, name=None):
+  """The decoder's up-convolution as it was before UpConv2x2: flax's `nn.ConvTranspose`."""
+  return nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=dtype, name=name)
 
 
 @contextlib.contextmanager
-def upconv_variant(enabled: bool):
-  """While active (and `enabled`), `DecoderLevel` builds its up-convolution with UpConv2x2.
-  Tracing (hence compiling) must happen inside; a compiled function keeps its variant."""
+def flax_upconv(enabled: bool):
+  """While active (and `enabled`), `DecoderLevel` builds its up-convolution with flax's
+  `nn.ConvTranspose` (the former model) instead of `UpConv2x2`. Tracing (hence compiling) must
+  happen inside; a compiled function keeps its variant."""
   if not enabled:
     yield
     return
-  saved = unet_module.nn
-  unet_module.nn = _NNWithUpConv()
+  saved = unet_module.UpConv2x2
+  unet_module.UpConv2x2 = _flax_upconv
   try:
     yield
   finally:
-    unet_module.nn = saved
+    unet_module.UpConv2x2 = saved
 
 
 def _median_ms(fn, args, n, prepare=None):
@@ -247,7 +210,7 @@ def part_model(cfg, b):
   print(f'\n## Whole model: {cfg.experiment}, {size[0]}x{size[1]}, batch {b}\n', flush=True)
   built = {}
   for variant in ('flax ConvTranspose', 'UpConv2x2'):
-    with upconv_variant(variant == 'UpConv2x2'):
+    with flax_upconv(variant == 'flax ConvTranspose'):
       t0 = time.perf_counter()
       state = steps.create_train_state(model, tx, steps.member_keys(0, 1), size)
       one = steps.member(state, 0)

@@ -3,7 +3,7 @@ inference latency, on the same machine in the same run.
 
     pip install torch==2.13.0 && pip install -e '.[bench]'   # torch first: the CPU wheel
     python benchmarks/vs_monai.py [--models=unet,mtl4,dynunet] [--steps=3] [--warmup=1]
-        [--infer_runs=5] [--infer_batches=1,32] [--upconv_variant=none|also]
+        [--infer_runs=5] [--infer_batches=1,32] [--flax_upconv=none|also]
         [--torch_threads=1,2]
 
 Ours go through the code path training runs: `models.create_model(config.model)`,
@@ -28,8 +28,9 @@ there, or run on an idle machine.
 
 Runs on a GPU when there is one (torch on cuda, JAX on its default device).
 
-`--upconv_variant=also` adds rows for our models with the decoder's up-convolution computed
-as a matmul (`benchmarks/conv_variants.py`, `UpConv2x2`: the same parameters and outputs).
+`--flax_upconv=also` adds rows for our models with the decoder's former up-convolution,
+flax's `nn.ConvTranspose`, in place of `UpConv2x2` (the same parameters and outputs; see
+`benchmarks/conv_variants.py`).
 """
 
 import functools
@@ -60,8 +61,9 @@ flags.DEFINE_integer('batch', 10, 'Training batch size.')
 flags.DEFINE_list('image_size', ['192', '256'], 'H,W.')
 flags.DEFINE_list('infer_batches', ['1', '32'], 'Inference batch sizes.')
 flags.DEFINE_integer('infer_runs', 5, 'Timed inference calls per batch size (median).')
-flags.DEFINE_enum('upconv_variant', 'none', ['none', 'also'],
-                  "'also': add our models with UpConv2x2 (benchmarks/conv_variants.py).")
+flags.DEFINE_enum('flax_upconv', 'none', ['none', 'also'],
+                  "'also': add our models with flax's nn.ConvTranspose as the decoder's "
+                  "up-convolution, as before UpConv2x2 (benchmarks/conv_variants.py).")
 flags.DEFINE_list('torch_threads', [],
                   'DynUNet rows, one per torch thread count (default: one, torch\'s default). '
                   'On a shared machine torch\'s OpenMP threads slow down badly when another job '
@@ -89,10 +91,10 @@ def random_batch(b, size, rng):
 class Ours:
   """One of our configs through the training code path."""
 
-  def __init__(self, name, size, batch, rng, upconv=False):
+  def __init__(self, name, size, batch, rng, flax_upconv=False):
     import conv_variants  # pylint: disable=g-import-not-at-top
-    self.name = name + (' (UpConv2x2)' if upconv else '')
-    self._variant = functools.partial(conv_variants.upconv_variant, upconv)
+    self.name = name + (' (flax ConvTranspose)' if flax_upconv else '')
+    self._variant = functools.partial(conv_variants.flax_upconv, flax_upconv)
     cfg = importlib.import_module(f'configs.{name}').get_config()
     self.model = models.create_model(cfg.model)
     tx = train.create_optimizer(cfg, 1000)
@@ -200,8 +202,8 @@ def main(argv):
         entries.append(DynUNet(size, FLAGS.batch, rng, int(threads) if threads else None))
     else:
       entries.append(Ours(name, size, FLAGS.batch, rng))
-      if FLAGS.upconv_variant == 'also':
-        entries.append(Ours(name, size, FLAGS.batch, rng, upconv=True))
+      if FLAGS.flax_upconv == 'also':
+        entries.append(Ours(name, size, FLAGS.batch, rng, flax_upconv=True))
   print(f'training: {size[0]}x{size[1]}, batch {FLAGS.batch}, {FLAGS.warmup} warm-up + '
         f'{FLAGS.steps} timed steps x {FLAGS.rounds} round(s); inference: batches '
         f'{",".join(FLAGS.infer_batches)}, 1 warm-up + median of {FLAGS.infer_runs}', flush=True)

@@ -52,10 +52,6 @@ _AGGREGATES = {'encoder': lambda n: n.startswith('encoder/'),
                'classifier': lambda n: n.startswith('classifier/'), 'all': lambda n: True}
 
 
-def _pair(a, b, **kw) -> dict[str, dict[str, Array]]:
-  return gradients.pair_statistics(a, b, **kw)
-
-
 def _with_ratio(stats: dict[str, Array]) -> dict[str, Array]:
   seg, cls = stats.pop('a_norm'), stats.pop('b_norm')
   return {'seg_norm': seg, 'cls_norm': cls,
@@ -92,10 +88,11 @@ def study(params, batch_stats, batch: dict[str, Array], *, model, dice_weight: f
   seg, cls = by_task.get('seg', zeros), by_task.get('cls', zeros)
 
   out = {g: _with_ratio(s) for g, s in
-         _pair(seg['params'], cls['params'], aggregates=_AGGREGATES).items()}
+         gradients.pair_statistics(seg['params'], cls['params'],
+                                   aggregates=_AGGREGATES).items()}
 
-  gated = _pair(seg['perturbations'], cls['perturbations'],
-                group=lambda n: 'gated/' + n.split('/')[0])
+  gated = gradients.pair_statistics(seg['perturbations'], cls['perturbations'],
+                                    group=lambda n: 'gated/' + n.split('/')[0])
   gates = {}
   for path, values in jax.tree_util.tree_flatten_with_path(
       intermediates, is_leaf=lambda x: isinstance(x, tuple))[0]:
@@ -109,14 +106,13 @@ def study(params, batch_stats, batch: dict[str, Array], *, model, dice_weight: f
 
   if getattr(model, 'reverse', False):
     def total(p, m, stop_head):
-      terms, _ = terms_fn({'params': p}, m, stop_head)
-      return (dice_weight * terms['dice_loss'] + cls_weight * terms['cls_loss'])
+      return gradients.weighted_loss(terms_fn({'params': p}, m, stop_head)[0], weights)
 
     through_reverse = jax.grad(total)(params, model, True)
     through_head = jax.grad(total)(params, model.clone(reverse_stop_gradient=True), False)
     # Only the classifier's layers: elsewhere "stopping the head" leaves the segmentation
     # loss's own direct path, which is not the reverse connection.
-    paths = _pair(through_reverse, through_head, aggregates={
+    paths = gradients.pair_statistics(through_reverse, through_head, aggregates={
         'classifier': lambda n: n.startswith('classifier/')})
     for g, s in paths.items():
       if not g.startswith('classifier'):
@@ -175,12 +171,7 @@ class CsvLog:
     if os.path.exists(path):
       with open(path, newline='', encoding='utf-8') as f:
         kept = [r for r in csv.DictReader(f) if int(r['step']) < resume_step]
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='', encoding='utf-8') as f:
-      w = csv.DictWriter(f, CSV_COLUMNS)
-      w.writeheader()
-      w.writerows(kept)
-    os.replace(tmp, path)
+    write_csv(path, kept)
 
   def write(self, new_rows: list[dict[str, Any]]) -> None:
     with open(self.path, 'a', newline='', encoding='utf-8') as f:
@@ -319,6 +310,7 @@ def plot(table: list[dict[str, Any]], path: str, title: str, smooth: int = 1) ->
             ha='center', va='center', transform=ax.transAxes)
 
   ax = axes[1, 2]
+  gate_ax = ax.twinx() if gated else None
   for i, g in enumerate(gated):
     c = plt.get_cmap('tab10')(i)
     x, y = series(table, g, 'seg_norm')
@@ -326,10 +318,9 @@ def plot(table: list[dict[str, Any]], path: str, title: str, smooth: int = 1) ->
       ax.plot(x, y, color=c, label=f'{g} |grad|')
     x, y = series(table, g, 'gate_mean')
     if len(x):
-      ax2 = ax.twinx() if not hasattr(ax, '_twin') else ax._twin  # pylint: disable=protected-access
-      ax._twin = ax2  # pylint: disable=protected-access
-      ax2.plot(x, y, ':', color=c, label=f'{g} mean gate')
-      ax2.set_ylabel('mean FC_cls^k gate (dotted)')
+      gate_ax.plot(x, y, ':', color=c, label=f'{g} mean gate')
+  if gate_ax is not None:
+    gate_ax.set_ylabel('mean FC_cls^k gate (dotted)')
   ax.set_title('Gated decoder inputs: |grad| (solid), gate (dotted)')
   if gated:
     ax.legend(fontsize=6, loc='upper left')

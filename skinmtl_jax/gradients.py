@@ -49,6 +49,11 @@ def task_gradients(loss_terms_fn: Callable[[Any], tuple[dict[str, Array], Any]],
   return grads, terms, aux
 
 
+def weighted_loss(terms: dict[str, Array], weights: dict[str, float]) -> Array:
+  """The training loss from the unweighted task terms: sum of weights[task] * term."""
+  return sum(weights[t] * terms[TASK_TERMS[t]] for t in TASKS if TASK_TERMS[t] in terms)
+
+
 def tree_vdot(a: Any, b: Any) -> Array:
   return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -119,8 +119,7 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model, tx, dice_we
   if balancing == 'weighted':
     def loss_fn(params):
       terms, aux = terms_fn(params)
-      return sum(weights[t] * terms[gradients.TASK_TERMS[t]] for t in gradients.TASKS
-                 if gradients.TASK_TERMS[t] in terms), (terms, aux)
+      return gradients.weighted_loss(terms, weights), (terms, aux)
     (loss, (terms, (outputs, batch_stats))), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
   else:
@@ -129,7 +128,7 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model, tx, dice_we
     if set(by_task) != set(gradients.TASKS):
       raise ValueError('loss.balancing="pcgrad" needs both tasks (model.classify=True).')
     grads = gradients.pcgrad(by_task['seg'], by_task['cls'])
-    loss = sum(weights[t] * terms[gradients.TASK_TERMS[t]] for t in gradients.TASKS)
+    loss = gradients.weighted_loss(terms, weights)
     dot = gradients.tree_vdot(by_task['seg'], by_task['cls'])
     extra['task_cosine'] = dot / (optax.tree.norm(by_task['seg']) *
                                   optax.tree.norm(by_task['cls']) + 1e-30)

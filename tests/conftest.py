@@ -29,6 +29,13 @@ def shared_data():
   return SHARED_DATA
 
 
+def bias_before_batchnorm(path) -> bool:
+  """Whether a parameter path is a conv bias that feeds BatchNorm: its true gradient is zero
+  (BatchNorm removes any shift), so runs that differ only in round-off move it differently."""
+  keys = [getattr(k, 'key', None) for k in path]
+  return keys[-2:] == ['conv', 'bias'] and any(str(k).startswith('block') for k in keys)
+
+
 def tiny_config(name: str = 'tiny'):
   """A tiny config of the same code; `name` picks the model of configs/<name>.py."""
   import importlib  # pylint: disable=import-outside-toplevel

@@ -14,7 +14,7 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from conftest import tiny_config  # pylint: disable=wrong-import-position
+from conftest import bias_before_batchnorm, tiny_config  # pylint: disable=wrong-import-position
 from skinmtl_jax import input_pipeline, models, parallel, steps, train  # pylint: disable=wrong-import-position
 
 
@@ -47,11 +47,6 @@ def _train(cfg, mesh, batches):
   return state, metrics, gb
 
 
-def _bias_before_batchnorm(path) -> bool:
-  keys = [getattr(k, 'key', None) for k in path]
-  return keys[-2:] == ['conv', 'bias'] and any(str(k).startswith('block') for k in keys)
-
-
 def compare(name, num_seeds, sharding, order, steps_=4):
   cfg = tiny_config(name)
   cfg.num_seeds, cfg.sharding, cfg.seed_data_order = num_seeds, sharding, order
@@ -65,7 +60,7 @@ def compare(name, num_seeds, sharding, order, steps_=4):
                           jax.tree.leaves((one.params, one.batch_stats))):
     x, y = np.asarray(x), np.asarray(y)
     d = np.abs(x - y)
-    if _bias_before_batchnorm(path):
+    if bias_before_batchnorm(path):
       worst['bias_abs'] = max(worst['bias_abs'], float(d.max()) / lr)
     elif jax.tree_util.keystr(path).startswith('[1]'):
       worst['stats_abs'] = max(worst['stats_abs'], float(d.max()) / lr)

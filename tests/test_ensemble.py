@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, bias_before_batchnorm, tiny_config
 from skinmtl_jax import checkpointing, evaluate, input_pipeline, metrics, models, steps, train
 
 
@@ -36,11 +36,6 @@ def _train(cfg, num_steps):
   return state
 
 
-def _bias_before_batchnorm(path) -> bool:
-  keys = [getattr(k, 'key', None) for k in path]
-  return keys[-2:] == ['conv', 'bias'] and any(str(k).startswith('block') for k in keys)
-
-
 @pytest.mark.parametrize('order', ['per_member', 'shared'])
 def test_member_i_equals_a_single_run_with_its_seed(order):
   cfg = tiny_config('mtl2')
@@ -55,7 +50,7 @@ def test_member_i_equals_a_single_run_with_its_seed(order):
     a, b = steps.member(ensemble, i), steps.member(single, 0)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path((a.params, a.batch_stats)),
                             jax.tree.leaves((b.params, b.batch_stats))):
-      if _bias_before_batchnorm(path):
+      if bias_before_batchnorm(path):
         # Its true gradient is exactly zero (BatchNorm removes any shift), so its gradient
         # is pure round-off, which Adam rescales to lr-sized steps: it cannot agree, and it
         # does not matter. It stays at the size of a few such steps.
