@@ -259,6 +259,8 @@ def run_local(runs: Sequence[Run], python: str, force: bool, keep_going: bool,
       if dry_run:
         continue
       term.child = subprocess.Popen(cmd)  # pylint: disable=consider-using-with
+      if term.received:  # SIGTERM came while the child was starting, before it could be passed on
+        term.child.send_signal(signal.SIGTERM)
       code = term.child.wait()
       term.child = None
       if code == 0:
