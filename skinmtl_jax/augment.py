@@ -1,4 +1,5 @@
-"""The paper's enlargement transforms (§3.2), applied identically to image and mask.
+"""The paper's enlargement transforms (§3.2), applied identically to image and mask, on the
+device inside the jitted step.
 
 Transform ids 0-15:
   0-7    rotation by k * 45 degrees, k = id;
@@ -9,6 +10,13 @@ the rotated picture does not cover is 0 in image and mask. Images are resampled 
 masks by nearest neighbour. Exact right-angle cases land on the pixel grid, so they move
 pixels without interpolation.
 
+The geometry is computed once on the host (`sampling_coords`: for every id and output pixel,
+the input position it reads, float32); `transform` reads those positions with gathers, so the
+input pipeline only ships uint8 pictures and transform ids. Flips and right angles are exact
+pixel moves; 45-degree images equal the former host implementation (numpy, float64 weights,
+rounded to uint8) within half a grey level, their masks exactly (tests/test_augment.py, against
+its recorded outputs).
+
 `ENLARGEMENT_ORDER` lists the ids in the order a class with multiplicity m takes its first m:
 4 gives the four right-angle rotations (the paper's benign set), 16 gives all (melanoma).
 """
@@ -17,6 +25,8 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 NUM_TRANSFORMS = 16
@@ -63,42 +73,61 @@ def _source_coords(tid: int, height: int, width: int) -> tuple[np.ndarray, np.nd
   return sy.astype(np.float32), sx.astype(np.float32)
 
 
-def _bilinear(img: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> np.ndarray:
-  h, w = img.shape[:2]
-  y0, x0 = np.floor(sy).astype(np.int64), np.floor(sx).astype(np.int64)
-  wy, wx = (sy - y0)[..., None], (sx - x0)[..., None]
-  out = np.zeros(sy.shape + img.shape[2:], np.float32)
+def sampling_coords(height: int, width: int) -> np.ndarray:
+  """(16, H, W, 2) float32: for transform id t and output pixel (y, x), the (row, col) of the
+  input it samples (outside the frame where the rotated picture does not reach)."""
+  return np.stack([np.stack(_source_coords(t, height, width), -1)
+                   for t in range(NUM_TRANSFORMS)])
+
+
+def transform(images, masks, tids, coords):
+  """Applies transform tids[i] to images[i] and masks[i] (jnp, traceable).
+
+  Args:
+    images: (..., H, W, C) uint8 or float.
+    masks: (..., H, W), any dtype.
+    tids: (...,) int transform ids.
+    coords: `sampling_coords(H, W)`.
+
+  Returns:
+    (images as float32 in the input's units, bilinear; masks in their dtype, nearest).
+  """
+  lead, (h, w, c) = images.shape[:-3], images.shape[-3:]
+  flat = images.reshape(-1, h * w, c).astype(jnp.float32)
+  flat_masks = masks.reshape(-1, h * w)
+  where = coords[tids.reshape(-1)]                       # (N, H, W, 2)
+  sy, sx = where[..., 0], where[..., 1]
+  y0, x0 = jnp.floor(sy), jnp.floor(sx)
+  wy, wx = sy - y0, sx - x0                             # exact in float32
+  y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
+
+  def read(values, yi, xi):
+    """values[n, yi, xi] (0 outside the frame) for (N, H, W) row and column maps."""
+    inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+    index = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).reshape(len(values), -1)
+    if values.ndim == 3:
+      got = jnp.take_along_axis(values, index[..., None], axis=1)
+      return jnp.where(inside.reshape(len(values), -1, 1), got, 0)
+    got = jnp.take_along_axis(values, index, axis=1)
+    return jnp.where(inside.reshape(len(values), -1), got, 0)
+
+  out = jnp.zeros(flat.shape, jnp.float32)
   for dy, fy in ((0, 1 - wy), (1, wy)):
     for dx, fx in ((0, 1 - wx), (1, wx)):
-      yi, xi = y0 + dy, x0 + dx
-      ok = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
-      vals = img[np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)].astype(np.float32)
-      out += np.where(ok[..., None], vals, 0.0) * fy * fx
-  return out
+      weight = (fy * fx).reshape(len(flat), -1, 1)
+      out = out + read(flat, y0 + dy, x0 + dx) * weight
+  new_masks = read(flat_masks, jnp.round(sy).astype(jnp.int32), jnp.round(sx).astype(jnp.int32))
+  return out.reshape(*lead, h, w, c), new_masks.reshape(*lead, h, w).astype(masks.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _transform_one(image, mask, tid, size):
+  return transform(image[None], mask[None], jnp.asarray(tid)[None],
+                   jnp.asarray(sampling_coords(*size)))
 
 
 def apply_transform(image: np.ndarray, mask: np.ndarray, tid: int) -> tuple[np.ndarray, np.ndarray]:
-  """Applies transform `tid` to an (H, W, C) image (uint8 or float) and its (H, W) mask."""
-  if tid == 0:
-    return image, mask
-  h, w = mask.shape
-  sy, sx = _source_coords(tid, h, w)
-  ny, nx, inside, on_grid = _nearest(tid, h, w)
-  if on_grid:  # right-angle cases: a pure pixel move, one gather instead of four
-    new_image = np.where(inside[..., None], image[ny, nx], 0).astype(image.dtype)
-  else:
-    new_image = _bilinear(image, sy, sx)
-    if np.issubdtype(image.dtype, np.integer):
-      new_image = np.clip(np.round(new_image), 0, np.iinfo(image.dtype).max)
-    new_image = new_image.astype(image.dtype)
-  new_mask = np.where(inside, mask[ny, nx], 0)
-  return new_image, new_mask.astype(mask.dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _nearest(tid: int, height: int, width: int):
-  sy, sx = _source_coords(tid, height, width)
-  ny, nx = np.round(sy).astype(np.int64), np.round(sx).astype(np.int64)
-  inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
-  on_grid = bool(np.all(sy == ny) and np.all(sx == nx))
-  return np.clip(ny, 0, height - 1), np.clip(nx, 0, width - 1), inside, on_grid
+  """One (H, W, C) image and its (H, W) mask through `transform` (for inspection and tests;
+  training transforms whole batches inside its step). Returns float32 images."""
+  image_out, mask_out = _transform_one(image, mask, tid, mask.shape)
+  return np.asarray(image_out[0]), np.asarray(mask_out[0])

@@ -85,6 +85,11 @@ def get_config() -> ml_collections.ConfigDict:
   d.paper_protocol_train_on_test_images = False
   d.eval_sets = ('isic2016_test', 'ph2')
   d.num_workers = 0              # grain worker processes (0: in the main process)
+  # The training split on every device, gathered inside the step: 'auto' when it takes at most
+  # on_device_fraction of one device's memory (the host's on a CPU), 'on', or 'off' (streamed).
+  d.on_device = 'auto'
+  d.on_device_fraction = 0.25
+  d.prefetch_batches = 2         # batches loaded and put on the device ahead (0: none)
   d.synthetic = ml_collections.ConfigDict()
   d.synthetic.num_train = 1000
   d.synthetic.num_test = 200

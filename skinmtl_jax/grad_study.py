@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skinmtl_jax import gradients, losses, steps
+from skinmtl_jax import device_input, gradients, losses, parallel, steps
 
 Array = Any
 
@@ -123,19 +123,20 @@ def study(params, batch_stats, batch: dict[str, Array], *, model, dice_weight: f
 
 
 def make_study_step(model, *, dice_weight: float, cls_weight: float, dice_smooth: float,
-                    shared_batch: bool, mesh=None):
-  """jit(vmap(study)) over the member axis of a stacked TrainState (see steps.make_train_step);
-  with a `mesh`, the results come back replicated."""
+                    shared_batch: bool, mesh=None, inputs=None):
+  """jit(vmap(study)) over the member axis of a stacked TrainState, on the input pipeline's
+  batches with their device-side `inputs` (see steps.make_train_step); with a `mesh`, the
+  results come back replicated."""
   fn = functools.partial(study, model=model, dice_weight=dice_weight, cls_weight=cls_weight,
                          dice_smooth=dice_smooth)
   per_member = lambda state, batch: jax.vmap(fn, in_axes=(0, 0, None if shared_batch else 0))(
       state.params, state.batch_stats, batch)
   kw = {}
   if mesh is not None:
-    from skinmtl_jax import parallel  # pylint: disable=import-outside-toplevel
     per_member = parallel.shard_members(per_member, mesh, shared_batch)
     kw['out_shardings'] = parallel.replicated(mesh)
-  return jax.jit(per_member, **kw)
+  full = lambda state, batch, given: per_member(state, device_input.expand(batch, given))
+  return device_input.with_inputs(jax.jit(full, **kw), inputs, mesh)
 
 
 def rows(step: int, result: dict[str, dict[str, Array]]) -> list[dict[str, Any]]:

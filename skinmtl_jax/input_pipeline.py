@@ -4,8 +4,10 @@ Images travel as uint8 (H, W, 3) and become float32 in [0, 1] inside the jitted 
 quarter of the bytes to move between worker processes and to the device.
 
 Training: every source example is paired with each of its class's transform ids (the paper's
-enlargement, §3.2), the pairs are shuffled anew each epoch from the seed, transformed, and
-batched with the last partial batch dropped. Evaluation reads each example exactly once, in
+enlargement, §3.2), the pairs are shuffled anew each epoch from the seed and batched with the
+last partial batch dropped. A batch carries the examples (or, for data resident on the device,
+their indices) and their transform ids: the transforms run inside the jitted step
+(`device_input.expand`, `augment.transform`), not here. Evaluation reads each example exactly once, in
 order, the last partial batch included (padded to the batch size, with a validity mask, so the
 eval step compiles once).
 """
@@ -190,40 +192,60 @@ def _stack(examples: Sequence[dict]) -> dict:
 
 
 class _LoadBatch(grain.transforms.Map):
-  """(batch_size, 2) (example, transform) pairs -> the batch of rows `rows` of them."""
+  """(batch_size, 2) (example, transform) pairs -> the rows `rows` of the batch: the examples'
+  uint8 images, masks and labels, and their transform ids (applied in the step)."""
 
   def __init__(self, source, rows: slice):
     self._source = source
     self._rows = rows
 
   def map(self, pairs):
-    examples = []
-    for example, transform in pairs[self._rows]:
-      ex = self._source[int(example)]
-      image, mask = augment.apply_transform(ex['image'], ex['mask'], int(transform))
-      examples.append({'image': image, 'mask': mask, 'label': ex['label']})
-    return _stack(examples)
+    pairs = pairs[self._rows]
+    batch = _stack([self._source[int(example)] for example in pairs[:, 0]])
+    batch['transform'] = pairs[:, 1].astype(np.int32)
+    return batch
+
+
+class _IndexBatch(grain.transforms.Map):
+  """(batch_size, 2) pairs -> the rows `rows` as {'index', 'transform'}: for training data that
+  is resident on the device (data.on_device), where the step gathers the examples."""
+
+  def __init__(self, rows: slice):
+    self._rows = rows
+
+  def map(self, pairs):
+    pairs = pairs[self._rows]
+    return {'index': pairs[:, 0].astype(np.int32), 'transform': pairs[:, 1].astype(np.int32)}
 
 
 def train_dataset(split: Split, data_cfg: ml_collections.ConfigDict, *, batch_size: int,
-                  seed: int, rows: slice = slice(None)) -> tuple[grain.IterDataset, int]:
+                  seed: int, rows: slice = slice(None),
+                  resident: bool = False) -> tuple[grain.IterDataset, int]:
   """The training pipeline. Returns (dataset of batches, enlarged examples per epoch).
 
   Batches are drawn as (example, transform) pairs from the shuffled, enlarged index; only the
   rows `rows` of each are loaded (a process of a multi-host run loads the rows its devices
-  hold), so every process walks the same global order.
+  hold), so every process walks the same global order. A batch is {'image' (B, H, W, 3) uint8,
+  'mask', 'label', 'transform' (B,)}, or, when the split is `resident` on the device,
+  {'index' (B,), 'transform' (B,)}; `device_input.expand` makes the step's batch of either.
   """
   pairs = enlarged_index(split.labels, (data_cfg.enlarge_benign, data_cfg.enlarge_melanoma))
   if len(pairs) < batch_size:
     raise ConfigError(f'{split.name}: {len(pairs)} enlarged examples are fewer than one batch '
                      f'(batch_size={batch_size}).')
+  load = _IndexBatch(rows) if resident else _LoadBatch(split.source, rows)
   ds = (grain.MapDataset.source(pairs).seed(seed).shuffle().repeat(None)
-        .batch(batch_size, drop_remainder=True, batch_fn=np.stack)
-        .map(_LoadBatch(split.source, rows)))
+        .batch(batch_size, drop_remainder=True, batch_fn=np.stack).map(load))
   it = ds.to_iter_dataset()
-  if data_cfg.num_workers > 0:
+  if data_cfg.num_workers > 0 and not resident:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   return it, len(pairs)
+
+
+def stacked_examples(split: Split) -> dict[str, np.ndarray]:
+  """Every example of `split` as arrays {'image' (N, H, W, 3) uint8, 'mask', 'label'}: what
+  data.on_device places on the device."""
+  return _stack([split.source[i] for i in range(len(split.source))])
 
 
 def eval_batches(split: Split, batch_size: int):

@@ -14,8 +14,9 @@ single-device step up to the order of float32 additions.
 
 Several processes (hosts): `maybe_initialize_distributed` calls `jax.distributed.initialize()`
 when SLURM launched several tasks or JAX's coordinator variables are set; each process then
-loads only the rows of each global batch that its devices hold (`local_rows`), and
-`global_batch` assembles the global array from them.
+loads only the rows of each global batch that its devices hold (`local_slices`), and
+`jax.make_array_from_process_local_data` assembles the global array from them
+(`device_input`).
 """
 
 from __future__ import annotations
@@ -102,34 +103,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int) -> slice:
-  """The rows along `axis` of a global array that this process's devices hold (contiguous)."""
-  starts, stops = [], []
-  for index in sharding.addressable_devices_indices_map(global_shape).values():
-    s = index[axis]
-    starts.append(s.start or 0)
-    stops.append(global_shape[axis] if s.stop is None else s.stop)
-  return slice(min(starts), max(stops))
-
-
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int,
-                 rows: slice, shared_batch: bool) -> dict[str, jax.Array]:
-  """Global arrays from this process's rows `rows` of each batch (all rows on one process)."""
-  axis = 0 if shared_batch else 1
-
-  def make(x):
-    shape = list(x.shape)
-    shape[axis] = batch_size
-    def piece(index):
-      index = list(index)
-      s = index[axis]
-      start = (s.start or 0) - rows.start
-      stop = (batch_size if s.stop is None else s.stop) - rows.start
-      index[axis] = slice(start, stop)
-      return x[tuple(index)]
-    return jax.make_array_from_callback(tuple(shape), sharding, piece)
-
-  return {k: make(np.asarray(v)) for k, v in local.items()}
+def local_slices(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """Per axis, the (contiguous) part of a global array that this process's devices hold: all
+  of it on one process; a process of a multi-host run loads only these rows (and members)."""
+  indices = list(sharding.addressable_devices_indices_map(global_shape).values())
+  out = []
+  for axis, size in enumerate(global_shape):
+    parts = [index[axis] for index in indices]
+    out.append(slice(min(s.start or 0 for s in parts),
+                     max(size if s.stop is None else s.stop for s in parts)))
+  return tuple(out)
 
 
 def to_local(tree: Any) -> Any:

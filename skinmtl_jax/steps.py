@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from skinmtl_jax import gradients, losses
+from skinmtl_jax import device_input, gradients, losses, parallel
 
 Array = Any
 
@@ -157,23 +157,27 @@ def predict(variables: dict, images: Array, *, model) -> dict[str, Array]:
 
 
 def make_train_step(model, tx, *, dice_weight: float, cls_weight: float, dice_smooth: float,
-                    shared_batch: bool, balancing: str = 'weighted', mesh=None):
-  """jit(vmap(train_step)) over the member axis, donating the state.
+                    shared_batch: bool, balancing: str = 'weighted', mesh=None, inputs=None):
+  """jit(vmap(train_step)) over the member axis, donating the state: `step(state, batch)`.
 
   With `shared_batch`, every member trains on the same batch (batch leaves (B, ...));
-  otherwise each on its own (batch leaves (K, B, ...)). With a `mesh` (parallel.make_mesh),
-  the state and batch keep their shardings on it and the metrics come back replicated.
+  otherwise each on its own (batch leaves (K, B, ...)). The batch is the input pipeline's:
+  `device_input.expand` gathers it from the resident data and applies its transforms inside
+  the compiled step, once for all members of a shared batch; `inputs` are the device-side
+  inputs that needs (`device_input.TrainInput.inputs`; made from the batch's image size when
+  None). With a `mesh` (parallel.make_mesh), the state and batch keep their shardings on it
+  and the metrics come back replicated.
   """
   step = functools.partial(train_step, model=model, tx=tx, dice_weight=dice_weight,
                            cls_weight=cls_weight, dice_smooth=dice_smooth, balancing=balancing)
   fn, kw = jax.vmap(step, in_axes=(0, None if shared_batch else 0)), {}
   if mesh is not None:
-    from skinmtl_jax import parallel  # pylint: disable=import-outside-toplevel
-    state_sh = parallel.state_sharding(mesh)
+    state_sh, replicated = parallel.state_sharding(mesh), parallel.replicated(mesh)
     fn = parallel.shard_members(fn, mesh, shared_batch)
-    kw = dict(in_shardings=(state_sh, parallel.batch_sharding(mesh, shared_batch)),
-              out_shardings=(state_sh, parallel.replicated(mesh)))
-  return jax.jit(fn, donate_argnums=0, **kw)
+    kw = dict(in_shardings=(state_sh, parallel.batch_sharding(mesh, shared_batch), replicated),
+              out_shardings=(state_sh, replicated))
+  full = lambda state, batch, given: fn(state, device_input.expand(batch, given))
+  return device_input.with_inputs(jax.jit(full, donate_argnums=0, **kw), inputs, mesh)
 
 
 def _seg_counts(lesion_prob: Array, masks: Array, threshold: float) -> Array:

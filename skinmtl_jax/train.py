@@ -15,8 +15,8 @@ import numpy as np
 import optax
 
 from skinmtl_jax import writers  # first: makes clu importable without TensorFlow
-from skinmtl_jax import (checkpointing, evaluate, grad_study, input_pipeline, models, parallel,
-                         steps)
+from skinmtl_jax import (checkpointing, device_input, evaluate, grad_study, input_pipeline,
+                         models, parallel, steps)
 from skinmtl_jax.config_base import ConfigError
 from clu import parameter_overview, periodic_actions  # pylint: disable=g-bad-import-order
 
@@ -145,7 +145,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.write_hparams(config.to_dict())
   mesh = parallel.make_mesh(config)
   shared = config.seed_data_order == 'shared'
-  batch_sharding = parallel.batch_sharding(mesh, shared)
   logging.info('Mesh %s over %d device(s) in %d process(es).', dict(mesh.shape),
                jax.device_count(), jax.process_count())
 
@@ -154,19 +153,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Fetched (and prepared) before training, so a missing test set stops the run at once.
   eval_splits = {s: input_pipeline.get_split(config.data, s) for s in config.data.eval_sets}
   k = config.num_seeds
-  data_seed = config.seed if config.data_seed < 0 else config.data_seed
-  # The rows of each global batch this process's devices hold (all of them on one host).
-  rows = parallel.local_rows(batch_sharding, (config.batch_size,) if shared else
-                             (k, config.batch_size), axis=0 if shared else 1)
-  train_iters = []
-  for i in range(1 if shared else k):
-    ds, per_epoch = input_pipeline.train_dataset(
-        train_split, config.data, batch_size=config.batch_size, seed=data_seed + i, rows=rows)
-    train_iters.append(iter(ds))
-  total_steps = num_steps(config, per_epoch)
-  logging.info('%s: %d examples, %d after enlargement; %d steps of batch %d; %d member(s).',
-               train_split.name, len(train_split.source), per_epoch, total_steps,
-               config.batch_size, k)
+  # Global device batches, prefetched; the training split on the device when it fits.
+  train_input = device_input.TrainInput(train_split, config, mesh)
+  train_iters = [train_input.iterator]  # what checkpoints save of the input
+  total_steps = num_steps(config, train_input.examples_per_epoch)
+  logging.info('%s: %d examples, %d after enlargement; %d steps of batch %d; %d member(s); '
+               'training data %s.', train_split.name, len(train_split.source),
+               train_input.examples_per_epoch, total_steps, config.batch_size, k,
+               'on the device' if train_input.resident else 'streamed')
 
   # --------------------------------------------------------------------- Model & optimizer
   model = models.create_model(config.model)
@@ -188,24 +182,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = steps.make_train_step(
       model, tx, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
       dice_smooth=config.loss.dice_smooth, shared_batch=shared,
-      balancing=config.loss.balancing, mesh=mesh)
+      balancing=config.loss.balancing, mesh=mesh, inputs=train_input.inputs)
   study_every = config.grad_study_every_steps
   if study_every:
     study_step = grad_study.make_study_step(
         model, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
-        dice_smooth=config.loss.dice_smooth, shared_batch=shared, mesh=mesh)
+        dice_smooth=config.loss.dice_smooth, shared_batch=shared, mesh=mesh,
+        inputs=train_input.inputs)
     study_log = grad_study.CsvLog(os.path.join(workdir, 'grad_study.csv'),
                                   resume_step=checkpointing.step_of(state)
                                   ) if jax.process_index() == 0 else None
     study_writer = writers.create_summary_writer(workdir) if jax.process_index() == 0 else None
-
-  def next_batch():
-    if shared:
-      local = next(train_iters[0])
-    else:
-      batches = [next(it) for it in train_iters]
-      local = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
-    return parallel.global_batch(local, batch_sharding, config.batch_size, rows, shared)
 
   # ---------------------------------------------------------------------------- Train loop
   start_step = checkpointing.step_of(state)
@@ -216,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     with _SigtermFlag() as preemption:
       for step in range(start_step + 1, total_steps + 1):
-        batch = next_batch()
+        batch = next(train_input)
         if study_every and (step - 1) % study_every == 0:
           # On this step's batch, before its update: rows are labelled with the updates done.
           result = study_step(state, batch)
@@ -248,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Whatever stops the loop (a non-finite loss, SIGTERM, an exception), finish the save in
     # flight, so the latest good checkpoint is complete on disk.
     manager.wait_until_finished()
+    train_input.close()
   train_seconds = time.time() - t0
 
   # ---------------------------------------------------------------------------- Evaluation

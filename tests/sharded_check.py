@@ -42,7 +42,7 @@ def _train(cfg, mesh, batches):
                                shared_batch=shared, mesh=mesh)
   sh = parallel.batch_sharding(mesh, shared)
   for b in batches:
-    gb = parallel.global_batch(b, sh, cfg.batch_size, slice(0, cfg.batch_size), shared)
+    gb = jax.device_put(b, sh)
     state, metrics = step(state, gb)
   return state, metrics, gb
 

@@ -1,9 +1,52 @@
-"""The paper's 16 enlargement transforms and the index expansion."""
+"""The paper's 16 enlargement transforms (on the device) and the index expansion."""
 
+import pathlib
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from skinmtl_jax import augment, input_pipeline
+
+# Outputs of the former host implementation (numpy bilinear, commit 8fd64dc) for every id, on
+# an 18x28 picture and a 17x17 one: the device transforms must reproduce them.
+REFERENCE = np.load(pathlib.Path(__file__).parent / 'data' / 'augment_reference.npz')
+
+
+@pytest.mark.parametrize('suffix', ['', '_sq'])
+def test_device_transforms_equal_the_recorded_host_outputs(suffix):
+  image, mask = REFERENCE['image' + suffix], REFERENCE['mask' + suffix]
+  n = augment.NUM_TRANSFORMS
+  coords = jnp.asarray(augment.sampling_coords(*mask.shape))
+  # The whole batch in one call, as in the train step: every id at once.
+  images, masks = jax.jit(augment.transform)(
+      jnp.asarray(np.repeat(image[None], n, 0)), jnp.asarray(np.repeat(mask[None], n, 0)),
+      jnp.arange(n), coords)
+  images, masks = np.asarray(images), np.asarray(masks)
+  assert images.dtype == np.float32 and masks.dtype == np.uint8
+  for tid in range(n):
+    want = REFERENCE['images' + suffix][tid].astype(np.float32)
+    np.testing.assert_array_equal(masks[tid], REFERENCE['masks' + suffix][tid], err_msg=tid)
+    if tid % 2 == 0 or tid >= 8:   # flips and right angles: exact pixel moves
+      np.testing.assert_array_equal(images[tid], want, err_msg=str(tid))
+    else:                          # 45 degrees: the host rounded to uint8
+      assert np.max(np.abs(images[tid] - want)) <= 0.5 + 1e-3, tid
+      assert np.mean(images[tid] != want) > 0.05   # really interpolated, not copied
+
+
+def test_leading_axes_and_per_example_ids():
+  """(K, B) leading axes (per-member batches), each example with its own id."""
+  image, mask = REFERENCE['image'], REFERENCE['mask']
+  coords = jnp.asarray(augment.sampling_coords(*mask.shape))
+  tids = np.array([[3, 0, 9], [15, 6, 1]])
+  images, masks = augment.transform(jnp.asarray(np.broadcast_to(image, (2, 3, *image.shape))),
+                                    jnp.asarray(np.broadcast_to(mask, (2, 3, *mask.shape))),
+                                    jnp.asarray(tids), coords)
+  assert images.shape == (2, 3, *image.shape) and masks.shape == (2, 3, *mask.shape)
+  for k in range(2):
+    for b in range(3):
+      np.testing.assert_array_equal(masks[k, b], REFERENCE['masks'][tids[k, b]])
 
 
 def asymmetric_pattern(h=16, w=24):
