@@ -1,5 +1,7 @@
-"""Input pipeline throughput: images/s of the training pipeline (read, enlarge, batch) on the
-prepared ISIC 2016 training set, with 0 (in-process), 1 and 2 grain worker processes.
+"""Input pipeline throughput: images/s of the host side of the training pipeline (read the
+enlarged index's examples, batch) on the prepared ISIC 2016 training set, with 0 (in-process),
+1 and 2 grain worker processes. The enlargement transforms run in the train step since #12;
+`benchmarks/throughput.py` measures the pipeline's cost against the step itself.
 
     python benchmarks/input_pipeline.py --manual_dir=../shared/data --data_dir=/tmp/tfds \
         [--size=192x256] [--batches=100]
@@ -29,7 +31,8 @@ def main(argv):
   cfg = ml_collections.ConfigDict({
       'name': 'isic2016', 'manual_dir': FLAGS.manual_dir, 'data_dir': FLAGS.data_dir,
       'image_size': size, 'extra_melanomas': '', 'paper_protocol_train_on_test_images': False,
-      'eval_sets': (), 'enlarge_benign': 4, 'enlarge_melanoma': 16, 'num_workers': 0})
+      'eval_sets': (), 'enlarge_benign': 4, 'enlarge_melanoma': 16, 'num_workers': 0,
+      'on_device': 'off', 'on_device_fraction': 0.25, 'prefetch_batches': 0})
   split = input_pipeline.get_split(cfg, 'train')
   rows = []
   for workers in (int(w) for w in FLAGS.workers):

@@ -51,6 +51,7 @@ import jax
 import numpy as np
 
 from skinmtl_jax import models, steps, train
+from dynunet import DynUNet, machine, random_batch  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_list('models', ['unet', 'mtl4', 'dynunet'],
                   'Our configs (configs/<name>.py) and/or dynunet.')
@@ -70,22 +71,6 @@ flags.DEFINE_list('torch_threads', [],
                   'holds a core; compare 1 thread there.')
 flags.DEFINE_integer('seed', 0, 'Seed of the random data and of the models.')
 FLAGS = flags.FLAGS
-
-
-def machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}'
-
-
-def random_batch(b, size, rng):
-  return {'image': rng.integers(0, 256, (b, *size, 3), dtype=np.uint8),
-          'mask': rng.integers(0, 2, (b, *size), dtype=np.uint8),
-          'label': rng.integers(0, 2, (b,), dtype=np.int32)}
 
 
 class Ours:
@@ -129,61 +114,6 @@ class Ours:
     return run
 
 
-class DynUNet:
-  """MONAI's DynUNet with nnU-Net's 2D widths, trained with Adam and Dice + cross-entropy."""
-
-  def __init__(self, size, batch, rng, threads=None):
-    import torch  # pylint: disable=g-import-not-at-top
-    self.threads = threads or torch.get_num_threads()
-    self.name = f'MONAI DynUNet ({self.threads} torch thread{"s" if self.threads > 1 else ""})'
-    from monai.losses import DiceCELoss  # pylint: disable=g-import-not-at-top
-    from monai.networks.nets import DynUNet as Net  # pylint: disable=g-import-not-at-top
-    self.torch = torch
-    self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    torch.manual_seed(FLAGS.seed)
-    self.net = Net(spatial_dims=2, in_channels=3, out_channels=2, kernel_size=[3] * 6,
-                   strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5,
-                   filters=[32, 64, 128, 256, 320, 320], norm_name='batch',
-                   deep_supervision=False).to(self.device)
-    self.opt = torch.optim.Adam(self.net.parameters(), lr=3e-3)
-    self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
-    data = random_batch(batch, size, rng)
-    self.images = torch.from_numpy(data['image']).permute(0, 3, 1, 2).contiguous().to(
-        self.device)
-    self.masks = torch.from_numpy(data['mask'])[:, None].to(self.device)
-    self.size = size
-    self.compile_s = 0.0
-
-  def _sync(self):
-    if self.device.type == 'cuda':
-      self.torch.cuda.synchronize()
-
-  def train_steps(self, n):
-    self.torch.set_num_threads(self.threads)
-    self.net.train()
-    for _ in range(n):
-      t = time.perf_counter()
-      self.opt.zero_grad(set_to_none=True)
-      out = self.net(self.images.float() / 255.0)
-      self.loss(out, self.masks).backward()
-      self.opt.step()
-      self._sync()
-      if not self.compile_s:
-        self.compile_s = time.perf_counter() - t
-
-  def infer_fn(self, b, rng):
-    images = self.torch.from_numpy(random_batch(b, self.size, rng)['image']).permute(
-        0, 3, 1, 2).contiguous().to(self.device)
-
-    def run():
-      self.torch.set_num_threads(self.threads)
-      self.net.eval()
-      with self.torch.inference_mode():
-        self.torch.softmax(self.net(images.float() / 255.0), dim=1)
-      self._sync()
-    return run
-
-
 def main(argv):
   del argv
   size = tuple(int(v) for v in FLAGS.image_size)
@@ -199,7 +129,8 @@ def main(argv):
       print(f'torch {torch.__version__} ({"cuda" if torch.cuda.is_available() else "cpu"}, '
             f'{torch.get_num_threads()} threads by default), MONAI {monai.__version__}')
       for threads in FLAGS.torch_threads or [None]:
-        entries.append(DynUNet(size, FLAGS.batch, rng, int(threads) if threads else None))
+        entries.append(DynUNet(size, FLAGS.batch, rng, int(threads) if threads else None,
+                               seed=FLAGS.seed))
     else:
       entries.append(Ours(name, size, FLAGS.batch, rng))
       if FLAGS.flax_upconv == 'also':
