@@ -5,12 +5,19 @@ Each checkpoint is a composite of 'state' (the stacked TrainState pytree) and 'd
 read their own order), so a restarted run continues with the same next batches. Orbax writes into
 a temporary directory and renames it when complete, so an interrupted save never shadows the
 previous checkpoint.
+
+A checkpoint damaged on disk afterwards (a truncated or empty file, missing metadata, weights
+that are not finite) is skipped on restore: the newest one that restores is used and the log
+names the ones passed over. A training run moves damaged ones aside into
+`workdir/checkpoints_damaged/`, so that it can save that step again.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
+from absl import logging
 import grain
 import jax
 import numpy as np
@@ -45,17 +52,78 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_iters=()) -> No
   manager.save(step_of(state), args=ocp.args.Composite(**items))
 
 
-def restore(manager: ocp.CheckpointManager, template: TrainState, data_iters=(),
-            step: int | None = None) -> TrainState:
-  """Restores the latest (or `step`'s) checkpoint into the structure of `template`.
+class CheckpointError(ValueError):
+  """No usable checkpoint: the message names the folder and what to do."""
 
-  The iterators, if given, are moved to their saved positions in place.
-  """
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint in {manager.directory}.')
+
+def _all_finite(tree) -> bool:
+  for x in jax.tree.leaves(tree):
+    parts = [s.data for s in x.addressable_shards] if isinstance(x, jax.Array) else [x]
+    for a in parts:
+      a = np.asarray(a)
+      if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
+        return False
+  return True
+
+
+def _restore_step(manager, template, data_iters, step):
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   items = {'state': ocp.args.StandardRestore(abstract)}
   for i, it in enumerate(data_iters):
     items[f'data{i}'] = grain.checkpoint.CheckpointRestore(it)
-  return manager.restore(step, args=ocp.args.Composite(**items))['state']
+  state = manager.restore(step, args=ocp.args.Composite(**items))['state']
+  if not _all_finite((state.params, state.batch_stats, state.opt_state)):
+    raise CheckpointError('its weights are not all finite (NaN or infinity)')
+  return state
+
+
+def _set_aside(manager, steps) -> None:
+  """Moves damaged step folders out of the way of a training run, which saves them anew."""
+  if manager._options.read_only or jax.process_index() > 0:  # pylint: disable=protected-access
+    return
+  root = str(manager.directory)
+  aside = os.path.join(os.path.dirname(root), 'checkpoints_damaged')
+  os.makedirs(aside, exist_ok=True)
+  for s in steps:
+    target = os.path.join(aside, f'{s}.{time.strftime("%Y%m%d-%H%M%S")}')
+    os.replace(os.path.join(root, str(s)), target)
+    logging.warning('Moved the damaged checkpoint of step %d to %s.', s, target)
+  manager.reload()
+
+
+def restore(manager: ocp.CheckpointManager, template: TrainState, data_iters=(),
+            step: int | None = None) -> TrainState:
+  """Restores the latest (or `step`'s) checkpoint into the structure of `template`.
+
+  The iterators, if given, are moved to their saved positions in place. Without `step`, a
+  checkpoint that does not restore (damaged files, non-finite weights) is skipped for the next
+  older one, with a warning; CheckpointError if none restores (or `step`'s does not).
+  """
+  where = str(manager.directory)
+  if step is not None:
+    try:
+      return _restore_step(manager, template, data_iters, step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'The checkpoint {where}/{step} cannot be restored '
+                            f'({type(e).__name__}: {str(e)[:200]}).') from e
+  candidates = sorted(manager.all_steps(), reverse=True)
+  if not candidates:
+    raise CheckpointError(f'No checkpoint in {where}: train first (python -m skinmtl_jax.main '
+                          '--workdir=...), or give the --workdir of a run that has one.')
+  damaged = []
+  for s in candidates:
+    try:
+      state = _restore_step(manager, template, data_iters, s)
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax, tensorstore and json raise many types on damaged files; all mean the same here.
+      logging.warning('The checkpoint %s/%d cannot be restored (%s: %s); trying an older one.',
+                      where, s, type(e).__name__, str(e)[:200])
+      damaged.append(s)
+      continue
+    if damaged:
+      logging.warning('Restored the checkpoint of step %d, the newest intact one in %s '
+                      '(damaged: %s).', s, where, damaged)
+      _set_aside(manager, damaged)
+    return state
+  raise CheckpointError(f'None of the checkpoints in {where} (steps {sorted(candidates)}) can '
+                        'be restored: their files are damaged. Train again in a new --workdir.')

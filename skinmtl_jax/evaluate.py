@@ -334,14 +334,35 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
 
 # ---------------------------------------------------------------------------- command line
 
-def load_run(workdir: str, step: int | None = None):
-  """(config, model, state) of the run in `workdir`, at its latest (or `step`'s) checkpoint."""
-  from skinmtl_jax import models, train  # pylint: disable=import-outside-toplevel
+def check_run_dir(workdir: str) -> ml_collections.ConfigDict:
+  """The saved config of the training run in `workdir`; checkpointing.CheckpointError naming
+  the path and what to do when `workdir` is no run's folder or has no checkpoint yet."""
+  hint = 'give the --workdir of a training run (python -m skinmtl_jax.main --config=... ' \
+         '--workdir=DIR)'
+  if not os.path.isdir(workdir):
+    raise checkpointing.CheckpointError(f'{workdir} is not a folder: {hint}.')
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: is {workdir} the --workdir of a training run?')
-  with open(path, encoding='utf-8') as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    raise checkpointing.CheckpointError(f'{path} not found, so {workdir} is not the folder of '
+                                        f'a training run: {hint}.')
+  try:
+    with open(path, encoding='utf-8') as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise checkpointing.CheckpointError(f'{path} is unreadable ({e}): {hint}.') from e
+  ckpt = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
+    raise checkpointing.CheckpointError(
+        f'{workdir} has no checkpoint yet: let its training save one (rerun its command to '
+        f'resume it), or {hint}.')
+  return config
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(config, model, state) of the run in `workdir`, at its latest (or `step`'s) checkpoint;
+  without `step`, the newest that restores when the latest is damaged (see checkpointing)."""
+  from skinmtl_jax import models, train  # pylint: disable=import-outside-toplevel
+  config = check_run_dir(workdir)
   model = models.create_model(config.model)
   keys = steps.member_keys(0, config.get('num_seeds', 1))
   template = steps.create_train_state(model, train.create_optimizer(config, 1), keys,
@@ -356,8 +377,21 @@ def load_run(workdir: str, step: int | None = None):
 
 def main(argv):
   del argv
+  import sys  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
-  f = flags.FLAGS
+  from skinmtl_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from skinmtl_jax.config_base import ConfigError  # pylint: disable=import-outside-toplevel
+  from skinmtl_jax.datasets.files import DataError  # pylint: disable=import-outside-toplevel
+  try:
+    check_run_dir(flags.FLAGS.workdir)
+    # metrics.json and the report are the run's: not while it trains or is evaluated elsewhere.
+    with workdir_lib.lock(flags.FLAGS.workdir):
+      _evaluate(flags.FLAGS)
+  except (checkpointing.CheckpointError, ConfigError, DataError) as e:
+    sys.exit(f'skinmtl_jax.evaluate: {e}')
+
+
+def _evaluate(f):
   config, model, state = load_run(f.workdir)
   names = f.datasets or list(config.data.eval_sets)
   splits = {n: input_pipeline.get_split(config.data, n) for n in names}

@@ -384,11 +384,17 @@ def write_csv(path: str, table: list[dict[str, Any]]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import sys  # pylint: disable=import-outside-toplevel
+  from skinmtl_jax import checkpointing, evaluate  # pylint: disable=import-outside-toplevel
+  from skinmtl_jax.config_base import ConfigError  # pylint: disable=import-outside-toplevel
+  from skinmtl_jax.datasets.files import DataError  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  os.makedirs(f.out, exist_ok=True)
-  table, config = study_checkpoints(f.workdir, f.split, f.num_images)
-  if not table:
-    raise app.UsageError(f'No checkpoints in {f.workdir}/checkpoints.')
+  try:
+    evaluate.check_run_dir(f.workdir)  # before --out is made: a wrong --workdir leaves nothing
+    os.makedirs(f.out, exist_ok=True)
+    table, config = study_checkpoints(f.workdir, f.split, f.num_images)
+  except (checkpointing.CheckpointError, ConfigError, DataError, OSError) as e:
+    sys.exit(f'skinmtl_jax.grad_study: {e}')
   name = config.get('experiment', 'run')
   write_csv(os.path.join(f.out, 'grad_study_checkpoints.csv'), table)
   plot(table, os.path.join(f.out, 'grad_study_checkpoints.png'),

@@ -3,14 +3,17 @@
 Any config field can be overridden: `--config.num_train_steps=100`, `--config.model.reverse_mode=activations`.
 """
 
+import difflib
+import importlib.util
 import logging as py_logging
+import os
 import sys
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from skinmtl_jax import parallel, train
+from skinmtl_jax import checkpointing, parallel, train
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets.files import DataError
 
@@ -26,24 +29,79 @@ class _QuietOrbax(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
 
 
+def _config_fields(path: str) -> list[str]:
+  """The dotted field names of the config file `path` (`FILE.py` or `FILE.py:ARG`)."""
+  file, _, arg = path.partition(':')
+  spec = importlib.util.spec_from_file_location('_config_for_names', file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  out = []
+
+  def walk(d, prefix):
+    for k in d.keys():
+      v = d[k]
+      if hasattr(v, 'keys'):
+        walk(v, f'{prefix}{k}.')
+      out.append(f'{prefix}{k}')
+  walk(config, '')
+  return out
+
+
+def unknown_field_message(argv: list[str]) -> str | None:
+  """'--config.X: no such field; did you mean ...' for the first unknown override, or None."""
+  config_path = None
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      config_path = a.split('=', 1)[1]
+    elif a == '--config' and i + 1 < len(argv):
+      config_path = argv[i + 1]
+  if config_path is None or not os.path.exists(config_path.partition(':')[0]):
+    return None
+  try:
+    fields = _config_fields(config_path)
+  except Exception:  # pylint: disable=broad-except
+    return None  # the config file itself is broken: absl's own message says more
+  for a in argv:
+    if a.startswith('--config.'):
+      name = a[len('--config.'):].split('=', 1)[0]
+      if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+        hint = f'; did you mean {" or ".join(close)}?' if close else '.'
+        return (f'--config.{name}: {config_path} has no field {name!r}{hint} '
+                f'(config fields are listed in skinmtl_jax/config_base.py)')
+  return None
+
+
+def _parse_flags(argv):
+  """absl's parser, but an unknown config field ends in one line naming it, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    message = unknown_field_message(argv) or f'cannot parse the command line: {e}'
+    sys.exit(f'skinmtl_jax: {message}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Orbax logs every step of every save at INFO; keep its warnings, drop the chatter.
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  # Several processes (SLURM tasks, or JAX_COORDINATOR_ADDRESS): join them before using JAX.
-  parallel.maybe_initialize_distributed()
-  logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, DataError) as e:
+    with train.SigtermRaises(FLAGS.workdir):  # from here on, SIGTERM exits 75 (requeue)
+      # Several processes (SLURM tasks, or JAX_COORDINATOR_ADDRESS): join them before JAX.
+      parallel.maybe_initialize_distributed()
+      logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, DataError, checkpointing.CheckpointError) as e:
     sys.exit(f'skinmtl_jax: {e}')
   except FloatingPointError as e:
     sys.exit(f'skinmtl_jax: {e}')
   except train.Preempted as e:
-    logging.warning('%s', e)
+    # Exit 75 wherever SIGTERM lands (set-up, training, evaluation): slurm.sbatch requeues.
+    print(f'skinmtl_jax: {e}', file=sys.stderr)
     sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

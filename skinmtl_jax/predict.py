@@ -2,12 +2,15 @@
 
     python -m skinmtl_jax.predict --workdir=RUN --out=DIR [--tta] IMAGE...
 
-For each image (any size; JPEG, PNG, BMP, ...) writes DIR/<name>_mask.png (the lesion mask at
-the image's own resolution, 0/255), DIR/<name>_overlay.png (the image with the lesion outline),
-and one JSON line, printed and appended to DIR/predictions.jsonl, with the melanoma
-probability, the decision at the run's threshold and the checkpoint used. `--tta` averages the
-predictions over the 8 flips and right-angle rotations. An image that cannot be read is
-reported by name and the others are still processed; the exit code is 1 if any failed.
+For each image (any size; JPEG, PNG, BMP, ...; 16-bit images scaled to 8 bits, EXIF
+orientation applied) writes DIR/<name>_mask.png (the lesion mask at the image's own resolution,
+0/255), DIR/<name>_overlay.png (the image with the lesion outline), and one JSON line, printed
+and appended to DIR/predictions.jsonl, with the melanoma probability, the decision at the run's
+threshold, the checkpoint used and the invocation (its time and process id). <name> is the
+file's name without its extension, made unique (see `output_names`), so two inputs never share
+an output. `--tta` averages the predictions over the 8 flips and right-angle rotations. An
+image that cannot be read is reported by name and the others are still processed; the exit code
+is 1 if any failed.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from absl import app, flags
 import jax
@@ -72,15 +76,51 @@ def _outline(mask: np.ndarray, width: int) -> np.ndarray:
   return mask & ~inner
 
 
-def predict_file(path: str, out_dir: str, predict, size, threshold: float, checkpoint: str) -> dict:
-  """Runs the predictor on one image file and writes its mask and overlay."""
+def output_names(paths: list[str], out_dir: str) -> list[str]:
+  """A distinct output name per input: the file name without its extension; where two inputs
+  share it, the extension is added (`c_jpg`, `c_png`), then a number (`same_jpg_2`). The names
+  that earlier invocations gave (out_dir/predictions.jsonl) stay with their images: an image
+  predicted again keeps its name, and another image does not get it."""
+  taken: dict[str, str] = {}  # name -> absolute path of the image it belongs to
+  log = os.path.join(out_dir, 'predictions.jsonl')
+  if os.path.exists(log):
+    with open(log, encoding='utf-8') as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+          taken[r['name']] = r['image_abspath']
+        except (ValueError, KeyError, TypeError):
+          continue  # a line from an older version, or cut off: names no output
+  given = {path: name for name, path in taken.items()}  # an image predicted before keeps its name
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  names = []
+  for p, stem in zip(paths, stems):
+    mine = os.path.abspath(p)
+    if mine in given:
+      names.append(given[mine])
+      continue
+    ext = os.path.splitext(p)[1].lstrip('.').lower()
+    others = [os.path.abspath(q) for q, t in zip(paths, stems) if t == stem]
+    candidates = [stem] if len(set(others)) == 1 else []
+    candidates += [f'{stem}_{ext}' if ext else stem]
+    candidates += [f'{candidates[-1]}_{n}' for n in range(2, len(paths) + len(taken) + 3)]
+    name = next(c for c in candidates if taken.get(c, mine) == mine)
+    taken[name] = mine
+    names.append(name)
+  return names
+
+
+def predict_file(path: str, out_dir: str, predict, size, threshold: float, checkpoint: str,
+                 name: str | None = None) -> dict:
+  """Runs the predictor on one image file and writes its mask and overlay as <name>_*.png."""
   with open(path, 'rb') as f:
     data = f.read()
   image = files.decode_image(data, path, mode='RGB')
   small = np.asarray(image.resize((size[1], size[0]), Image.BILINEAR), np.uint8)
   out = predict(small[None])
-  name = os.path.splitext(os.path.basename(path))[0]
-  record = {'image': path, 'checkpoint': checkpoint, 'threshold': threshold,
+  name = name or os.path.splitext(os.path.basename(path))[0]
+  record = {'image': path, 'image_abspath': os.path.abspath(path), 'name': name,
+            'checkpoint': checkpoint, 'threshold': threshold,
             'width': image.width, 'height': image.height}
   if 'melanoma_prob' in out:
     p = float(out['melanoma_prob'][0])
@@ -102,21 +142,26 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Give one or more image files.')
-  config, model, state = evaluate.load_run(FLAGS.workdir)
-  os.makedirs(FLAGS.out, exist_ok=True)
+  try:
+    config, model, state = evaluate.load_run(FLAGS.workdir)
+    os.makedirs(FLAGS.out, exist_ok=True)
+  except (checkpointing.CheckpointError, OSError) as e:
+    sys.exit(f'skinmtl_jax.predict: {e}')
   predict = make_predictor(model, state, FLAGS.tta)
   checkpoint = os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints',
                             str(checkpointing.step_of(state)))
+  invocation = f'{time.strftime("%Y-%m-%dT%H:%M:%S%z")} pid {os.getpid()}'
   failed = 0
   with open(os.path.join(FLAGS.out, 'predictions.jsonl'), 'a', encoding='utf-8') as log:
-    for path in paths:
+    for path, name in zip(paths, output_names(paths, FLAGS.out)):
       try:
         record = predict_file(path, FLAGS.out, predict, tuple(config.data.image_size),
-                              config.threshold, checkpoint)
+                              config.threshold, checkpoint, name)
       except (files.DataError, OSError) as e:
         failed += 1
         print(f'skinmtl_jax.predict: {path}: {e}', file=sys.stderr)
         continue
+      record['invocation'] = invocation
       line = json.dumps(record)
       print(line)
       log.write(line + '\n')

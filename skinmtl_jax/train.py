@@ -17,6 +17,7 @@ import optax
 from skinmtl_jax import writers  # first: makes clu importable without TensorFlow
 from skinmtl_jax import (checkpointing, device_input, evaluate, grad_study, input_pipeline,
                          models, parallel, steps)
+from skinmtl_jax import workdir as workdir_lib
 from skinmtl_jax.config_base import ConfigError
 from clu import parameter_overview, periodic_actions  # pylint: disable=g-bad-import-order
 
@@ -77,14 +78,75 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] < 1:
       raise ConfigError(f'{name}={config[name]} must be positive.')
+  # What otherwise trains nothing, keeps nothing or divides by zero after compiling.
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ConfigError(f'num_epochs={config.num_epochs} with num_train_steps='
+                      f'{config.num_train_steps}: set a positive number of epochs or steps.')
+  for name in ('max_checkpoints_to_keep', 'checkpoint_every_steps', 'log_every_steps'):
+    if config[name] < 1:
+      raise ConfigError(f'{name}={config[name]} must be at least 1.')
+  for name in ('learning_rate', 'final_learning_rate'):
+    if not config.optim[name] > 0:
+      raise ConfigError(f'optim.{name}={config.optim[name]} must be positive.')
+  if not 0 < config.threshold < 1:
+    raise ConfigError(f'threshold={config.threshold} must be between 0 and 1 (exclusive).')
+  size = tuple(config.data.image_size)
+  if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+    raise ConfigError(f'data.image_size={size}: expected two positive integers (H, W).')
+  if m.arch == 'mtl':
+    if not m.features or not all(isinstance(f, int) and f > 0 for f in m.features):
+      raise ConfigError(f'model.features={tuple(m.features)}: expected one or more positive '
+                        'widths, shallow to deep.')
+    down = 2 ** (len(m.features) - 1)  # the first stage keeps the size, each other halves it
+    if any(v % down for v in size):
+      raise ConfigError(f'data.image_size={size}: the U-Net of {len(m.features)} levels '
+                        f'(model.features) halves it {len(m.features) - 1} times, so H and W '
+                        f'must be multiples of {down}.')
+  if config.num_seeds > MAX_SEEDS:
+    raise ConfigError(f'num_seeds={config.num_seeds}: at most {MAX_SEEDS} members are trained '
+                      'at once (each holds its own weights, Adam state and activations); run '
+                      'several jobs with different seeds instead.')
+
+
+# More members than this would not fit any one accelerator at the paper's size.
+MAX_SEEDS = 64
 
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: "try again").
 PREEMPTED_EXIT_CODE = 75
 
 
-class Preempted(Exception):
-  """The run received SIGTERM and saved a checkpoint; rerunning the same command resumes."""
+class Preempted(BaseException):
+  """The run received SIGTERM (and, inside the train loop, saved a checkpoint first); rerunning
+  the same command resumes from the latest checkpoint.
+
+  A BaseException, like KeyboardInterrupt: raised from a signal handler at any point of the
+  set-up or evaluation, it must not be taken for an error by an `except Exception` there.
+  """
+
+
+class SigtermRaises:
+  """Within the block (set-up and evaluation: no checkpoint is in the making there), SIGTERM
+  raises Preempted at once; the train loop's _SigtermFlag takes over while it runs."""
+
+  def __init__(self, workdir: str):
+    self._workdir = workdir
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    raise Preempted(f'SIGTERM received outside the train loop: stopped without saving (the '
+                    f'checkpoints in {self._workdir}, if any, are intact); run the same command '
+                    'again to continue.')
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 class _SigtermFlag:
@@ -132,15 +194,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains the configured model in `workdir`, resuming from its latest checkpoint if any,
   evaluates it on every set in `config.data.eval_sets`, and writes `workdir/metrics.json`.
 
+  One run at a time per workdir (a second raises workdir.WorkdirBusy), and SIGTERM at any
+  point raises Preempted (see skinmtl_jax/workdir.py and SigtermRaises).
+
   Returns:
     The metrics.json content.
   """
-  # ------------------------------------------------------------------------------ Set up
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=1))
+  with SigtermRaises(workdir), workdir_lib.lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  # ------------------------------------------------------------------------------ Set up
+  workdir_lib.check_and_save_config(config, workdir)  # refuses a rerun that cannot resume
   writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(config.to_dict())
   mesh = parallel.make_mesh(config)

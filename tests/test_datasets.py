@@ -234,3 +234,34 @@ def test_mtl4_trains_on_the_shared_data_and_reports_both_test_sets(tmp_path, rea
   assert m['isic2016_test']['n'] == 305 and m['ph2']['n'] == 4
   assert m['extra_melanomas']['added'] == 194 and m['train_examples'] == 749 + 194
   assert 'trained_on_test_images' not in m
+
+
+def test_mask_of_another_size_than_its_image_is_refused(small_isic2016, tmp_path):
+  mask = small_isic2016 / 'ISBI2016_ISIC_Part1_Training_GroundTruth' / 'ISIC_0000001_Segmentation.png'
+  from PIL import Image
+  with Image.open(mask) as m:
+    m.resize((m.width // 2, m.height)).save(mask)
+  _assert_fails_cleanly(small_isic2016, tmp_path / 'data',
+                        r'ISIC_0000001_Segmentation.png is 128x256 pixels, but its image .*'
+                        r'ISIC_0000001.jpg is 256x256')
+
+
+def test_a_killed_preparations_leftovers_are_removed_by_the_next(small_isic2016, tmp_path):
+  data_dir = tmp_path / 'data'
+  parent = pathlib.Path(builders.get_builder('isic2016', str(data_dir), SIZE).data_dir).parent
+  leftover = parent / 'incomplete.A1B2C3.1.0.0'
+  (leftover / 'isic2016-train.array_record-00000-of-00001').parent.mkdir(parents=True)
+  (leftover / 'isic2016-train.array_record-00000-of-00001').write_bytes(b'\0' * 1000)
+  b = _build(small_isic2016, data_dir)
+  assert b.info.splits['train'].num_examples == 3
+  assert not leftover.exists()
+  assert not [p for p in parent.iterdir() if p.name.startswith('incomplete.')]
+
+
+def test_symlinked_downloads_build(small_isic2016, tmp_path):
+  manual = tmp_path / 'linked'
+  manual.mkdir()
+  (manual / 'isic2016').symlink_to(small_isic2016, target_is_directory=True)
+  (manual / 'isic2016' / 'again').symlink_to(manual, target_is_directory=True)  # a loop
+  b = _build(manual, tmp_path / 'data')
+  assert b.info.splits['test'].num_examples == 2

@@ -2,7 +2,9 @@
 
 `skinmtl_jax.prepare` is the command line for `prepare`; training calls `load`, which prepares
 a dataset on first use when the config names a `data.manual_dir`. A preparation that fails leaves no dataset behind: TFDS writes into a
-temporary folder and renames it only when every split is complete.
+temporary folder and renames it only when every split is complete. Preparations of one dataset
+take turns (a lock in its folder), and each starts by removing the `incomplete.*` folders that a
+killed one left behind.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 from absl import logging
 import tensorflow_datasets as tfds
 
+from skinmtl_jax import workdir as workdir_lib
 from skinmtl_jax.datasets import common, files
 from skinmtl_jax.datasets.isic2016 import Isic2016
 from skinmtl_jax.datasets.isic2017 import Isic2017
@@ -45,20 +48,31 @@ def prepare(name: str, manual_dir: str, data_dir: str, size) -> tfds.core.Datase
         f'with your downloads as --config.data.manual_dir=DIR (or run python -m '
         f'skinmtl_jax.prepare). {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}')
   files.check_manual_dir(manual_dir)
-  logging.info('Preparing %s at %dx%d from %s into %s.', name, size[0], size[1], manual_dir,
-               builder.data_dir)
-  try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir)))
-  except BaseException:
-    # TFDS keeps failed attempts in 'incomplete.*' folders; remove ours so nothing partial stays.
-    parent = os.path.dirname(builder.data_dir)
-    if os.path.isdir(parent):
-      for entry in os.listdir(parent):
-        if entry.startswith('incomplete.'):
-          shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-    raise
+  parent = os.path.dirname(builder.data_dir)
+  with workdir_lib.lock_folder(parent, f'The preparation of {name} in {parent}'):
+    builder = get_builder(name, data_dir, size)
+    if builder.is_prepared():  # by the process this one waited for
+      return builder
+    # Holding the lock, any 'incomplete.*' folder here is a killed preparation's: remove it.
+    _remove_incomplete(parent)
+    logging.info('Preparing %s at %dx%d from %s into %s.', name, size[0], size[1], manual_dir,
+                 builder.data_dir)
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir)))
+    except BaseException:
+      # TFDS keeps failed attempts in 'incomplete.*' folders; remove ours so nothing partial stays.
+      _remove_incomplete(parent)
+      raise
   return builder
+
+
+def _remove_incomplete(folder: str) -> None:
+  if os.path.isdir(folder):
+    for entry in os.listdir(folder):
+      if entry.startswith('incomplete.'):
+        logging.info('Removing %s, left by an unfinished preparation.', entry)
+        shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
 
 
 def load(name: str, split: str, data_cfg):

@@ -125,7 +125,6 @@ class IsicBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     images, masks, labels = plan
     size = (self.builder_config.height, self.builder_config.width)
     for image_id, label in labels.items():
-      yield image_id, {
-          'image': files.load_image(images, f'{image_id}.jpg', size),
-          'mask': files.load_mask(masks, f'{image_id}{self.MASK_SUFFIX}', size),
-          'label': label, 'id': image_id}
+      image, mask = files.load_pair(images, f'{image_id}.jpg', masks,
+                                    f'{image_id}{self.MASK_SUFFIX}', size)
+      yield image_id, {'image': image, 'mask': mask, 'label': label, 'id': image_id}

@@ -42,10 +42,9 @@ class Ph2(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, cases, diagnoses):
     size = (self.builder_config.height, self.builder_config.width)
     for name, diagnosis in diagnoses.items():
-      yield name, {
-          'image': files.load_image(cases, f'{name}.bmp', size),
-          'mask': files.load_mask(cases, f'{name}_lesion.bmp', size),
-          'label': int(diagnosis == 2), 'diagnosis': diagnosis, 'id': name}
+      image, mask = files.load_pair(cases, f'{name}.bmp', cases, f'{name}_lesion.bmp', size)
+      yield name, {'image': image, 'mask': mask, 'label': int(diagnosis == 2),
+                   'diagnosis': diagnosis, 'id': name}
 
 
 def read_sheet(path) -> dict[str, int]:

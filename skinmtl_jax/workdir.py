@@ -1,0 +1,149 @@
+"""What a run may do to its workdir: one run at a time, and no rerun that would mix two configs.
+
+`lock(workdir)` holds an exclusive `fcntl.flock` on `workdir/.lock` for the whole run. The
+kernel releases it when the process ends in any way (SIGKILL included), so a killed run never
+leaves a stale lock behind; a second run on the same workdir is refused by name.
+
+`check_and_save_config(config, workdir)` compares the config of a rerun with the saved
+`config.json` before anything is written. A run that has checkpoints or metrics may only change
+the fields in `CHANGEABLE` (how long to train, how often to log and save, what to evaluate on,
+where the data lies); any other change would resume a state trained under other settings, or not
+resume at all, so it is refused with the fields named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+
+from skinmtl_jax.config_base import ConfigError
+
+LOCK_NAME = '.lock'
+
+# Fields a rerun may change: they do not touch the trained state, the order of the data or
+# what the numbers mean.
+CHANGEABLE = frozenset({
+    'experiment', 'num_epochs', 'num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
+    'max_checkpoints_to_keep', 'eval_batch_size', 'threshold', 'grad_study_every_steps',
+    'sharding', 'data.eval_sets', 'data.manual_dir', 'data.data_dir', 'data.num_workers',
+    'data.on_device', 'data.on_device_fraction', 'data.prefetch_batches',
+})
+
+
+class WorkdirBusy(ConfigError):
+  """Another process holds the workdir's lock."""
+
+
+def _lock_file(path: str, *, blocking: bool, what: str):
+  """Opens `path` and takes an exclusive flock on it; returns the open file."""
+  f = open(path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+  except OSError as e:
+    f.seek(0)
+    holder = f.read().strip()
+    f.close()
+    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      raise WorkdirBusy(f'{what} is in use by another process ({holder or "unknown"}); wait '
+                        'for it to finish, or give another --workdir.') from None
+    raise
+  f.seek(0)
+  f.truncate()
+  f.write(f'pid {os.getpid()} on {os.uname().nodename}\n')
+  f.flush()
+  return f
+
+
+@contextlib.contextmanager
+def lock(workdir: str, *, blocking: bool = False):
+  """Holds `workdir`'s exclusive lock (process 0 only: the others of a job share its workdir).
+
+  Raises WorkdirBusy at once if another process holds it (or waits, when `blocking`).
+  """
+  if jax.process_index() > 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  f = _lock_file(os.path.join(workdir, LOCK_NAME), blocking=blocking, what=workdir)
+  try:
+    yield
+  finally:
+    f.close()  # releases the lock; the file stays (removing it would race a waiting process)
+
+
+@contextlib.contextmanager
+def lock_folder(folder: str, what: str):
+  """A blocking exclusive lock on `folder/.lock`, e.g. while a dataset is prepared there."""
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, LOCK_NAME)
+  try:
+    f = _lock_file(path, blocking=False, what=what)
+  except WorkdirBusy:
+    logging.info('Waiting for another process that holds %s.', path)
+    f = _lock_file(path, blocking=True, what=what)
+  try:
+    yield
+  finally:
+    f.close()
+
+
+def _flat(d: Any, prefix: str = '') -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix[:-1]: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f'{prefix}{k}.'))
+  return out
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{field: (saved, new)} for every field whose value differs; a field that only one side has
+  (added to or removed from the code since) is not a change."""
+  old = _flat(saved)
+  new = _flat(json.loads(config.to_json_best_effort()))
+  return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
+
+
+def has_started(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint or metrics of a run (not just a config.json)."""
+  ckpt = os.path.join(workdir, 'checkpoints')
+  steps = os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
+  return steps or os.path.exists(os.path.join(workdir, 'metrics.json'))
+
+
+def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a rerun whose config differs from the saved one outside CHANGEABLE, before
+  anything is written; otherwise writes `workdir/config.json` (atomically)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path) and has_started(workdir):
+    try:
+      with open(path, encoding='utf-8') as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f'{path} is unreadable ({e}); cannot tell whether this run may resume '
+                        f'under the new config. Give another --workdir.') from e
+    changes = config_changes(saved, config)
+    refused = {k: v for k, v in changes.items() if k not in CHANGEABLE}
+    if refused:
+      shown = '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in refused.items())
+      raise ConfigError(
+          f'{workdir} holds a run with another config ({shown}). These fields cannot change '
+          f'in a run that has started; give a new --workdir to train with them (the run in '
+          f'{workdir} stays as it is). A rerun may change only: {", ".join(sorted(CHANGEABLE))}.')
+    if changes:
+      logging.info('Resuming %s with changed %s.', workdir,
+                   ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items()))
+  if jax.process_index() == 0:
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=1))
+    os.replace(tmp, path)

@@ -1,0 +1,378 @@
+"""Nothing lost, nothing silently wrong (issue 17): reruns with another config, two runs in one
+workdir, damaged checkpoints, SIGTERM outside the train loop, config values refused up front,
+command lines given a wrong folder, odd image files, symlinked downloads and scalars.jsonl after
+a resume. Command lines are run as subprocesses: their exit code, their one-line message and
+the absence of a traceback are what a user sees."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, tiny_config
+from skinmtl_jax import checkpointing, evaluate, train, workdir, writers
+from skinmtl_jax.config_base import ConfigError
+from skinmtl_jax.datasets import files
+
+ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+
+
+def _run(module, *args, timeout=300):
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _main(workdir_, *overrides):
+  return ['--config=configs/tiny.py', f'--workdir={workdir_}', *overrides]
+
+
+def _assert_refused(r, *phrases, code=1):
+  assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+  assert 'Traceback' not in r.stderr, r.stderr[-3000:]
+  for p in phrases:
+    assert p in r.stderr, (p, r.stderr[-3000:])
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A finished tiny run (checkpoints of steps 3 and 6, metrics.json); copy it to change it."""
+  run = tmp_path_factory.mktemp('trained') / 'run'
+  r = _run('skinmtl_jax.main', *_main(run), timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return run
+
+
+def _copy(run, tmp_path, name='run'):
+  dst = tmp_path / name
+  shutil.copytree(run, dst)
+  return dst
+
+
+def _snapshot(run):
+  return {n: (run / n).read_bytes() for n in ('config.json', 'metrics.json', 'report.md')}
+
+
+# ------------------------------------------------------------------ 1. rerun, changed config
+
+def test_rerun_with_another_architecture_is_refused_and_leaves_the_run_intact(trained, tmp_path):
+  run = _copy(trained, tmp_path)
+  before = _snapshot(run)
+  r = _run('skinmtl_jax.main', *_main(run, '--config.model.features=(4,8,8,32)'))
+  _assert_refused(r, 'model.features', '[4, 8, 8, 16] -> [4, 8, 8, 32]', 'new --workdir',
+                  'num_train_steps')
+  assert _snapshot(run) == before
+  assert sorted(os.listdir(run / 'checkpoints')) == ['3', '6']
+  _, _, state = evaluate.load_run(str(run))  # predict and evaluate still work on it
+  assert checkpointing.step_of(state) == 6
+
+
+def test_which_config_changes_a_rerun_may_make(trained, tmp_path):
+  run = _copy(trained, tmp_path)
+  refused = [('batch_size', 8), ('num_seeds', 2), ('seed', 1), ('optim.learning_rate', 1e-3),
+             ('data.image_size', (64, 64)), ('model.arch', 'resnet50'), ('data.name', 'isic2016')]
+  for field, value in refused:
+    cfg = tiny_config()
+    holder, key = (cfg, field) if '.' not in field else (cfg[field.split('.')[0]],
+                                                          field.split('.')[1])
+    holder[key] = value
+    with pytest.raises(ConfigError, match=field.replace('.', r'\.')):
+      workdir.check_and_save_config(cfg, str(run))
+  cfg = tiny_config()
+  cfg.num_train_steps, cfg.log_every_steps, cfg.data.eval_sets = 60, 5, ('test', 'test')
+  cfg.data.manual_dir, cfg.threshold = '/elsewhere', 0.4
+  workdir.check_and_save_config(cfg, str(run))
+  assert json.loads((run / 'config.json').read_text())['num_train_steps'] == 60
+  # A field that the saved config lacks (added to the code since) is not a change.
+  saved = json.loads((run / 'config.json').read_text())
+  del saved['data']['num_workers']
+  (run / 'config.json').write_text(json.dumps(saved))
+  workdir.check_and_save_config(tiny_config(), str(run))
+  # A workdir that never got as far as a checkpoint may be reused with any config.
+  fresh = tmp_path / 'fresh'
+  workdir.check_and_save_config(tiny_config(), str(fresh))
+  cfg = tiny_config()
+  cfg.batch_size = 8
+  workdir.check_and_save_config(cfg, str(fresh))
+
+
+# ---------------------------------------------------------------- 5. two runs in one workdir
+
+def _wait_for_step(proc, run, step, timeout=300):
+  t = time.time()
+  while True:
+    path = run / 'scalars.jsonl'
+    rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    if max((r['step'] for r in rows if 'train/loss' in r), default=0) >= step:
+      return
+    assert proc.poll() is None, (run.parent / 'first.log').read_text()[-3000:]
+    assert time.time() - t < timeout
+    time.sleep(0.1)
+
+
+def test_a_second_run_in_the_same_workdir_is_refused(trained, tmp_path):
+  run = _copy(trained, tmp_path)
+  before = _snapshot(run)
+  # The first: the finished run resumed for more steps (a change a rerun may make).
+  log = open(tmp_path / 'first.log', 'w+', encoding='utf-8')  # a pipe would fill and block it
+  first = subprocess.Popen(
+      [sys.executable, '-m', 'skinmtl_jax.main', *_main(
+          run, '--config.num_train_steps=100000', '--config.log_every_steps=1',
+          '--config.checkpoint_every_steps=100000')],
+      cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=log, text=True)
+  try:
+    _wait_for_step(first, run, 8)
+    second = _run('skinmtl_jax.main', *_main(run, '--config.seed=1'))
+    _assert_refused(second, f'{run} is in use by another process (pid {first.pid}')
+    assert first.poll() is None  # undisturbed
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(120) == train.PREEMPTED_EXIT_CODE
+  finally:
+    if first.poll() is None:
+      first.kill()
+    log.close()
+  # The first run's own files: its config (seed 0, more steps), its new checkpoint, and the
+  # metrics of the finished run it continued (not yet re-evaluated).
+  config = json.loads((run / 'config.json').read_text())
+  assert config['seed'] == 0 and config['num_train_steps'] == 100000
+  assert (run / 'metrics.json').read_bytes() == before['metrics.json']
+  steps_saved = sorted(int(s) for s in os.listdir(run / 'checkpoints') if s.isdigit())
+  assert steps_saved[:2] == [3, 6] and steps_saved[-1] > 8
+
+
+# --------------------------------------------------------------- 6. damaged latest checkpoint
+
+def _damage(run, step):
+  """Truncates the largest array file of the checkpoint of `step` to half its length."""
+  data = [p for p in (run / 'checkpoints' / str(step)).rglob('*') if p.is_file()
+          and 'ocdbt.process_0' in str(p)]
+  big = max(data, key=lambda p: p.stat().st_size)
+  big.write_bytes(big.read_bytes()[:big.stat().st_size // 2])
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(trained, tmp_path):
+  run = _copy(trained, tmp_path)
+  _damage(run, 6)
+  _, _, state = evaluate.load_run(str(run))
+  assert checkpointing.step_of(state) == 3
+  (run / 'checkpoints' / '3' / 'state' / '_METADATA').unlink()  # and one without metadata
+  r = _run('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "out"}', 'x.png')
+  _assert_refused(r, 'None of the checkpoints', str(run / 'checkpoints'))
+
+
+def test_non_finite_weights_are_taken_for_damage(trained, tmp_path):
+  run = _copy(trained, tmp_path)
+  _, _, state = evaluate.load_run(str(run))
+  bad = state.replace(step=state.step + 3,
+                      params=jax.tree.map(lambda x: x * np.nan, state.params))
+  manager = checkpointing.create_manager(str(run))
+  checkpointing.save(manager, bad)
+  manager.wait_until_finished()
+  assert manager.latest_step() == 9
+  manager.close()
+  _, _, state = evaluate.load_run(str(run))
+  assert checkpointing.step_of(state) == 6
+  assert np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])).all()
+
+
+def test_training_resumes_from_the_newest_intact_checkpoint(trained, tmp_path):
+  run = _copy(trained, tmp_path)
+  _damage(run, 6)
+  r = _run('skinmtl_jax.main', *_main(run, '--config.num_train_steps=9'), timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'checkpoints/6 cannot be restored' in r.stderr
+  assert 'Restored the checkpoint of step 3' in r.stderr
+  assert json.loads((run / 'metrics.json').read_text())['steps'] == 9
+  assert [p.name.split('.')[0] for p in (run / 'checkpoints_damaged').iterdir()] == ['6']
+  manager = checkpointing.create_manager(str(run), read_only=True)
+  assert manager.all_steps() == [3, 6, 9]  # step 6 trained and saved again
+  manager.close()
+  _, _, state = evaluate.load_run(str(run), step=6)
+  assert checkpointing.step_of(state) == 6
+
+
+# ---------------------------------------------------------- 7. SIGTERM outside the train loop
+
+_SIGTERM_AT = """
+import os, signal, sys, time
+from absl import app
+from skinmtl_jax import evaluate, input_pipeline, main, parallel
+module, name = {'start': (parallel, 'maybe_initialize_distributed'),
+                'setup': (input_pipeline, 'get_split'),
+                'evaluation': (evaluate, 'evaluate_and_report')}[sys.argv.pop(1)]
+def term(*args, **kwargs):
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(60)
+setattr(module, name, term)
+app.run(main.main)
+"""
+
+
+@pytest.mark.parametrize('where', ['start', 'setup', 'evaluation'])
+def test_sigterm_outside_the_train_loop_exits_75_with_a_message(trained, tmp_path, where):
+  run = _copy(trained, tmp_path)
+  before = _snapshot(run)
+  r = subprocess.run([sys.executable, '-c', _SIGTERM_AT, where, *_main(run)], cwd=ROOT,
+                     env=ENV, capture_output=True, text=True, timeout=300)
+  _assert_refused(r, 'SIGTERM', 'run the same command again', code=train.PREEMPTED_EXIT_CODE)
+  assert _snapshot(run) == before
+  assert sorted(os.listdir(run / 'checkpoints')) == ['3', '6']
+
+
+# --------------------------------------------------------------- 8. config values refused
+
+@pytest.mark.parametrize('field,value,match', [
+    ('num_epochs', -3, 'num_epochs=-3'), ('max_checkpoints_to_keep', 0, 'max_checkpoints'),
+    ('optim.learning_rate', 0.0, 'optim.learning_rate'),
+    ('optim.final_learning_rate', -1.0, 'optim.final_learning_rate'),
+    ('checkpoint_every_steps', 0, 'checkpoint_every_steps'),
+    ('log_every_steps', 0, 'log_every_steps'), ('threshold', 2.0, 'threshold'),
+    ('threshold', 0.0, 'threshold'), ('data.image_size', (32,), r'data\.image_size'),
+    ('data.image_size', (0, 0), r'data\.image_size'),
+    ('data.image_size', (36, 32), 'multiples of 8'), ('model.features', (), 'model.features'),
+    ('model.features', (4, 0), 'model.features'), ('num_seeds', 10_000, 'num_seeds'),
+])
+def test_config_values_that_make_no_sense_are_refused(field, value, match):
+  cfg = tiny_config()
+  if field == 'num_epochs':
+    cfg.num_train_steps = -1
+  parts = field.split('.')
+  holder = cfg if len(parts) == 1 else cfg[parts[0]]
+  holder[parts[-1]] = value
+  with pytest.raises(ConfigError, match=match):
+    train.validate_config(cfg)
+
+
+def test_config_mistakes_on_the_command_line_end_in_one_line(tmp_path):
+  r = _run('skinmtl_jax.main', *_main(tmp_path / 'x', '--config.model.widht=3'))
+  _assert_refused(r, '--config.model.widht', 'model.resnet_width')
+  r = _run('skinmtl_jax.main', *_main(tmp_path / 'x', '--config.num_train_steps=-1',
+                                      '--config.num_epochs=-3'))
+  _assert_refused(r, 'num_epochs=-3')
+  assert not (tmp_path / 'x').exists()
+
+
+# ---------------------------------------------------------- 9. command lines, wrong workdir
+
+def test_command_lines_given_a_wrong_workdir_say_so_in_one_line(trained, tmp_path):
+  missing, empty, untrained = tmp_path / 'missing', tmp_path / 'empty', tmp_path / 'untrained'
+  empty.mkdir()
+  untrained.mkdir()
+  shutil.copy(trained / 'config.json', untrained)
+  out = f'--out={tmp_path / "out"}'
+  cases = [('skinmtl_jax.predict', missing, [out, 'x.png'], 'is not a folder'),
+           ('skinmtl_jax.predict', empty, [out, 'x.png'], 'config.json not found'),
+           ('skinmtl_jax.evaluate', missing, [], 'is not a folder'),
+           ('skinmtl_jax.evaluate', untrained, [], 'has no checkpoint yet'),
+           ('skinmtl_jax.grad_study', untrained, [out], 'has no checkpoint yet')]
+  for module, where, args, phrase in cases:
+    r = _run(module, f'--workdir={where}', *args)
+    _assert_refused(r, str(where), phrase)
+  assert not missing.exists() and not (tmp_path / 'out').exists()
+
+
+# ------------------------------------------------------ 3, 4. odd images and predict outputs
+
+def _png(arr) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def test_16_bit_images_are_scaled_not_white():
+  gray = np.full((6, 8), 30000, np.uint16)
+  gray[0, 0] = 65535
+  img = files.decode_image(_png(gray), 'g16.png', mode='RGB')
+  arr = np.asarray(img)
+  assert arr[1, 1].tolist() == [117, 117, 117] and arr[0, 0].tolist() == [255, 255, 255]
+  mask = np.zeros((6, 8), np.uint16)
+  mask[2:4, 2:6] = 65535
+  folder = files.Folder('masks', {'m.png': 'm.png'}, None)
+  folder.read_bytes = lambda name: _png(mask)
+  np.testing.assert_array_equal(files.load_mask(folder, 'm.png', (6, 8)), mask // 65535)
+
+
+def test_exif_orientation_is_applied():
+  arr = np.zeros((10, 20, 3), np.uint8)
+  arr[:, :5] = 255  # white on the left
+  exif = Image.Exif()
+  exif[0x0112] = 6  # viewers rotate this 90 degrees clockwise
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format='JPEG', exif=exif.tobytes(), quality=95)
+  img = np.asarray(files.decode_image(buf.getvalue(), 'r.jpg', mode='RGB'))
+  assert img.shape == (20, 10, 3)
+  assert img[:5].mean() > 200 and img[-5:].mean() < 50  # the white strip is now on top
+
+
+def test_predict_gives_every_input_its_own_outputs(trained, tmp_path):
+  rng = np.random.default_rng(0)
+  images = tmp_path / 'images'
+  paths = [images / 'a' / 'same.jpg', images / 'b' / 'same.jpg', images / 'c.jpg',
+           images / 'c.png', images / 'g16.png']
+  for p in paths[:4]:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(p)
+  paths[4].write_bytes(_png(np.full((40, 30), 20000, np.uint16)))
+  out = tmp_path / 'out'
+  r = _run('skinmtl_jax.predict', f'--workdir={trained}', f'--out={out}', *map(str, paths))
+  assert r.returncode == 0, r.stderr[-3000:]
+  r2 = _run('skinmtl_jax.predict', f'--workdir={trained}', f'--out={out}', str(paths[0]))
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  lines = [json.loads(l) for l in (out / 'predictions.jsonl').read_text().splitlines()]
+  assert len(lines) == 6
+  masks = [l['mask'] for l in lines[:5]]
+  assert len(set(masks)) == 5 and all(os.path.exists(m) for m in masks)
+  assert len({l['overlay'] for l in lines[:5]}) == 5
+  assert lines[5]['mask'] == lines[0]['mask']  # the same image again: its own outputs again
+  assert len({l['invocation'] for l in lines[:5]}) == 1 != len({l['invocation'] for l in lines})
+  for p, l in zip(paths, lines):
+    with Image.open(l['mask']) as m:
+      assert m.size == (30, 40)
+    assert l['image_abspath'] == str(p)
+
+
+# ----------------------------------------------------------------- 2. symlinked downloads
+
+def test_symlinked_download_folders_are_found_and_link_loops_end(tmp_path):
+  real = tmp_path / 'elsewhere' / 'isic2016'
+  (real / 'ISBI2016_ISIC_Part1_Training_Data').mkdir(parents=True)
+  (real / 'ISBI2016_ISIC_Part1_Training_Data' / 'ISIC_0000000.jpg').write_bytes(b'x')
+  (real / 'labels.csv').write_text('ISIC_0000000,benign\n')
+  manual = tmp_path / 'downloads'
+  (manual / 'more').mkdir(parents=True)
+  (manual / 'isic2016').symlink_to(real, target_is_directory=True)
+  (manual / 'more' / 'loop').symlink_to(manual, target_is_directory=True)
+  folder = files.find_folder(str(manual), 'ISBI2016_ISIC_Part1_Training_Data')
+  assert folder.names() == ['ISIC_0000000.jpg']
+  assert files.find_file(str(manual), 'labels.csv').read_text().startswith('ISIC_0000000')
+  with pytest.raises(files.DataError, match='Neither a folder'):
+    files.find_folder(str(manual), 'ISBI2016_ISIC_Part1_Test_Data')
+
+
+# ------------------------------------------------------------ 10. scalars.jsonl on a resume
+
+def test_scalars_jsonl_keeps_every_row_once_across_a_resume(tmp_path):
+  path, ckpt = tmp_path / 'scalars.jsonl', tmp_path / 'checkpoints'
+  w = writers.JsonlWriter(str(path), checkpoint_dir=str(ckpt))
+  for step in (2, 4, 6, 8):
+    w.write_scalars(step, {'train/loss': step})
+    # On disk at once: a SIGKILL now loses nothing.
+    assert json.loads(path.read_text().splitlines()[-1])['step'] == step
+  with open(path, 'a', encoding='utf-8') as f:
+    f.write('{"step": 9, "train/lo')  # cut off by the kill
+  for s in ('3', '6', '9.orbax-checkpoint-tmp-1'):
+    (ckpt / s).mkdir(parents=True)
+  # The killed run resumes from step 6 and writes steps 8 and 10 again.
+  w = writers.JsonlWriter(str(path), checkpoint_dir=str(ckpt))
+  for step in (8, 10):
+    w.write_scalars(step, {'train/loss': step})
+  w.close()
+  assert [json.loads(l)['step'] for l in path.read_text().splitlines()] == [2, 4, 6, 8, 10]
