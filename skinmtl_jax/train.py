@@ -102,6 +102,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'data.image_size={size}: the U-Net of {len(m.features)} levels '
                         f'(model.features) halves it {len(m.features) - 1} times, so H and W '
                         f'must be multiples of {down}.')
+  d = config.data
+  if d.on_device not in device_input.ON_DEVICE_MODES:
+    raise ConfigError(f'data.on_device={d.on_device!r}: expected one of '
+                      f'{device_input.ON_DEVICE_MODES}.')
+  if not 0 < d.on_device_fraction <= 1:
+    raise ConfigError(f'data.on_device_fraction={d.on_device_fraction}: a share of device '
+                      'memory in (0, 1].')
+  if d.prefetch_batches < 0:
+    raise ConfigError(f'data.prefetch_batches={d.prefetch_batches}: 0 (no prefetch) or more.')
   if config.num_seeds > MAX_SEEDS:
     raise ConfigError(f'num_seeds={config.num_seeds}: at most {MAX_SEEDS} members are trained '
                       'at once (each holds its own weights, Adam state and activations); run '

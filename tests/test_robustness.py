@@ -239,6 +239,9 @@ def test_sigterm_outside_the_train_loop_exits_75_with_a_message(trained, tmp_pat
     ('data.image_size', (0, 0), r'data\.image_size'),
     ('data.image_size', (36, 32), 'multiples of 8'), ('model.features', (), 'model.features'),
     ('model.features', (4, 0), 'model.features'), ('num_seeds', 10_000, 'num_seeds'),
+    ('data.on_device', 'yes', 'data.on_device'),
+    ('data.on_device_fraction', 0.0, 'data.on_device_fraction'),
+    ('data.prefetch_batches', -1, 'data.prefetch_batches'),
 ])
 def test_config_values_that_make_no_sense_are_refused(field, value, match):
   cfg = tiny_config()
