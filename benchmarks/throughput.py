@@ -3,7 +3,8 @@ CPU), in one run and one table.
 
     python benchmarks/throughput.py [--models=unet,mtl4] [--dtypes=float32,bfloat16]
         [--members=1,2,4,8] [--inputs=constant,resident,streamed] [--input_members=1]
-        [--steps=20] [--warmup=2] [--peak_tflops=0] [--monai] [--upconv] [--json=PATH]
+        [--rows=MODEL/DTYPE/K/MODE,...] [--steps=20] [--warmup=2] [--peak_tflops=0]
+        [--monai] [--time_budget_s=0] [--json=PATH]
         [--data=synthetic|isic2016 --manual_dir=DIR --data_dir=DIR]
         [--image_size=H,W] [--features=...] [--batch=10]
 
@@ -18,15 +19,15 @@ transforms inside it). Per model, dtype and K:
 
 'vs constant' is the input mode's throughput over the constant batch's, measured in the same
 run: the pipeline's cost. Input modes other than 'constant' are measured for the K in
-`--input_members` only (each input mode compiles its own step). GFLOP/image is XLA's cost
-analysis of the compiled step (forward, backward, Adam) over K x batch; TFLOP/s is what the
-timed steps achieved, and utilisation is that over `--peak_tflops` (0: not shown; an H200's
-dense bf16 peak is about 990 by its datasheet, float32 about 67).
+`--input_members` only (each row compiles its own step), unless `--rows` lists the rows.
+GFLOP/image is XLA's cost analysis of the compiled step (forward, backward, Adam) over
+K x batch; TFLOP/s is what the timed steps achieved, and utilisation is that over
+`--peak_tflops` (0: not shown; an H200's dense bf16 peak is about 990 by its datasheet).
 
-`--upconv` adds, for each model and dtype at K=1 on the constant batch, the model with flax's
-`nn.ConvTranspose` as the decoder's up-convolution (the former model) instead of `UpConv2x2`.
-`--monai` adds MONAI's DynUNet (same backbone) when torch and monai are importable: on a GPU
-with bfloat16 autocast, channels-last and cuDNN autotuning, on a CPU in float32.
+The mode 'convtranspose' is the constant batch with flax's `nn.ConvTranspose` as the
+decoder's up-convolution (the former model) instead of `UpConv2x2`. `--monai` adds MONAI's
+DynUNet (same backbone; timed first) when torch and monai are importable: on a GPU with bfloat16
+autocast, channels-last and cuDNN autotuning, on a CPU in float32.
 Inference latency: `steps.predict` (one member, eval mode, uint8 images in), median of
 `--infer_runs` calls per batch size in `--infer_batches`.
 
@@ -57,8 +58,13 @@ from dynunet import DynUNet, machine, random_batch  # pylint: disable=g-import-n
 flags.DEFINE_list('models', ['unet', 'mtl4'], 'Configs (configs/<name>.py).')
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'model.dtype of each row.')
 flags.DEFINE_list('members', ['1', '2', '4', '8'], 'Ensemble sizes K (num_seeds).')
-flags.DEFINE_list('inputs', ['constant', 'resident', 'streamed'], 'Input modes (see above).')
-flags.DEFINE_list('input_members', ['1'], 'K for which the resident and streamed modes run.')
+flags.DEFINE_list('inputs', ['constant', 'resident', 'streamed', 'convtranspose'],
+                  'Input modes (see above).')
+flags.DEFINE_list('input_members', ['1'], 'K for which the modes other than constant run.')
+flags.DEFINE_list('rows', [], 'Explicit rows MODEL/DTYPE/K/MODE (e.g. mtl4/bfloat16/8/constant) '
+                  'instead of the product of --models, --dtypes, --members and --inputs.')
+flags.DEFINE_float('time_budget_s', 0.0, 'Skip the rows that would start after this many '
+                   'seconds (0: no limit); the table says which were skipped.')
 flags.DEFINE_enum('order', 'shared', ['shared', 'per_member'],
                   'seed_data_order of K > 1 (per_member: each member reads its own batches).')
 flags.DEFINE_integer('steps', 20, 'Timed training steps per row.')
@@ -74,7 +80,6 @@ flags.DEFINE_string('data_dir', '', 'data.data_dir for --data=isic2016.')
 flags.DEFINE_list('infer_batches', ['1', '32'], 'Inference batch sizes.')
 flags.DEFINE_integer('infer_runs', 10, 'Timed inference calls per batch size (median).')
 flags.DEFINE_float('peak_tflops', 0.0, 'Peak of the device for the utilisation column.')
-flags.DEFINE_bool('upconv', True, 'Also time flax nn.ConvTranspose as the up-convolution.')
 flags.DEFINE_bool('monai', False, 'Also time MONAI\'s DynUNet (needs torch and monai).')
 flags.DEFINE_string('json', '', 'Also write the rows and the machine to this JSON file.')
 flags.DEFINE_integer('seed', 0, 'Seed of models and data.')
@@ -243,52 +248,63 @@ def print_tables(rows, latencies):
       print(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['ms']:.2f} |")
 
 
+def plan() -> list[tuple[str, str, int, str]]:
+  if FLAGS.rows:
+    out = []
+    for spec in FLAGS.rows:
+      model, dtype, k, mode = spec.split('/')
+      out.append((model, dtype, int(k), mode))
+    return out
+  return [(model, dtype, k, mode) for model in FLAGS.models for dtype in FLAGS.dtypes
+          for k in (int(v) for v in FLAGS.members) for mode in FLAGS.inputs
+          if mode == 'constant' or str(k) in FLAGS.input_members]
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  start = time.perf_counter()
   env = environment()
   print(json.dumps(env))
   rng = np.random.default_rng(FLAGS.seed)
-  rows, latencies, splits = [], [], {}
-  upconv = None
-  if FLAGS.upconv:
-    import conv_variants  # pylint: disable=g-import-not-at-top
-    upconv = conv_variants.flax_upconv
-  for name in FLAGS.models:
-    for dtype in FLAGS.dtypes:
-      for k in (int(v) for v in FLAGS.members):
-        for mode in FLAGS.inputs:
-          if mode != 'constant' and str(k) not in FLAGS.input_members:
-            continue
-          cfg = make_config(name, dtype, k, 'on' if mode == 'resident' else 'off')
-          key = (cfg.data.name, tuple(cfg.data.image_size))
-          if key not in splits:
-            splits[key] = input_pipeline.get_split(cfg.data, 'train')
-          row = Row(name, cfg, mode, splits[key])
-          rows.append(row.measure())
-          print(json.dumps(rows[-1]), flush=True)
-          if mode == 'constant' and k == 1:
-            for b in (int(v) for v in FLAGS.infer_batches):
-              latencies.append({'model': name, 'dtype': dtype, 'batch': b,
-                                'ms': row.latency(b, rng)})
-              print(json.dumps(latencies[-1]), flush=True)
-            if upconv is not None and cfg.model.arch == 'mtl':
-              flax_row = Row(name, cfg, 'constant', splits[key], lambda: upconv(True),
-                             label=f'{name} (flax ConvTranspose)')
-              rows.append(flax_row.measure())
-              print(json.dumps(rows[-1]), flush=True)
+  rows, latencies, splits, skipped = [], [], {}, []
   if FLAGS.monai:
     size = tuple(int(v) for v in FLAGS.image_size) if FLAGS.image_size else (192, 256)
-    more_rows, more_lat = monai_rows(size, rng)
-    rows += more_rows
-    latencies += more_lat
+    rows, latencies = monai_rows(size, rng)
+    for r in rows + latencies:
+      print(json.dumps(r), flush=True)
+  for name, dtype, k, mode in plan():
+    if FLAGS.time_budget_s and time.perf_counter() - start > FLAGS.time_budget_s:
+      skipped.append(f'{name}/{dtype}/{k}/{mode}')
+      continue
+    cfg = make_config(name, dtype, k, 'on' if mode == 'resident' else 'off')
+    key = (cfg.data.name, tuple(cfg.data.image_size))
+    if key not in splits:
+      splits[key] = input_pipeline.get_split(cfg.data, 'train')
+    if mode == 'convtranspose':
+      if cfg.model.arch != 'mtl':
+        continue
+      import conv_variants  # pylint: disable=g-import-not-at-top
+      row = Row(name, cfg, mode, splits[key], lambda: conv_variants.flax_upconv(True),
+                label=f'{name} (flax ConvTranspose)')
+    else:
+      row = Row(name, cfg, mode, splits[key])
+    rows.append(row.measure())
+    print(json.dumps(rows[-1]), flush=True)
+    if mode == 'constant' and k == 1:
+      for b in (int(v) for v in FLAGS.infer_batches):
+        latencies.append({'model': name, 'dtype': dtype, 'batch': b, 'ms': row.latency(b, rng)})
+        print(json.dumps(latencies[-1]), flush=True)
   print_tables(rows, latencies)
+  if skipped:
+    print(f'\nskipped (past --time_budget_s={FLAGS.time_budget_s:g}): {", ".join(skipped)}')
+  print(f'\ntotal {time.perf_counter() - start:.0f} s')
   if FLAGS.json:
     with open(FLAGS.json, 'w', encoding='utf-8') as f:
       json.dump({'environment': env, 'flags': {f: FLAGS[f].value for f in (
-          'models', 'dtypes', 'members', 'inputs', 'input_members', 'order', 'steps', 'warmup',
-          'batch', 'image_size', 'features', 'data', 'peak_tflops')},
-                 'training': rows, 'inference': latencies}, f, indent=1)
+          'models', 'dtypes', 'members', 'inputs', 'input_members', 'rows', 'order', 'steps',
+          'warmup', 'batch', 'image_size', 'features', 'data', 'peak_tflops')},
+                 'training': rows, 'inference': latencies, 'skipped': skipped}, f, indent=1)
 
 
 if __name__ == '__main__':
