@@ -18,6 +18,20 @@ def test_soft_dice_hand_computed():
   assert float(losses.soft_dice_loss(_logits(prob), mask)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_soft_dice_is_the_mean_of_per_image_dice_not_pooled():
+  """Two images of very different lesion sizes: the paper's loss averages their Dice; Dice over
+  the pooled pixels would weight the large lesion far more."""
+  prob = np.array([[[0.9, 0.9], [0.9, 0.9]],     # a large lesion, well found
+                   [[0.1, 0.1], [0.1, 0.6]]])    # a one-pixel lesion, half found
+  mask = np.array([[[1, 1], [1, 1]], [[0, 0], [0, 1]]])
+  per_image = [(2 * 3.6 + 1) / (3.6 + 4 + 1), (2 * 0.6 + 1) / (0.9 + 1 + 1)]
+  expected = 1 - np.mean(per_image)
+  pooled = 1 - (2 * 4.2 + 1) / (4.5 + 5 + 1)
+  got = float(losses.soft_dice_loss(_logits(prob), mask))
+  assert got == pytest.approx(expected, rel=1e-5)
+  assert abs(got - pooled) > 0.03   # 0.144 against 0.105
+
+
 def test_total_loss_weights_and_terms():
   seg = _logits(np.full((2, 2, 2), 0.5))
   cls = jnp.array([[0.0, 0.0], [0.0, 0.0]])
