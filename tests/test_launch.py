@@ -382,3 +382,42 @@ exit 0
   assert _local(str(tmp_path / 'sweep'), exe) == 75
   assert log.read_text().split() == ['start', 'term']
   assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_ladder_trains_every_rung_in_order_then_writes_both_tables(tmp_path):
+  """launch/ladder.sh with a fake `python` that writes each run's metrics.json: every config
+  of Table 3 runs with the extra arguments, then the real skinmtl_jax.tables writes both
+  tables with every rung beside the paper."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  log = tmp_path / 'calls'
+  _write_exe(bin_dir / 'python', f'''#!{sys.executable}
+import json, os, subprocess, sys
+if sys.argv[1:3] == ['-m', 'skinmtl_jax.tables']:
+  sys.exit(subprocess.call([{sys.executable!r}] + sys.argv[1:]))
+with open({str(log)!r}, 'a') as f:
+  f.write(json.dumps(sys.argv[1:]) + '\\n')
+workdir = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--workdir='))
+os.makedirs(workdir, exist_ok=True)
+row = {{'confusion': [[200, 42], [30, 33]], 'tpr_weighted': 0.76, 'tnr': 0.83, 'dice': 0.85,
+        'f1_weighted': 0.77, 'mcc': 0.8, 'iou': 0.75, 'auc': 0.8}}
+json.dump({{'params': 10_000_000, 'isic2016_test': row, 'ph2': row}},
+          open(os.path.join(workdir, 'metrics.json'), 'w'))
+''')
+  runs = tmp_path / 'runs'
+  r = subprocess.run(['bash', str(ROOT / 'launch' / 'ladder.sh'), str(runs),
+                      '--config.data.manual_dir=/data'], cwd=tmp_path, capture_output=True,
+                     text=True, timeout=300,
+                     env={**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}',
+                          'PYTHONPATH': str(ROOT)})
+  assert r.returncode == 0, r.stderr[-3000:]
+  calls = [json.loads(l) for l in log.read_text().splitlines()]
+  names = ['unet', 'resnet50', 'mtl0', 'mtl1', 'mtl2', 'mtl3', 'mtl4']
+  assert [c[2] for c in calls] == [f'--config=configs/{n}.py' for n in names]
+  assert all(c[-1] == '--config.data.manual_dir=/data' for c in calls)
+  for table in ('table3_isic2016.md', 'table4_ph2.md'):
+    text = (runs / table).read_text()
+    for n in names:
+      assert f'| {n} | ours | 10.00 | [[200, 42], [30, 33]] | 76.00 | 83.00 |' in text, (table, n)
+  text = (runs / 'table3_isic2016.md').read_text()
+  assert all(f'| {n} | paper |' in text for n in names)   # Table 3 has every rung

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, bias_before_batchnorm, tiny_config
-from skinmtl_jax import evaluate, parallel, train
+from skinmtl_jax import checkpointing, evaluate, parallel, train, workdir
 from skinmtl_jax.config_base import ConfigError
 
 
@@ -39,9 +39,10 @@ def test_sharded_training_matches_single_device_training(sharded, case):
   # tiny, Adam turns the round-off of a differently ordered reduction into up to a few percent
   # of a step; a wrong shard, batch or member order differs by whole steps. Conv biases that
   # feed BatchNorm have a true gradient of zero (pure round-off, rescaled by Adam to
-  # step-sized moves) and the running means carry them: both only stay within a few steps.
+  # step-sized moves): they cannot agree and are not compared ('bias_abs' is reported only).
+  # The running statistics carry those biases, so they agree only to a few steps.
   assert r['param_rel'] < 0.05, r
-  assert r['bias_abs'] < 10 and r['stats_abs'] < 10, r
+  assert r['stats_abs'] < 10, r
   # The work really was split: the batch over devices, and with 'members' the state too.
   assert r['state_devices'] == 4
   if 'members' in case:
@@ -131,3 +132,24 @@ def test_two_processes_each_loading_its_rows_train_like_one_process(tmp_path):
   m_single = json.loads((single / 'metrics.json').read_text())
   assert m_multi['steps'] == m_single['steps'] == 3
   assert abs(m_multi['test']['dice'] - m_single['test']['dice']) < 1e-3
+
+
+def test_a_process_other_than_0_writes_only_its_checkpoint_shards(tmp_path, monkeypatch):
+  """What process 1 of a multi-host run writes, simulated in one process: the project's
+  modules are told they are process 1 (orbax is not: it still writes the checkpoint, as every
+  process does its shards). No config.json, metrics, report, scalars, figures or lock."""
+  import types
+
+  class Process1(types.ModuleType):
+    def __getattr__(self, name):
+      return getattr(jax, name)
+
+  fake = Process1('jax')
+  fake.process_index = lambda *a, **k: 1
+  for module in (train, workdir, checkpointing, evaluate):
+    monkeypatch.setattr(module, 'jax', fake)
+  cfg = tiny_config()
+  cfg.num_train_steps = cfg.checkpoint_every_steps = 2
+  train.train_and_evaluate(cfg, str(tmp_path))
+  written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob('*') if p.is_file()}
+  assert written == {'checkpoints'}, written
