@@ -14,6 +14,7 @@ names the ones passed over. A training run moves damaged ones aside into
 
 from __future__ import annotations
 
+import logging as py_logging
 import os
 import time
 
@@ -26,9 +27,27 @@ import orbax.checkpoint as ocp
 from skinmtl_jax.steps import TrainState
 
 
+class QuietOrbax(py_logging.Filter):
+  """Drops orbax's INFO lines (it logs every step of every save and restore); keeps its
+  warnings."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_orbax_logging() -> None:
+  """Installs QuietOrbax on absl's handler (once): for every command line of the package."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, QuietOrbax) for f in handler.filters):
+    handler.addFilter(QuietOrbax())
+
+
 def create_manager(workdir: str, *, max_to_keep: int = 3,
                    read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+  """The manager of `workdir/checkpoints`, keeping the latest `max_to_keep` checkpoints
+  (orbax's `preservation_policy`; its `max_to_keep` option is deprecated)."""
+  policy = None if read_only else ocp.checkpoint_managers.LatestN(n=max_to_keep)
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
                                          read_only=read_only)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
                                options=options)

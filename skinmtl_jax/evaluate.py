@@ -4,22 +4,30 @@
 
 evaluates the latest checkpoint of RUN (also run at the end of training) and writes into RUN:
 metrics.json; report.md (our rows in the layout of the paper's Tables 3-4, the paper's row
-beside them); per_image_<set>.csv; boxplot_<set>.png (per-image MCC, IoU, DSC, the paper's
-Figure 6); overlays_<set>.png (best and worst cases, the paper's Figures 5 and 7); roc_<set>.png.
+beside them, and the calibration of the melanoma probability); per_image_<set>.csv;
+boxplot_<set>.png (per-image MCC, IoU, DSC, the paper's Figure 6); overlays_<set>.png (best and
+worst cases, the paper's Figures 5 and 7); roc_<set>.png; reliability_<set>.png (the
+reliability diagram before and after calibration); calibration.json (the temperature and bias
+fitted on the validation split, see skinmtl_jax/calibration.py); and the figures as images in
+the run's TensorBoard files.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import glob
 import json
 import os
+import time
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
+from skinmtl_jax import calibration as calibration_lib
 from skinmtl_jax import checkpointing, input_pipeline, metrics, paper, steps
 
 SEG_KEYS = ('dice', 'iou', 'mcc')
@@ -28,7 +36,11 @@ CI_KEYS = ('dice', 'iou', 'mcc', 'f1_weighted', 'tpr_weighted', 'tnr', 'auc')
 
 
 HEADLINE = ('dice', 'iou', 'mcc', 'dice_pooled', 'iou_pooled', 'mcc_pooled', 'f1_weighted',
-            'tpr_weighted', 'tnr', 'recall_melanoma', 'recall_benign', 'auc', 'ap')
+            'tpr_weighted', 'tnr', 'recall_melanoma', 'recall_benign', 'auc', 'ap', 'ece',
+            'brier')
+# What calibration changes: its own measures and the decisions at the threshold.
+CALIBRATED_KEYS = ('ece', 'brier', 'tpr_weighted', 'tnr', 'f1_weighted', 'recall_melanoma',
+                   'recall_benign', 'confusion')
 
 
 def scores(labels: np.ndarray, counts: np.ndarray | None, probs: np.ndarray | None, *,
@@ -49,6 +61,8 @@ def scores(labels: np.ndarray, counts: np.ndarray | None, probs: np.ndarray | No
     p = np.asarray(probs, np.float64)
     result.update(metrics.classification_scores(labels, p, threshold))
     result['ap'] = metrics.average_precision(labels, p)
+    result['ece'] = metrics.expected_calibration_error(labels, p)
+    result['brier'] = metrics.brier_score(labels, p)
     per_image['melanoma_prob'] = p.tolist()
 
     def cls_stat(key, idx):
@@ -98,12 +112,21 @@ def evaluate_split(eval_step, state, split: input_pipeline.Split, *, batch_size:
   probabilities). 'per_image' (of the single model or the ensemble) is for the report.
   """
   outs, ids = [], []
+  total, t0 = len(split.source), time.time()
+  last_log = t0
   for batch, batch_ids in input_pipeline.eval_batches(split, batch_size):
     valid = batch.pop('valid')
     out = jax.device_get(eval_step(state, batch))
     outs.append({k: (v[:, valid] if not k.startswith('ensemble') else v[valid])
                  for k, v in out.items()})
     ids += batch_ids
+    if time.time() - last_log > 10 and len(ids) < total:
+      last_log = time.time()
+      logging.info('Evaluating %s: %d/%d images, %.1f images/s.', split.name, len(ids), total,
+                   len(ids) / (last_log - t0))
+  seconds = time.time() - t0
+  logging.info('Evaluated %s: %d images in %.1f s, %.1f images/s.', split.name, len(ids),
+               seconds, len(ids) / max(seconds, 1e-9))
   cat = {k: np.concatenate([o[k] for o in outs], axis=0 if k.startswith('ensemble') else 1)
          for k in outs[0]}
   labels = np.asarray(split.labels)
@@ -124,6 +147,36 @@ def evaluate_split(eval_step, state, split: input_pipeline.Split, *, batch_size:
   per_image['id'] = ids
   result['per_image'] = per_image
   return result
+
+
+def calibrated_scores(labels, probs, calibration: dict[str, Any], *,
+                      threshold: float) -> dict[str, Any]:
+  """ECE, Brier and the decision measures at `threshold` of the calibrated probabilities."""
+  labels = np.asarray(labels)
+  q = calibration_lib.apply(probs, calibration)
+  out = {k: v for k, v in metrics.classification_scores(labels, q, threshold).items()
+         if k in CALIBRATED_KEYS}
+  out['ece'] = metrics.expected_calibration_error(labels, q)
+  out['brier'] = metrics.brier_score(labels, q)
+  return out
+
+
+def fit_calibration(eval_step, state, validation: input_pipeline.Split, *,
+                    batch_size: int) -> dict[str, Any] | None:
+  """Platt scaling of the melanoma probability (of the single model, or the ensemble's
+  average, what `predict` gives) on the validation split; None without a classifier."""
+  r = evaluate_split(eval_step, state, validation, batch_size=batch_size, threshold=0.5,
+                     bootstrap_samples=0)
+  probs = r['per_image'].get('melanoma_prob')
+  if probs is None:
+    return None
+  fitted = calibration_lib.fit(validation.labels, probs)
+  if fitted is not None:
+    logging.info('Calibration on %s (%d images, %d melanomas): temperature %.3f, bias %.3f; '
+                 'NLL %.4f -> %.4f.', validation.name, fitted['n'], fitted['melanomas'],
+                 fitted['temperature'], fitted['bias'], fitted['nll_before'],
+                 fitted['nll_after'])
+  return fitted
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -183,6 +236,85 @@ def _roc(path, labels, probs, auc, title):
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def _reliability(path, labels, probs, calibrated, title):
+  """Reliability diagram: share of melanomas against the mean probability per bin (15 bins),
+  before and (when fitted) after calibration, with the images per bin below."""
+  plt = _plt()
+  fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.2, 5.2), sharex=True,
+                                 gridspec_kw={'height_ratios': [3, 1]})
+  ax.plot([0, 1], [0, 1], 'k--', lw=1, label='perfectly calibrated')
+  curves = [('model', probs, 'tab:red')]
+  if calibrated is not None:
+    curves.append(('calibrated', calibrated, 'tab:blue'))
+  edges = np.linspace(0, 1, metrics.ECE_BINS + 1)
+  for name, p, color in curves:
+    r = metrics.reliability(labels, p)
+    full = r['count'] > 0
+    ece = metrics.expected_calibration_error(labels, p)
+    ax.plot(r['mean_prob'][full], r['frequency'][full], 'o-', color=color,
+            label=f'{name} (ECE {ece:.3f})')
+    hist.hist(np.asarray(p), bins=edges, histtype='step', color=color)
+  ax.set_ylabel('share of melanomas')
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.set_title(title)
+  ax.legend(loc='upper left', fontsize=8)
+  hist.set_xlabel('predicted melanoma probability')
+  hist.set_ylabel('images')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+CURVES = (('losses', ('train/loss', 'train/dice_loss', 'train/cls_loss'), 'linear'),
+          ('learning rate', ('train/learning_rate',), 'log'),
+          ('gradient and update norms', ('train/l2_grads', 'train/l2_updates'), 'log'))
+
+
+def write_curves(workdir: str) -> str | None:
+  """`workdir/curves.png` from `workdir/scalars.jsonl`: the losses, the learning rate and the
+  gradient (and update) norms over the steps; None when nothing was logged yet."""
+  path = os.path.join(workdir, 'scalars.jsonl')
+  if not os.path.exists(path):
+    return None
+  series: dict[str, dict[int, float]] = {}
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+        step = int(row.pop('step'))
+      except (ValueError, KeyError, TypeError):
+        continue  # a line cut off by a kill
+      for k, v in row.items():
+        series.setdefault(k, {})[step] = v  # a step logged again (resumed) keeps its last row
+  panels = [(t, [k for k in keys if k in series], scale) for t, keys, scale in CURVES]
+  panels = [p for p in panels if p[1]]
+  if not panels:
+    return None
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+  for ax, (title, keys, scale) in zip(axes[0], panels):
+    for k in keys:
+      steps_, values = zip(*sorted(series[k].items()))
+      ax.plot(steps_, values, label=k.split('/', 1)[-1])
+    ax.set_yscale(scale)
+    ax.set_xlabel('step')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  out = os.path.join(workdir, 'curves.png')
+  fig.savefig(out + '.tmp.png', dpi=110)
+  plt.close(fig)
+  os.replace(out + '.tmp.png', out)
+  return out
+
+
+def figures(workdir: str) -> list[str]:
+  """The run's figures (PNG files in its folder), for TensorBoard."""
+  return sorted(glob.glob(os.path.join(workdir, '*.png')))
 
 
 def _overlays(path, split, per_image, predict_fn, threshold, title, k=4):
@@ -278,16 +410,56 @@ def report_section(eval_set: str, r: dict, experiment: str, num_params: int, *,
   return '\n'.join(lines)
 
 
+def calibration_section(r: dict, calibration: dict[str, Any] | None, label: str, *,
+                        threshold: float) -> str:
+  """Markdown: ECE, Brier and the decisions at `threshold` of `r`'s melanoma probability, and
+  beside them the same after calibration (r['calibrated'])."""
+  if r.get('ece') is None:
+    return ''
+  cols = ('ece', 'brier', 'tpr_weighted', 'tnr', 'f1_weighted', 'recall_melanoma')
+
+  def row(name, x):
+    b, m = _confusion_cells(x.get('confusion'))
+    return (f'| {name} | ' + ' | '.join(f'{x[k]:.4f}' if k in ('ece', 'brier') else _pct(x[k])
+                                         for k in cols) + f' | {b[1]} | {m[1]} |')
+  lines = [f'Calibration of {label}\'s melanoma probability (ECE over 15 bins, Brier score; '
+           f'decisions at the threshold {threshold}):', '',
+           '| probability | ECE | Brier | TPR | TNR | F1 | recall M | B called M | M called M |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- |', row('as trained (the rows above)', r)]
+  if calibration is not None and r.get('calibrated'):
+    lines.append(row(f'calibrated (T {calibration["temperature"]:.3f}, bias '
+                     f'{calibration["bias"]:+.3f}; fitted on {calibration["n"]} validation '
+                     'images)', r['calibrated']))
+  else:
+    lines.append('| calibrated | no calibration: data.validation_fraction is 0, or the '
+                 'validation split lacks a class | | | | | | | |')
+  return '\n'.join(lines + ['', ''])
+
+
 def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir: str,
                         splits: dict[str, input_pipeline.Split],
-                        results: dict[str, Any], write: bool = True) -> dict[str, Any]:
+                        results: dict[str, Any], write: bool = True,
+                        validation: input_pipeline.Split | None = None) -> dict[str, Any]:
   """Evaluates `state` on each split (by eval set name) and writes every artifact into `workdir`.
 
   `results` holds what is known already (params, steps, data provenance); the evaluation
-  entries are added to it and the whole is written as metrics.json. With `write=False`
+  entries are added to it and the whole is written as metrics.json. With a `validation` split,
+  the calibration of the melanoma probability is fitted on it first ('calibration' in
+  metrics.json, calibration.json; without one, the calibration.json fitted earlier for this
+  checkpoint, if any, is used) and each set's entry (the ensemble's, for K > 1) gets
+  'calibrated': the same measures of the calibrated probabilities. With `write=False`
   (processes other than the first of a multi-host run) nothing is written.
   """
   eval_step = jax.jit(functools.partial(steps.eval_step, model=model, threshold=config.threshold))
+  step = checkpointing.step_of(state)
+  if validation is not None and len(validation.source):
+    calibration = fit_calibration(eval_step, state, validation,
+                                  batch_size=config.eval_batch_size)
+    if write:
+      calibration_lib.save(workdir, calibration, step)
+  else:
+    calibration = calibration_lib.load(workdir, step)  # fitted earlier for this step, if at all
+  results['calibration'] = calibration
   predict_jit = jax.jit(lambda st, images: jax.tree.map(
       lambda x: x.mean(0), steps.member_predictions(st, images, model=model)))
   predict_fn = lambda images: jax.device_get(predict_jit(state, images))
@@ -307,11 +479,21 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
                        threshold=config.threshold)
     per_image = r.pop('per_image')
     results[name] = r
+    # The calibration is of what predict gives: the single model, or the ensemble's average.
+    target = r.get('ensemble', r)
+    calibrated = None
+    if calibration is not None and 'melanoma_prob' in per_image:
+      calibrated = calibration_lib.apply(per_image['melanoma_prob'], calibration)
+      target['calibrated'] = calibrated_scores(split.labels, per_image['melanoma_prob'],
+                                               calibration, threshold=config.threshold)
     sections.append(report_section(name, r, config.experiment, results.get('params', 0)))
     if 'ensemble' in r:
       sections.append(report_section(name, r['ensemble'], f'{config.experiment} ensemble of '
                                      f'{len(r["members"])}', results.get('params', 0),
                                      paper_config=config.experiment, heading=False))
+    sections.append(calibration_section(
+        target, calibration, f'{config.experiment} ensemble' if 'ensemble' in r else
+        config.experiment, threshold=config.threshold))
     if not write:
       continue
     _write_per_image(os.path.join(workdir, f'per_image_{name}.csv'), per_image)
@@ -320,6 +502,9 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
     if r['auc'] is not None and np.isfinite(r['auc']):
       _roc(os.path.join(workdir, f'roc_{name}.png'), per_image['label'],
            per_image['melanoma_prob'], r['auc'], f'{config.experiment}: {name}')
+    if 'melanoma_prob' in per_image:
+      _reliability(os.path.join(workdir, f'reliability_{name}.png'), per_image['label'],
+                   per_image['melanoma_prob'], calibrated, f'{config.experiment}: {name}')
     _overlays(os.path.join(workdir, f'overlays_{name}.png'), split, per_image, predict_fn,
               config.threshold, f'{config.experiment}: {name}')
   if not write:
@@ -382,6 +567,7 @@ def main(argv):
   from skinmtl_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from skinmtl_jax.config_base import ConfigError  # pylint: disable=import-outside-toplevel
   from skinmtl_jax.datasets.files import DataError  # pylint: disable=import-outside-toplevel
+  checkpointing.quiet_orbax_logging()
   try:
     check_run_dir(flags.FLAGS.workdir)
     # metrics.json and the report are the run's: not while it trains or is evaluated elsewhere.
@@ -392,9 +578,18 @@ def main(argv):
 
 
 def _evaluate(f):
+  from skinmtl_jax import writers  # pylint: disable=import-outside-toplevel
+  from skinmtl_jax.config_base import ConfigError  # pylint: disable=import-outside-toplevel
+  from skinmtl_jax.datasets.files import DataError  # pylint: disable=import-outside-toplevel
   config, model, state = load_run(f.workdir)
   names = f.datasets or list(config.data.eval_sets)
   splits = {n: input_pipeline.get_split(config.data, n) for n in names}
+  try:
+    validation = input_pipeline.validation_split(config.data)
+  except (ConfigError, DataError) as e:  # e.g. evaluated where only the test sets are
+    logging.warning('The validation split cannot be read (%s): the calibration is not fitted '
+                    'again; the calibration.json of this checkpoint, if any, is used.', e)
+    validation = None
   path = os.path.join(f.workdir, 'metrics.json')
   results = {}
   if os.path.exists(path):
@@ -402,9 +597,14 @@ def _evaluate(f):
       results = json.load(fh)
   results.update({'params': int(sum(np.size(x) for x in jax.tree.leaves(
       steps.member(state.params, 0)))), 'steps': checkpointing.step_of(state)})
-  results = evaluate_and_report(config, state, model, f.workdir, splits, results)
+  results = evaluate_and_report(config, state, model, f.workdir, splits, results,
+                                validation=validation)
+  tensorboard = writers.TensorboardWriter(f.workdir)
+  writers.write_figures(tensorboard, results['steps'], figures(f.workdir))
+  tensorboard.close()
   for n in names:
-    print(n, {k: v for k, v in results[n].items() if k not in ('ci95', 'confusion')})
+    print(n, {k: v for k, v in results[n].items()
+              if k not in ('ci95', 'confusion', 'calibrated', 'members')})
 
 
 if __name__ == '__main__':

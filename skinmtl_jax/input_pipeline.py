@@ -15,6 +15,7 @@ eval step compiles once).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,42 +98,141 @@ def _real_split(name: str, dataset: str, split: str, data_cfg) -> Split:
   return Split(name, source, labels, ids)
 
 
-def get_split(data_cfg: ml_collections.ConfigDict, split: str) -> Split:
-  """The split `split` ('train', or an eval set name: 'test' for synthetic data,
-  'isic2016_test', 'ph2', 'isic2017_validation') of the configured data.
+class SubsetSource:
+  """The examples `indices` of a random-access source, in that order."""
 
-  For 'train', mtl4's extra ISIC 2017 melanomas are added when data.extra_melanomas names them.
+  def __init__(self, source, indices: Sequence[int]):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int) -> dict:
+    return self._source[int(self._indices[i])]
+
+
+def _subset(split: Split, name: str, indices: Sequence[int], info: dict | None = None) -> Split:
+  indices = np.asarray(indices, np.int64)
+  source = ([split.source[int(i)] for i in indices] if isinstance(split.source, list)
+            else SubsetSource(split.source, indices))
+  return Split(name, source, np.asarray(split.labels)[indices],
+               tuple(split.ids[int(i)] for i in indices), info or {})
+
+
+def validation_indices(ids: Sequence[str], labels: np.ndarray, fraction: float) -> np.ndarray:
+  """Which examples of a training split are held out for validation (sorted indices).
+
+  Stratified: of each class, round(fraction x its count) examples (at least one when the
+  fraction is positive and the class has two or more), so the held-out part keeps the
+  training data's natural class balance. Chosen by ISIC ID (the examples whose SHA-256 of the
+  ID sorts first), so an image's place depends on its ID alone, not on the order or on other
+  images; no enlargement applies to it.
   """
+  labels = np.asarray(labels)
+  if fraction <= 0:
+    return np.zeros(0, np.int64)
+  keep = []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    n = int(round(fraction * len(members)))
+    if len(members) >= 2:
+      n = min(max(n, 1), len(members) - 1)
+    key = lambda i: hashlib.sha256(str(ids[i]).encode()).hexdigest()
+    keep += sorted(members.tolist(), key=key)[:n]
+  return np.asarray(sorted(keep), np.int64)
+
+
+def _hold_out(full: Split, data_cfg) -> tuple[Split, Split | None]:
+  """(training part, validation part or None) of the training split `full`."""
+  fraction = float(data_cfg.get('validation_fraction', 0.0))
+  held = validation_indices(full.ids, full.labels, fraction)
+  if not len(held):
+    return full, None
+  rest = np.setdiff1d(np.arange(len(full.labels)), held)
+  info = {'validation_fraction': fraction, 'validation_examples': len(held),
+          'validation_melanomas': int(np.sum(np.asarray(full.labels)[held] == 1))}
+  return (_subset(full, full.name, rest, {**full.info, **info}),
+          _subset(full, f'{full.name}_validation', held))
+
+
+def _full_train(data_cfg) -> Split:
+  """The whole training split of the configured data, before validation is held out."""
   if data_cfg.name == 'synthetic':
-    if split not in ('train', 'test'):
-      raise DatasetUnavailableError(f'data.eval_sets names {split!r}; synthetic data has "test".')
     syn = data_cfg.synthetic
-    n = syn.num_train if split == 'train' else syn.num_test
-    source = SyntheticLesions(split, n, tuple(data_cfg.image_size), syn.melanoma_fraction,
-                              syn.seed)
+    source = SyntheticLesions('train', syn.num_train, tuple(data_cfg.image_size),
+                              syn.melanoma_fraction, syn.seed)
     # Drawn once and kept in memory: re-drawing every epoch would cost more than a small
     # model's train step (1000 examples at 192x256 take about 0.6 GB).
     examples = [source[i] for i in range(len(source))]
-    return Split(f'synthetic_{split}', examples, np.array([e['label'] for e in examples]),
+    return Split('synthetic_train', examples, np.array([e['label'] for e in examples]),
                  tuple(e['id'] for e in examples))
-  if split != 'train':
-    if split not in EVAL_SETS:
-      raise DatasetUnavailableError(
-          f'data.eval_sets names {split!r}; expected some of {sorted(EVAL_SETS)}.')
-    return _real_split(split, *EVAL_SETS[split], data_cfg)
   if data_cfg.name not in ('isic2016',):
     raise DatasetUnavailableError(
         f'data.name={data_cfg.name!r}: training data must be "synthetic" or "isic2016".')
-  train = _real_split('isic2016_train', 'isic2016', 'train', data_cfg)
-  if not data_cfg.extra_melanomas:
-    return train
-  return _with_extra_melanomas(train, data_cfg)
+  return _real_split('isic2016_train', 'isic2016', 'train', data_cfg)
 
 
-def _with_extra_melanomas(train: Split, data_cfg) -> Split:
+def train_and_validation(data_cfg: ml_collections.ConfigDict) -> tuple[Split, Split | None]:
+  """The training split and the validation split held out of it (None when
+  data.validation_fraction is 0), made together so the training data is read once.
+
+  The validation split comes from the ISIC 2016 (or synthetic) training images only, at their
+  natural class balance: never from an evaluation set, never from mtl4's extra melanomas (and
+  an extra melanoma that is a validation image is not added to training).
+  """
+  full = _full_train(data_cfg)
+  train, validation = _hold_out(full, data_cfg)
+  if data_cfg.name != 'synthetic' and data_cfg.extra_melanomas:
+    train = _with_extra_melanomas(train, data_cfg, known_ids=set(full.ids))
+  return train, validation
+
+
+def validation_split(data_cfg: ml_collections.ConfigDict) -> Split | None:
+  """Only the validation split (None when data.validation_fraction is 0): what evaluation
+  needs to fit the calibration again, without reading mtl4's extra melanomas."""
+  if float(data_cfg.get('validation_fraction', 0.0)) <= 0:
+    return None
+  return _hold_out(_full_train(data_cfg), data_cfg)[1]
+
+
+def get_split(data_cfg: ml_collections.ConfigDict, split: str) -> Split:
+  """The split `split` ('train'; 'validation', held out of the training data; or an eval set
+  name: 'test' for synthetic data, 'isic2016_test', 'ph2', 'isic2017_validation') of the
+  configured data.
+
+  'train' excludes the validation examples (data.validation_fraction); for it, mtl4's extra
+  ISIC 2017 melanomas are added when data.extra_melanomas names them.
+  """
+  if split in ('train', 'validation'):
+    train, validation = train_and_validation(data_cfg)
+    if split == 'train':
+      return train
+    if validation is None:
+      raise DatasetUnavailableError('The validation split is empty: data.validation_fraction '
+                                    'is 0.')
+    return validation
+  if data_cfg.name == 'synthetic':
+    if split != 'test':
+      raise DatasetUnavailableError(f'data.eval_sets names {split!r}; synthetic data has "test".')
+    syn = data_cfg.synthetic
+    source = SyntheticLesions(split, syn.num_test, tuple(data_cfg.image_size),
+                              syn.melanoma_fraction, syn.seed)
+    examples = [source[i] for i in range(len(source))]
+    return Split(f'synthetic_{split}', examples, np.array([e['label'] for e in examples]),
+                 tuple(e['id'] for e in examples))
+  if split not in EVAL_SETS:
+    raise DatasetUnavailableError(
+        f'data.eval_sets names {split!r}; expected some of {sorted(EVAL_SETS)}.')
+  return _real_split(split, *EVAL_SETS[split], data_cfg)
+
+
+def _with_extra_melanomas(train: Split, data_cfg, known_ids: set[str] | None = None) -> Split:
   """ISIC 2016 training plus the ISIC 2017 train + validation melanomas (mtl4), minus every
-  image whose ISIC ID is in an evaluation set and every image already in ISIC 2016 training,
-  unless data.paper_protocol_train_on_test_images asks for the paper's all-404 protocol."""
+  image whose ISIC ID is in an evaluation set and every image already in ISIC 2016 training
+  (`known_ids`: all of it, the held-out validation images included), unless
+  data.paper_protocol_train_on_test_images asks for the paper's all-404 protocol (which still
+  keeps the validation images out)."""
   if data_cfg.extra_melanomas != 'isic2017':
     raise DatasetUnavailableError(
         f'data.extra_melanomas={data_cfg.extra_melanomas!r}: only "isic2017" is known.')
@@ -140,9 +240,11 @@ def _with_extra_melanomas(train: Split, data_cfg) -> Split:
   eval_ids = set()
   for name in data_cfg.eval_sets:
     eval_ids.update(get_split(data_cfg, name).ids)
-  train_ids = set(train.ids)
+  train_ids = set(train.ids) if known_ids is None else set(known_ids)
+  held_out = train_ids - set(train.ids)  # the validation images: never trained on
   parts, info = [train.source], {'available': 0, 'added': 0, 'dropped_in_eval_set': 0,
-                                 'dropped_already_in_train': 0, 'in_eval_set_but_kept': 0,
+                                 'dropped_already_in_train': 0, 'dropped_in_validation': 0,
+                                 'in_eval_set_but_kept': 0,
                                  'paper_protocol_train_on_test_images': paper}
   labels, ids = [train.labels], list(train.ids)
   for split in ('train', 'validation'):
@@ -154,6 +256,9 @@ def _with_extra_melanomas(train: Split, data_cfg) -> Split:
       info['available'] += 1
       if not paper and image_id in eval_ids:
         info['dropped_in_eval_set'] += 1
+        continue
+      if image_id in held_out:
+        info['dropped_in_validation'] += 1
         continue
       if not paper and image_id in train_ids:
         info['dropped_already_in_train'] += 1
@@ -172,7 +277,7 @@ def _with_extra_melanomas(train: Split, data_cfg) -> Split:
     logging.warning('!' * 78)
   logging.info('Extra melanomas from ISIC 2017: %s', info)
   return Split('isic2016_train+isic2017_melanomas', ConcatSource(parts),
-               np.concatenate(labels), tuple(ids), {'extra_melanomas': info})
+               np.concatenate(labels), tuple(ids), {**train.info, 'extra_melanomas': info})
 
 
 def enlarged_index(labels: np.ndarray, multiplicities: Sequence[int]) -> np.ndarray:

@@ -5,7 +5,6 @@ Any config field can be overridden: `--config.num_train_steps=100`, `--config.mo
 
 import difflib
 import importlib.util
-import logging as py_logging
 import os
 import sys
 
@@ -21,12 +20,6 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and metrics.json.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-class _QuietOrbax(py_logging.Filter):
-
-  def filter(self, record):
-    return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def _config_fields(path: str) -> list[str]:
@@ -86,7 +79,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Orbax logs every step of every save at INFO; keep its warnings, drop the chatter.
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  checkpointing.quiet_orbax_logging()
   try:
     with train.SigtermRaises(FLAGS.workdir):  # from here on, SIGTERM exits 75 (requeue)
       # Several processes (SLURM tasks, or JAX_COORDINATOR_ADDRESS): join them before JAX.

@@ -6,7 +6,9 @@ For each image (any size; JPEG, PNG, BMP, ...; 16-bit images scaled to 8 bits, E
 orientation applied) writes DIR/<name>_mask.png (the lesion mask at the image's own resolution,
 0/255), DIR/<name>_overlay.png (the image with the lesion outline), and one JSON line, printed
 and appended to DIR/predictions.jsonl, with the melanoma probability, the decision at the run's
-threshold, the checkpoint used and the invocation (its time and process id). <name> is the
+threshold, the calibrated probability and its decision (when the run has a calibration fitted
+for its checkpoint, RUN/calibration.json; see skinmtl_jax/calibration.py), the checkpoint used
+and the invocation (its time and process id, the same on every line of one command). <name> is the
 file's name without its extension, made unique (see `output_names`), so two inputs never share
 an output. `--tta` averages the predictions over the 8 flips and right-angle rotations. An
 image that cannot be read is reported by name and the others are still processed; the exit code
@@ -20,12 +22,13 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from skinmtl_jax import calibration as calibration_lib
 from skinmtl_jax import checkpointing, evaluate, steps
 from skinmtl_jax.datasets import files
 
@@ -111,7 +114,7 @@ def output_names(paths: list[str], out_dir: str) -> list[str]:
 
 
 def predict_file(path: str, out_dir: str, predict, size, threshold: float, checkpoint: str,
-                 name: str | None = None) -> dict:
+                 name: str | None = None, calibration: dict | None = None) -> dict:
   """Runs the predictor on one image file and writes its mask and overlay as <name>_*.png."""
   with open(path, 'rb') as f:
     data = f.read()
@@ -125,6 +128,10 @@ def predict_file(path: str, out_dir: str, predict, size, threshold: float, check
   if 'melanoma_prob' in out:
     p = float(out['melanoma_prob'][0])
     record.update(melanoma_prob=p, decision='melanoma' if p >= threshold else 'benign')
+    if calibration is not None:
+      q = float(calibration_lib.apply(p, calibration))
+      record.update(melanoma_prob_calibrated=q,
+                    decision_calibrated='melanoma' if q >= threshold else 'benign')
   if 'lesion_prob' in out:
     prob = Image.fromarray(np.asarray(out['lesion_prob'][0], np.float32), mode='F')
     full = np.asarray(prob.resize((image.width, image.height), Image.BILINEAR)) >= threshold
@@ -142,6 +149,7 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Give one or more image files.')
+  checkpointing.quiet_orbax_logging()
   try:
     config, model, state = evaluate.load_run(FLAGS.workdir)
     os.makedirs(FLAGS.out, exist_ok=True)
@@ -150,13 +158,17 @@ def main(argv):
   predict = make_predictor(model, state, FLAGS.tta)
   checkpoint = os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints',
                             str(checkpointing.step_of(state)))
+  calibration = calibration_lib.load(FLAGS.workdir, checkpointing.step_of(state))
   invocation = f'{time.strftime("%Y-%m-%dT%H:%M:%S%z")} pid {os.getpid()}'
-  failed = 0
+  failed, t0 = 0, time.time()
   with open(os.path.join(FLAGS.out, 'predictions.jsonl'), 'a', encoding='utf-8') as log:
-    for path, name in zip(paths, output_names(paths, FLAGS.out)):
+    for i, (path, name) in enumerate(zip(paths, output_names(paths, FLAGS.out))):
+      if i:
+        logging.info('Predicted %d/%d images, %.2f images/s.', i, len(paths),
+                     i / (time.time() - t0))
       try:
         record = predict_file(path, FLAGS.out, predict, tuple(config.data.image_size),
-                              config.threshold, checkpoint, name)
+                              config.threshold, checkpoint, name, calibration)
       except (files.DataError, OSError) as e:
         failed += 1
         print(f'skinmtl_jax.predict: {path}: {e}', file=sys.stderr)
@@ -165,6 +177,8 @@ def main(argv):
       line = json.dumps(record)
       print(line)
       log.write(line + '\n')
+  logging.info('Predicted %d images in %.1f s, %.2f images/s.', len(paths), time.time() - t0,
+               len(paths) / (time.time() - t0))
   if failed:
     print(f'skinmtl_jax.predict: {failed} of {len(paths)} images failed.', file=sys.stderr)
     sys.exit(1)

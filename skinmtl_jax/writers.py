@@ -1,21 +1,29 @@
 """Metric writers: clu's logging writer, a JSON-lines file in the workdir, and TensorBoard.
 
-clu 0.0.12's `clu.metric_writers` imports TensorFlow unconditionally (for its SummaryWriter),
-and TensorFlow is an optional extra here. `ensure_clu_importable()` registers a stand-in for
-that one submodule when TensorFlow is absent, so the rest of clu (LoggingWriter, MultiWriter,
-periodic_actions) imports; the stand-in raises if anyone asks it for a TensorBoard writer.
+TensorBoard event files are written by `TensorboardWriter`, a clu MetricWriter on the
+`tensorboard` package's own event-file writer (what `torch.utils.tensorboard` uses): no
+TensorFlow needed, so `tensorboard --logdir RUN` works on a default install.
+
+clu 0.0.12's `clu.metric_writers` still imports TensorFlow unconditionally (for its
+SummaryWriter). `ensure_clu_importable()` registers a stand-in for that one submodule when
+TensorFlow is absent, so the rest of clu (LoggingWriter, MultiWriter, periodic_actions)
+imports; the stand-in's SummaryWriter is our TensorboardWriter, so clu's own
+`create_default_writer` writes event files too.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import sys
+import time
 import types
 from collections.abc import Mapping
 from typing import Any
 
+from absl import logging
 import numpy as np
 
 
@@ -31,9 +39,8 @@ def ensure_clu_importable() -> None:
 
   class SummaryWriter:  # pylint: disable=too-few-public-methods
 
-    def __init__(self, *args, **kwargs):
-      raise ImportError('TensorBoard summaries need TensorFlow: '
-                        "pip install 'skinmtl_jax[tensorboard]'.")
+    def __new__(cls, logdir: str):
+      return TensorboardWriter(logdir)
 
   stub = types.ModuleType(name)
   stub.SummaryWriter = SummaryWriter
@@ -44,6 +51,102 @@ ensure_clu_importable()
 
 from clu import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from clu.metric_writers import interface  # pylint: disable=wrong-import-position
+
+
+def _flat(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _png(image: np.ndarray) -> tuple[bytes, int, int, int]:
+  """(PNG bytes, height, width, channels) of an (H, W[, C]) image, uint8 or floats in [0, 1]."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  a = np.asarray(image)
+  if a.dtype != np.uint8:
+    a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+  if a.ndim == 3 and a.shape[-1] == 1:
+    a = a[..., 0]
+  buf = io.BytesIO()
+  Image.fromarray(a).save(buf, format='PNG')
+  return buf.getvalue(), a.shape[0], a.shape[1], 1 if a.ndim == 2 else a.shape[-1]
+
+
+class TensorboardWriter(interface.MetricWriter):
+  """Writes TensorBoard event files into `logdir` with the `tensorboard` package alone.
+
+  Scalars, images (the run's figures), texts, histograms and hparams; videos and audio are
+  not written (a warning says so once).
+  """
+
+  def __init__(self, logdir: str):
+    # Imported here: only runs that write event files need it (a few MB, no TensorFlow).
+    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
+    from tensorboard.summary.writer import event_file_writer  # pylint: disable=import-outside-toplevel
+    os.makedirs(logdir, exist_ok=True)
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    self._writer = event_file_writer.EventFileWriter(logdir, flush_secs=30)
+
+  def _add(self, step: int, values: list) -> None:
+    summary = self._summary_pb2.Summary(value=values)
+    self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                                 summary=summary))
+
+  def _add_summary(self, step: int, summary) -> None:
+    self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                                 summary=summary))
+
+  def write_summaries(self, step, values, metadata=None):
+    logging.log_first_n(logging.WARNING, 'TensorboardWriter writes no raw summaries.', 1)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    self._add(step, [self._summary_pb2.Summary.Value(tag=k, simple_value=float(np.asarray(v)))
+                     for k, v in scalars.items()])
+
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    values = []
+    for k, v in images.items():
+      v = np.asarray(v)
+      for i, image in enumerate(v if v.ndim == 4 else v[None]):
+        data, h, w, c = _png(image)
+        values.append(self._summary_pb2.Summary.Value(
+            tag=k if v.ndim != 4 or len(v) == 1 else f'{k}/{i}',
+            image=self._summary_pb2.Summary.Image(height=h, width=w, colorspace=c,
+                                                  encoded_image_string=data)))
+    self._add(step, values)
+
+  def write_videos(self, step, videos):
+    logging.log_first_n(logging.WARNING, 'TensorboardWriter writes no videos.', 1)
+
+  def write_audios(self, step, audios, *, sample_rate):
+    logging.log_first_n(logging.WARNING, 'TensorboardWriter writes no audio.', 1)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    from tensorboard.plugins.text import summary_v2  # pylint: disable=import-outside-toplevel
+    for k, v in texts.items():
+      self._add_summary(step, summary_v2.text_pb(k, v))
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    from tensorboard.plugins.histogram import summary_v2  # pylint: disable=import-outside-toplevel
+    for k, v in arrays.items():
+      buckets = None if num_buckets is None else num_buckets.get(k)
+      self._add_summary(step, summary_v2.histogram_pb(k, np.asarray(v), buckets=buckets))
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    from tensorboard.plugins.hparams import summary_v2  # pylint: disable=import-outside-toplevel
+    flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in _flat(hparams).items()}
+    self._add_summary(0, summary_v2.hparams_pb(flat))
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
 
 
 def latest_checkpoint_step(checkpoint_dir: str) -> int:
@@ -128,17 +231,35 @@ class JsonlWriter(interface.MetricWriter):
       self._file.close()
 
 
-def create_writer(workdir: str, *, just_logging: bool = False) -> metric_writers.MetricWriter:
-  """Logging + `workdir/scalars.jsonl` + TensorBoard files in `workdir` when TF is installed."""
+class RunWriter(metric_writers.MultiWriter):
+  """The writers of a run; `tensorboard` is its TensorBoard part (None in other processes than
+  the first), for what goes to TensorBoard only (the gradient study's many scalars, figures)."""
+
+  def __init__(self, writers, tensorboard: TensorboardWriter | None):
+    super().__init__(writers)
+    self.tensorboard = tensorboard
+
+
+def create_writer(workdir: str, *, just_logging: bool = False) -> RunWriter:
+  """Logging + `workdir/scalars.jsonl` + TensorBoard event files in `workdir`."""
   writers = [metric_writers.LoggingWriter()]
+  tensorboard = None
   if not just_logging:
     writers.append(JsonlWriter(os.path.join(workdir, 'scalars.jsonl'),
                                checkpoint_dir=os.path.join(workdir, 'checkpoints')))
-    if have_tensorflow():
-      writers.append(metric_writers.SummaryWriter(workdir))
-  return metric_writers.MultiWriter(writers)
+    tensorboard = TensorboardWriter(workdir)
+    writers.append(tensorboard)
+  return RunWriter(writers, tensorboard)
 
 
-def create_summary_writer(workdir: str) -> metric_writers.MetricWriter | None:
-  """TensorBoard only (None without TensorFlow): for many scalars that would flood the log."""
-  return metric_writers.SummaryWriter(workdir) if have_tensorflow() else None
+def write_figures(writer: interface.MetricWriter, step: int, paths: list[str]) -> None:
+  """The PNG figures `paths` as TensorBoard images, tagged by file name ('figures/roc_test')."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  images = {}
+  for path in paths:
+    if os.path.exists(path):
+      with Image.open(path) as im:
+        images[f'figures/{os.path.splitext(os.path.basename(path))[0]}'] = np.asarray(
+            im.convert('RGB'))
+  if images:
+    writer.write_images(step, images)
