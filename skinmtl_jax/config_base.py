@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   # seed + i. 'shared': all members read the same batches (ordered by data_seed); 'per_member':
   # member i reads its own order, seeded by data_seed + i.
   c.num_seeds = 1
+  # How the step runs the members: 'auto' (jax.vmap on accelerators; unrolled on a CPU, where
+  # vmapped convolutions are slow), 'vmap' or 'unroll'. The same results either way.
+  c.member_loop = 'auto'
   c.seed_data_order = 'shared'
   c.data_seed = -1               # -1: the same as seed
   # Devices: 'data' splits each batch over all devices (state replicated); 'members' puts the
@@ -84,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
   # protocol, warns, and marks metrics.json "trained_on_test_images": true.
   d.paper_protocol_train_on_test_images = False
   d.eval_sets = ('isic2016_test', 'ph2')
+  # Share of the training images held out (stratified by class, chosen by ID, not enlarged) to
+  # fit the calibration of the melanoma probability (a temperature and a bias, Platt scaling)
+  # and to measure it; they are not trained on. 0: none (no calibration).
+  d.validation_fraction = 0.1
   d.num_workers = 0              # grain worker processes (0: in the main process)
   # The training split on every device, gathered inside the step: 'auto' when it takes at most
   # on_device_fraction of one device's memory (the host's on a CPU), 'on', or 'off' (streamed).

@@ -123,14 +123,15 @@ def study(params, batch_stats, batch: dict[str, Array], *, model, dice_weight: f
 
 
 def make_study_step(model, *, dice_weight: float, cls_weight: float, dice_smooth: float,
-                    shared_batch: bool, mesh=None, inputs=None):
-  """jit(vmap(study)) over the member axis of a stacked TrainState, on the input pipeline's
+                    shared_batch: bool, mesh=None, inputs=None, member_loop: str = 'auto'):
+  """jit(over_members(study)) over the member axis of a stacked TrainState, on the pipeline's
   batches with their device-side `inputs` (see steps.make_train_step); with a `mesh`, the
   results come back replicated."""
   fn = functools.partial(study, model=model, dice_weight=dice_weight, cls_weight=cls_weight,
                          dice_smooth=dice_smooth)
-  per_member = lambda state, batch: jax.vmap(fn, in_axes=(0, 0, None if shared_batch else 0))(
-      state.params, state.batch_stats, batch)
+  per_member = lambda state, batch: steps.over_members(
+      fn, (0, 0, None if shared_batch else 0), member_loop)(state.params, state.batch_stats,
+                                                             batch)
   kw = {}
   if mesh is not None:
     per_member = parallel.shard_members(per_member, mesh, shared_batch)
@@ -389,6 +390,7 @@ def main(argv):
   from skinmtl_jax.config_base import ConfigError  # pylint: disable=import-outside-toplevel
   from skinmtl_jax.datasets.files import DataError  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
+  checkpointing.quiet_orbax_logging()
   try:
     evaluate.check_run_dir(f.workdir)  # before --out is made: a wrong --workdir leaves nothing
     os.makedirs(f.out, exist_ok=True)

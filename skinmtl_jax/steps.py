@@ -3,8 +3,11 @@
 `train_step(state, batch) -> (state, metrics)` is a pure function of explicit pytrees for one
 model; the model, optimizer and loss weights are bound with `functools.partial`. Training always
 runs a *seed ensemble*: the state carries a leading member axis (K = config.num_seeds, 1 for an
-ordinary run) and `make_train_step` compiles `jax.jit(jax.vmap(train_step))` once, so K
-independent models train in one step and K = 1 goes through the same code.
+ordinary run) and `make_train_step` compiles `jax.jit(over_members(train_step))` once, so K
+independent models train in one step and K = 1 goes through the same code. `over_members` is
+`jax.vmap` on accelerators; on a CPU it unrolls the K members in the program, because XLA:CPU
+runs a vmapped convolution (a grouped one, per-member weights) several times slower than K
+ordinary ones (`member_loop`, below).
 """
 
 from __future__ import annotations
@@ -84,6 +87,37 @@ def member(state, i: int):
   return jax.tree.map(lambda x: x[i], state)
 
 
+MEMBER_LOOPS = ('auto', 'vmap', 'unroll')
+
+
+def unrolls_members(member_loop: str = 'auto') -> bool:
+  """'auto': unroll on a CPU, vmap elsewhere (config.member_loop)."""
+  if member_loop not in MEMBER_LOOPS:
+    raise ValueError(f'member_loop={member_loop!r}; expected one of {MEMBER_LOOPS}.')
+  return member_loop == 'unroll' or (member_loop == 'auto' and jax.default_backend() == 'cpu')
+
+
+def over_members(fn, in_axes: tuple, member_loop: str = 'auto'):
+  """`fn` mapped over the leading member axis of the arguments whose in_axes is 0 (None:
+  shared by every member); every output gets the member axis.
+
+  `jax.vmap`, or, when `unrolls_members(member_loop)`, one call of `fn` per member written
+  out in the program and the results stacked: the same computation member by member (the
+  same results up to float round-off), which XLA:CPU runs as ordinary convolutions instead
+  of grouped ones (benchmarks/seed_ensemble.py).
+  """
+  if not unrolls_members(member_loop):
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def unrolled(*args):
+    k = next(jax.tree.leaves(a)[0].shape[0] for a, ax in zip(args, in_axes) if ax == 0)
+    outs = [fn(*[a if ax is None else member(a, i) for a, ax in zip(args, in_axes)])
+            for i in range(k)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+  return unrolled
+
+
 def forward_loss_terms(params, batch_stats, batch, *, model, dice_smooth: float = 1.0):
   """The training forward pass: (unweighted loss terms, (outputs, updated batch_stats))."""
   outputs, new_vars = model.apply({'params': params, 'batch_stats': batch_stats},
@@ -157,8 +191,10 @@ def predict(variables: dict, images: Array, *, model) -> dict[str, Array]:
 
 
 def make_train_step(model, tx, *, dice_weight: float, cls_weight: float, dice_smooth: float,
-                    shared_batch: bool, balancing: str = 'weighted', mesh=None, inputs=None):
-  """jit(vmap(train_step)) over the member axis, donating the state: `step(state, batch)`.
+                    shared_batch: bool, balancing: str = 'weighted', mesh=None, inputs=None,
+                    member_loop: str = 'auto'):
+  """jit(over_members(train_step)) over the member axis (vmap, or unrolled on a CPU; see
+  `over_members`), donating the state: `step(state, batch)`.
 
   With `shared_batch`, every member trains on the same batch (batch leaves (B, ...));
   otherwise each on its own (batch leaves (K, B, ...)). The batch is the input pipeline's:
@@ -170,7 +206,7 @@ def make_train_step(model, tx, *, dice_weight: float, cls_weight: float, dice_sm
   """
   step = functools.partial(train_step, model=model, tx=tx, dice_weight=dice_weight,
                            cls_weight=cls_weight, dice_smooth=dice_smooth, balancing=balancing)
-  fn, kw = jax.vmap(step, in_axes=(0, None if shared_batch else 0)), {}
+  fn, kw = over_members(step, (0, None if shared_batch else 0), member_loop), {}
   if mesh is not None:
     state_sh, replicated = parallel.state_sharding(mesh), parallel.replicated(mesh)
     fn = parallel.shard_members(fn, mesh, shared_batch)
@@ -188,10 +224,11 @@ def _seg_counts(lesion_prob: Array, masks: Array, threshold: float) -> Array:
                     count(~pred & ~truth)], axis=-1)
 
 
-def member_predictions(state: TrainState, images: Array, *, model) -> dict[str, Array]:
-  """`predict` of every member: leaves with a leading member axis."""
-  return jax.vmap(lambda p, bs: predict({'params': p, 'batch_stats': bs}, images, model=model))(
-      state.params, state.batch_stats)
+def member_predictions(state: TrainState, images: Array, *, model,
+                       member_loop: str = 'auto') -> dict[str, Array]:
+  """`predict` of every member: leaves with a leading member axis (see `over_members`)."""
+  one = lambda p, bs: predict({'params': p, 'batch_stats': bs}, images, model=model)
+  return over_members(one, (0, 0), member_loop)(state.params, state.batch_stats)
 
 
 def eval_step(state: TrainState, batch: dict[str, Array], *, model,

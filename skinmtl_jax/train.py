@@ -109,8 +109,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0 < d.on_device_fraction <= 1:
     raise ConfigError(f'data.on_device_fraction={d.on_device_fraction}: a share of device '
                       'memory in (0, 1].')
+  if not 0 <= d.get('validation_fraction', 0.0) <= 0.5:
+    raise ConfigError(f'data.validation_fraction={d.validation_fraction}: a share of the '
+                      'training images in [0, 0.5] (0: no validation split, no calibration).')
   if d.prefetch_batches < 0:
     raise ConfigError(f'data.prefetch_batches={d.prefetch_batches}: 0 (no prefetch) or more.')
+  if config.member_loop not in steps.MEMBER_LOOPS:
+    raise ConfigError(f'member_loop={config.member_loop!r}: expected one of '
+                      f'{steps.MEMBER_LOOPS}.')
   if config.num_seeds > MAX_SEEDS:
     raise ConfigError(f'num_seeds={config.num_seeds}: at most {MAX_SEEDS} members are trained '
                       'at once (each holds its own weights, Adam state and activations); run '
@@ -136,7 +142,9 @@ class Preempted(BaseException):
 
 class SigtermRaises:
   """Within the block (set-up and evaluation: no checkpoint is in the making there), SIGTERM
-  raises Preempted at once; the train loop's _SigtermFlag takes over while it runs."""
+  raises Preempted at once; the train loop's _SigtermFlag takes over while it runs. Not in a
+  run of several processes (jax.distributed initialised): there JAX's preemption notifier
+  keeps SIGTERM, and the train loop saves at the step every process agrees on."""
 
   def __init__(self, workdir: str):
     self._workdir = workdir
@@ -149,7 +157,10 @@ class SigtermRaises:
                     'again to continue.')
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    # Several processes: SIGTERM is JAX's preemption notifier's (see _SigtermFlag), which saves
+    # at the step all processes agree on.
+    if (threading.current_thread() is threading.main_thread()
+        and not jax.distributed.is_initialized()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -160,11 +171,20 @@ class SigtermRaises:
 
 class _SigtermFlag:
   """Within the block, SIGTERM sets `received` instead of killing the process, so the loop can
-  save at the next step boundary (clusters send SIGTERM before preemption)."""
+  save at the next step boundary (clusters send SIGTERM before preemption).
 
-  def __init__(self):
+  With several processes, each would see its own signal at its own step and they could save
+  different steps. There the flag is JAX's preemption sync point instead (orbax's
+  `reached_preemption`): JAX's preemption notifier, installed by `jax.distributed.initialize`,
+  catches SIGTERM on any process, and every process learns the same step to save at. No Python
+  handler is installed then (it would hide the signal from JAX's).
+  """
+
+  def __init__(self, manager=None):
     self.received = False
     self._previous = None
+    self._manager = manager
+    self._sync = manager is not None and jax.process_count() > 1
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -172,14 +192,45 @@ class _SigtermFlag:
       logging.warning('SIGTERM: saving a checkpoint at the next step boundary, then exiting.')
     self.received = True
 
+  def reached(self, step: int) -> bool:
+    """Whether to save at `step` and stop. Called once per step, on every process."""
+    if self._sync:
+      self.received = self.received or self._manager.reached_preemption(step)
+    return self.received
+
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._sync and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class _ReportProgress(periodic_actions.ReportProgress):
+  """clu's progress report in images: images/s (K members x batch x steps/s) beside steps/s,
+  the share done and the ETA, in the log and as scalars."""
+
+  def __init__(self, *, images_per_step: int, members: int, batch_size: int, **kwargs):
+    super().__init__(**kwargs)
+    self._images_per_step = images_per_step
+    self._members, self._batch = members, batch_size
+
+  def _apply(self, step: int, t: float):
+    steps_per_sec = (step - self._previous_step) / (t - self._previous_time)
+    images_per_sec = self._images_per_step * steps_per_sec
+    message = (f'{images_per_sec:.1f} images/s ({self._members} member(s) x batch '
+               f'{self._batch} x {steps_per_sec:.2f} steps/s)')
+    if self._num_train_steps:
+      eta = (self._num_train_steps - step) / steps_per_sec
+      message += (f', {100 * step / self._num_train_steps:.1f}% ({step}/'
+                  f'{self._num_train_steps}), ETA: {periodic_actions._format_secs(eta)}')  # pylint: disable=protected-access
+    logging.info('Progress: %s', message)
+    if self._writer is not None:
+      self._writer.write_scalars(step, {'steps_per_sec': steps_per_sec,
+                                        'images_per_sec': images_per_sec,
+                                        'uptime': time.monotonic() - self._t0})
 
 
 _WATCHED_TERMS = ('loss', 'dice_loss', 'cls_loss', 'l2_grads')
@@ -197,6 +248,16 @@ def _check_finite(metrics_by_step, last_good_checkpoint) -> None:
           f'Step {step}: {", ".join(bad)}. Stopped without saving; the latest checkpoint '
           f'(step {last_good_checkpoint}) is the last good one. Lower optim.learning_rate or '
           'check the data, then rerun to resume from it.')
+
+
+def _write_curves(writer, workdir: str) -> None:
+  """curves.png from scalars.jsonl, at the end of every run (a failure to plot is logged, never
+  raised: it must not hide why the run ended)."""
+  try:
+    writer.flush()
+    evaluate.write_curves(workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('curves.png not written: %s: %s', type(e).__name__, e)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -225,7 +286,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                jax.device_count(), jax.process_count())
 
   # ------------------------------------------------------------------------ Input pipeline
-  train_split = input_pipeline.get_split(config.data, 'train')
+  # The validation split (data.validation_fraction) is held out of the training data here.
+  train_split, validation_split = input_pipeline.train_and_validation(config.data)
   # Fetched (and prepared) before training, so a missing test set stops the run at once.
   eval_splits = {s: input_pipeline.get_split(config.data, s) for s in config.data.eval_sets}
   k = config.num_seeds
@@ -258,26 +320,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   train_step = steps.make_train_step(
       model, tx, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
       dice_smooth=config.loss.dice_smooth, shared_batch=shared,
-      balancing=config.loss.balancing, mesh=mesh, inputs=train_input.inputs)
+      balancing=config.loss.balancing, mesh=mesh, inputs=train_input.inputs,
+      member_loop=config.member_loop)
   study_every = config.grad_study_every_steps
   if study_every:
     study_step = grad_study.make_study_step(
         model, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
         dice_smooth=config.loss.dice_smooth, shared_batch=shared, mesh=mesh,
-        inputs=train_input.inputs)
+        inputs=train_input.inputs, member_loop=config.member_loop)
     study_log = grad_study.CsvLog(os.path.join(workdir, 'grad_study.csv'),
                                   resume_step=checkpointing.step_of(state)
                                   ) if jax.process_index() == 0 else None
-    study_writer = writers.create_summary_writer(workdir) if jax.process_index() == 0 else None
+    study_writer = writer.tensorboard  # TensorBoard only: too many scalars for the log
 
   # ---------------------------------------------------------------------------- Train loop
   start_step = checkpointing.step_of(state)
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)
+  report = _ReportProgress(num_train_steps=total_steps, writer=writer,
+                           every_steps=config.log_every_steps,
+                           images_per_step=k * config.batch_size, members=k,
+                           batch_size=config.batch_size)
   pending = []  # (step, metrics) since the last log; read back only at log and save steps
   t0 = time.time()
   try:
-    with _SigtermFlag() as preemption:
+    with _SigtermFlag(manager) as preemption:
       for step in range(start_step + 1, total_steps + 1):
         batch = next(train_input)
         if study_every and (step - 1) % study_every == 0:
@@ -290,7 +355,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         state, m = train_step(state, batch)
         pending.append((step, m))
         report(step)
-        preempted = preemption.received  # read once: the signal may land at any moment
+        preempted = preemption.reached(step)  # read once: the signal may land at any moment
         save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
         if step % config.log_every_steps == 0 or save_now:
           host = [(i, jax.device_get(x)) for i, x in pending]
@@ -312,6 +377,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     # flight, so the latest good checkpoint is complete on disk.
     manager.wait_until_finished()
     train_input.close()
+    if jax.process_index() == 0:
+      _write_curves(writer, workdir)
   train_seconds = time.time() - t0
 
   # ---------------------------------------------------------------------------- Evaluation
@@ -323,12 +390,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     results['trained_on_test_images'] = True
   # Every process evaluates its own copy (no collectives); process 0 writes the artifacts.
   results = evaluate.evaluate_and_report(config, parallel.to_local(state), model, workdir,
-                                         eval_splits, results, write=jax.process_index() == 0)
+                                         eval_splits, results, write=jax.process_index() == 0,
+                                         validation=validation_split)
   for name in config.data.eval_sets:
     r = results[name]
     writer.write_scalars(results['steps'], {f'{name}/{key}': v for key, v in r.items()
                                             if isinstance(v, float)})
     logging.info('%s: %s', name, {key: v for key, v in r.items() if isinstance(v, float)})
+  if writer.tensorboard is not None:
+    writers.write_figures(writer.tensorboard, results['steps'], evaluate.figures(workdir))
   writer.flush()
   manager.close()
   return results

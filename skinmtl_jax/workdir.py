@@ -8,7 +8,9 @@ leaves a stale lock behind; a second run on the same workdir is refused by name.
 `config.json` before anything is written. A run that has checkpoints or metrics may only change
 the fields in `CHANGEABLE` (how long to train, how often to log and save, what to evaluate on,
 where the data lies); any other change would resume a state trained under other settings, or not
-resume at all, so it is refused with the fields named.
+resume at all, so it is refused with the fields named. `data.validation_fraction` is not
+changeable (it changes the training set), and a run saved before the field existed counts as
+having 0 (see ADDED_FIELDS).
 """
 
 from __future__ import annotations
@@ -34,8 +36,15 @@ CHANGEABLE = frozenset({
     'experiment', 'num_epochs', 'num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
     'max_checkpoints_to_keep', 'eval_batch_size', 'threshold', 'grad_study_every_steps',
     'sharding', 'data.eval_sets', 'data.manual_dir', 'data.data_dir', 'data.num_workers',
-    'data.on_device', 'data.on_device_fraction', 'data.prefetch_batches',
+    'data.on_device', 'data.on_device_fraction', 'data.prefetch_batches', 'member_loop',
 })
+
+
+# Fields added to the config since runs were first saved, with the value that a run saved
+# before them behaved as: a saved config.json without the field is compared as if it had this
+# value, so that resuming an older run under the new default is refused, not silently changed
+# (data.validation_fraction: older runs trained on every training image).
+ADDED_FIELDS = {'data.validation_fraction': 0.0}
 
 
 class WorkdirBusy(ConfigError):
@@ -107,7 +116,7 @@ def _flat(d: Any, prefix: str = '') -> dict[str, Any]:
 def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
   """{field: (saved, new)} for every field whose value differs; a field that only one side has
   (added to or removed from the code since) is not a change."""
-  old = _flat(saved)
+  old = {**ADDED_FIELDS, **_flat(saved)}
   new = _flat(json.loads(config.to_json_best_effort()))
   return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
 

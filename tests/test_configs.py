@@ -20,7 +20,8 @@ def test_config_loads_and_documents_itself(name):
   module = importlib.import_module(f'configs.{name}')
   assert f'--config=configs/{name}.py' in module.__doc__
   cfg = module.get_config()
-  assert cfg.batch_size >= 1 and len(cfg.data.image_size) == 2
+  train.validate_config(cfg)   # every shipped config is one that runs
+  assert cfg.experiment == name and cfg.batch_size >= 1
 
 
 def test_paper_defaults():
@@ -51,3 +52,24 @@ def test_launch_scripts_parse():
     assert r.returncode == 0, (script, r.stderr)
   r = subprocess.run(['bash', str(ROOT / 'launch' / 'ladder.sh')], capture_output=True, text=True)
   assert r.returncode == 2 and 'usage' in r.stderr
+
+
+def test_dependency_pins_cover_what_is_used_and_tested():
+  import tomllib
+  from importlib import metadata
+  from packaging.requirements import Requirement
+  project = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
+  deps = {r.name: r for r in map(Requirement, project['dependencies'])}
+  jax_spec = deps['jax'].specifier
+  assert '0.6.0' not in jax_spec and '0.6.1' in jax_spec    # jax.shard_map is from 0.6.1
+  assert '0.10.2' in jax_spec and '0.11.2' in jax_spec       # tested here / on the GPU machines
+  assert '0.12.0' not in jax_spec                           # untested: an upper bound
+  assert '1.0.0' not in deps['orbax-checkpoint'].specifier  # 1.0 moves the V1 API
+  assert {'scipy', 'tensorboard'} <= set(deps)              # imported directly; event files
+  assert not {'tensorflow', 'tensorflow-cpu'} & set(deps)        # TensorBoard without it
+  extras = project['optional-dependencies']
+  assert Requirement(extras['cuda'][0]).extras == {'cuda12'}
+  assert Requirement(extras['cuda13'][0]).extras == {'cuda13'}
+  # The installed versions satisfy the pins.
+  for name in ('jax', 'orbax-checkpoint', 'scipy', 'tensorboard'):
+    assert deps[name].specifier.contains(metadata.version(name), prereleases=True), name

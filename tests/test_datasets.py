@@ -87,6 +87,18 @@ def test_mtl4_extra_melanomas_exclude_test_images(real_data_cfg):
   assert info['dropped_in_eval_set'] == 63 and info['dropped_already_in_train'] == 147
   assert info['added'] == 404 - 63 - 147 == len(train.ids) - 749
   assert train.labels[749:].min() == 1
+  # A validation split held out of ISIC 2016 training stays out of training, extra melanomas
+  # included (ISIC 2017 repeats ISIC 2016 training images).
+  cfg.validation_fraction = 0.1
+  held_train, validation = input_pipeline.train_and_validation(cfg)
+  assert len(validation.ids) == 74 and not set(validation.ids) & set(held_train.ids)
+  assert set(validation.ids) <= set(train.ids[:749])        # ISIC 2016 training images only
+  assert int(validation.labels.sum()) == 14                 # 60 of 605 benign, 14 of 144
+  held = held_train.info['extra_melanomas']
+  assert held['added'] == info['added']
+  assert held['dropped_already_in_train'] + held['dropped_in_validation'] == 147
+  assert len(held_train.ids) == len(train.ids) - 74
+  cfg.validation_fraction = 0.0
   # The paper's protocol, asked for by name, keeps them all.
   cfg.paper_protocol_train_on_test_images = True
   paper = _split(cfg, 'train')
@@ -216,7 +228,9 @@ def test_unprepared_dataset_without_manual_dir_says_what_to_do(tmp_path):
     builders.prepare('isic2016', '', str(tmp_path), SIZE)
 
 
-def test_mtl4_trains_on_the_shared_data_and_reports_both_test_sets(tmp_path, real_data_cfg):
+@pytest.mark.parametrize('paper_protocol', [False, True])
+def test_mtl4_trains_on_the_shared_data_and_reports_both_test_sets(tmp_path, real_data_cfg,
+                                                                   paper_protocol):
   import json
   import subprocess
   import sys
@@ -226,13 +240,20 @@ def test_mtl4_trains_on_the_shared_data_and_reports_both_test_sets(tmp_path, rea
        f'--workdir={tmp_path / "run"}', f'--config.data.manual_dir={real_data_cfg.manual_dir}',
        f'--config.data.data_dir={real_data_cfg.data_dir}', f'--config.data.image_size={SIZE}',
        '--config.model.features=(4, 8, 8, 16)', '--config.model.cls_hidden=8',
-       '--config.num_train_steps=3', '--config.eval_batch_size=50'],
+       '--config.num_train_steps=3', '--config.eval_batch_size=50',
+       f'--config.data.paper_protocol_train_on_test_images={paper_protocol}'],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert r.returncode == 0, r.stderr[-3000:]
   m = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
   assert m['isic2016_test']['n'] == 305 and m['ph2']['n'] == 4
-  assert m['extra_melanomas']['added'] == 194 and m['train_examples'] == 749 + 194
+  if paper_protocol:   # all 404 but the held-out validation images, 63 of them test images
+    extra = m['extra_melanomas']
+    assert extra['added'] + extra['dropped_in_validation'] == 404
+    assert extra['in_eval_set_but_kept'] == 63 and m['trained_on_test_images'] is True
+    return
+  assert m['extra_melanomas']['added'] == 194
+  assert m['train_examples'] + m['validation_examples'] == 749 + 194
   assert 'trained_on_test_images' not in m
 
 
@@ -265,3 +286,25 @@ def test_symlinked_downloads_build(small_isic2016, tmp_path):
   (manual / 'isic2016' / 'again').symlink_to(manual, target_is_directory=True)  # a loop
   b = _build(manual, tmp_path / 'data')
   assert b.info.splits['test'].num_examples == 2
+
+
+def test_prepare_command_builds_and_reports_and_refuses_a_wrong_folder(tmp_path, shared_data):
+  """`python -m skinmtl_jax.prepare`, as the README gives it: the PH2 fixture at 32x32, then a
+  folder without the dataset (one line naming what is missing, nothing left behind)."""
+  import subprocess
+  import sys
+  from conftest import ROOT
+  run = lambda *args: subprocess.run(
+      [sys.executable, '-m', 'skinmtl_jax.prepare', '--dataset=ph2', f'--data_dir={tmp_path}',
+       '--size=32x32', *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  r = run(f'--manual_dir={shared_data / "ph2_fixture"}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'ph2 test: 4 examples in' in r.stdout
+  assert (tmp_path / 'ph2' / '32x32').is_dir()
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  r = run(f'--manual_dir={empty}', f'--data_dir={tmp_path / "other"}')
+  assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr
+  assert f'manual_dir {empty} is empty' in r.stderr.splitlines()[-1]
+  assert not (tmp_path / 'other' / 'ph2' / '32x32').exists()

@@ -36,36 +36,67 @@ def _train(cfg, num_steps):
   return state
 
 
-@pytest.mark.parametrize('order', ['per_member', 'shared'])
-def test_member_i_equals_a_single_run_with_its_seed(order):
+def _run(tmp_path_factory, name, **fields):
+  """train_and_evaluate of tiny mtl2 (4 steps) with `fields` set; the final stacked state."""
   cfg = tiny_config('mtl2')
-  cfg.num_seeds, cfg.seed_data_order, cfg.seed = 3, order, 5
-  ensemble = _train(cfg, 4)
-  for i in (2,):
-    single_cfg = tiny_config('mtl2')
-    single_cfg.seed = 5 + i
-    # A shared order is the ensemble seed's order: give the single run that data seed.
-    single_cfg.data_seed = 5 if order == 'shared' else -1
-    single = _train(single_cfg, 4)
-    a, b = steps.member(ensemble, i), steps.member(single, 0)
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path((a.params, a.batch_stats)),
-                            jax.tree.leaves((b.params, b.batch_stats))):
-      if bias_before_batchnorm(path):
-        # Its true gradient is exactly zero (BatchNorm removes any shift), so its gradient
-        # is pure round-off, which Adam rescales to lr-sized steps: it cannot agree, and it
-        # does not matter. It stays at the size of a few such steps.
-        assert np.max(np.abs(x)) < 10 * cfg.optim.learning_rate
-        continue
-      # Running means of those layers' outputs carry the bias, so they agree to its size.
-      # Elsewhere: Adam divides by the gradient's own scale, so where a gradient is tiny the
-      # round-off of a differently ordered (vmapped) computation moves a parameter by up to a
-      # few percent of one step (lr). A wrong key or data order differs by ~0.1.
-      atol = 10 * cfg.optim.learning_rate if str(getattr(path[-1], 'key', '')).startswith('mean') \
-          else 0.05 * cfg.optim.learning_rate
-      np.testing.assert_allclose(x, y, rtol=1e-3, atol=atol, err_msg=jax.tree_util.keystr(path))
-  # ... and the members differ from each other.
-  assert not np.allclose(jax.tree.leaves(steps.member(ensemble, 0).params)[0],
-                         jax.tree.leaves(steps.member(ensemble, 1).params)[0])
+  cfg.num_train_steps, cfg.checkpoint_every_steps = 4, 4
+  cfg.update(fields)
+  workdir = str(tmp_path_factory.mktemp(name))
+  train.train_and_evaluate(cfg, workdir)
+  return jax.device_get(evaluate.load_run(workdir)[2]), cfg.optim.learning_rate
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Two-member ensembles (seed 5) with shared and per-member data orders, and the single
+  runs each member must equal: member i has seed 5 + i and reads data order 5 (shared) or
+  5 + i (per member)."""
+  run = lambda name, **kw: _run(tmp_path_factory, name, **kw)[0]
+  return {'shared': run('shared', seed=5, num_seeds=2, seed_data_order='shared'),
+          'per_member': run('per_member', seed=5, num_seeds=2, seed_data_order='per_member'),
+          'per_member_vmap': run('per_member_vmap', seed=5, num_seeds=2,
+                                 seed_data_order='per_member', member_loop='vmap'),
+          (5, 5): run('s5d5', seed=5), (6, 5): run('s6d5', seed=6, data_seed=5),
+          (6, 6): run('s6d6', seed=6)}
+
+
+def _assert_member_equals(ensemble, i, single, lr):
+  a, b = steps.member(ensemble, i), steps.member(single, 0)
+  for (path, x), y in zip(
+      jax.tree_util.tree_leaves_with_path((a.params, a.batch_stats, a.opt_state)),
+      jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
+    name = jax.tree_util.keystr(path)
+    if bias_before_batchnorm(path):
+      # Its true gradient is exactly zero (BatchNorm removes any shift): pure round-off,
+      # which Adam rescales to lr-sized steps, so it (and its Adam moments) cannot agree.
+      continue
+    x, y = np.asarray(x), np.asarray(y)
+    if name.startswith('[1]') and 'mean' in name:
+      atol = 10 * lr   # running means carry those biases
+    elif name.startswith('[2]'):
+      atol = 1e-3 * float(np.max(np.abs(y))) + 1e-12   # Adam moments: round-off only
+    else:
+      # Adam divides by the gradient's own scale, so where a gradient is tiny the round-off
+      # of a differently ordered (vmapped) computation moves a parameter by up to a few
+      # percent of one step (lr). A wrong key or data order differs by ~0.1.
+      atol = 0.05 * lr
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize('order', ['per_member', 'shared', 'per_member_vmap'])
+def test_member_i_equals_a_single_run_with_its_seed(runs, order):
+  """Through train_and_evaluate: every member's parameters, BatchNorm statistics and Adam
+  state are those of the single run with its seed and data order; with the members unrolled
+  in the step (the CPU's default) and vmapped (the accelerators')."""
+  lr = tiny_config('mtl2').optim.learning_rate
+  _assert_member_equals(runs[order], 0, runs[(5, 5)], lr)
+  _assert_member_equals(runs[order], 1, runs[(6, 5) if order == 'shared' else (6, 6)], lr)
+  # ... and the members differ from each other; so do the two data orders of seed 6, so
+  # matching (6, 6) means the per-member member 1 read its own order, data_seed + 1.
+  assert not np.allclose(jax.tree.leaves(steps.member(runs[order], 0).params)[0],
+                         jax.tree.leaves(steps.member(runs[order], 1).params)[0])
+  assert not np.allclose(jax.tree.leaves(runs[(6, 5)].params)[0],
+                         jax.tree.leaves(runs[(6, 6)].params)[0])
 
 
 def test_stacked_checkpoint_round_trips(tmp_path):
@@ -130,3 +161,10 @@ def test_main_with_num_seeds_writes_member_aggregate_and_ensemble_entries(tmp_pa
   assert m['num_seeds'] == 2 and len(t['members']) == 2
   assert {'std', 'ci95_across_members', 'ensemble'} <= set(t)
   assert 'mean ± std of 2 seeds' in (tmp_path / 'report.md').read_text()
+  # Calibration: each member's ECE and Brier (mean ± std); the ensemble's probability (what
+  # predict gives) calibrated on the validation split.
+  assert {'ece', 'brier'} <= set(t['std']) and 0 <= t['ensemble']['ece'] <= 1
+  assert {'ece', 'brier', 'tnr'} <= set(t['ensemble']['calibrated'])
+  assert m['calibration']['n'] == 3 and 'calibrated' not in t
+  assert "Calibration of tiny ensemble's melanoma probability" in (
+      tmp_path / 'report.md').read_text()

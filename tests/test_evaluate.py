@@ -22,6 +22,7 @@ def tiny_run(tmp_path_factory):
                       f'--workdir={workdir}', '--config.model.attention_pool=True'],
                      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
+  (workdir / 'main_stderr.txt').write_text(r.stderr)  # the training log, for the tests
   return workdir
 
 
@@ -30,12 +31,45 @@ def _run(module, *args):
                         capture_output=True, text=True, timeout=600)
 
 
+def test_a_run_writes_tensorboard_files_curves_progress_and_calibration(tiny_run):
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(tiny_run), size_guidance={'images': 0})
+  acc.Reload()
+  assert [e.step for e in acc.Scalars('train/loss')] == [2, 4, 6]
+  assert acc.Scalars('test/dice')[0].step == 6 and 'images_per_sec' in acc.Tags()['scalars']
+  assert {'figures/roc_test', 'figures/reliability_test', 'figures/curves'} <= set(
+      acc.Tags()['images'])
+  with Image.open(tiny_run / 'curves.png') as im:
+    assert im.size[0] > 600
+  log = (tiny_run / 'main_stderr.txt').read_text()
+  # tiny: 1 member x batch 4 x steps/s, and the ETA; evaluation in images too.
+  assert 'images/s (1 member(s) x batch 4 x' in log and 'ETA' in log
+  assert 'Evaluated synthetic_test: 12 images in' in log
+  m = json.loads((tiny_run / 'metrics.json').read_text())
+  assert m['validation_examples'] == 3 and m['train_examples'] == 21
+  c = m['calibration']
+  assert c['n'] == 3 and c['temperature'] > 0
+  assert json.loads((tiny_run / 'calibration.json').read_text())['step'] == 6
+  t = m['test']
+  assert 0 <= t['ece'] <= 1 and 0 <= t['brier'] <= 1
+  assert set(t['calibrated']) == {'ece', 'brier', 'tpr_weighted', 'tnr', 'f1_weighted',
+                                  'recall_melanoma', 'recall_benign', 'confusion'}
+  report = (tiny_run / 'report.md').read_text()
+  assert '| tiny (ours) |' in report and '| as trained (the rows above) |' in report
+  assert '| calibrated (T ' in report
+  with Image.open(tiny_run / 'reliability_test.png') as im:
+    assert im.size[0] > 300
+
+
 def test_evaluate_writes_every_artifact(tiny_run):
   for name in ('report.md', 'per_image_test.csv', 'boxplot_test.png', 'overlays_test.png',
-               'roc_test.png'):
+               'roc_test.png', 'reliability_test.png', 'calibration.json'):
     os.remove(tiny_run / name)
   r = _run('skinmtl_jax.evaluate', f'--workdir={tiny_run}')
   assert r.returncode == 0, r.stderr[-3000:]
+  assert 'Evaluated synthetic_test: 12 images in' in r.stderr
+  assert not _orbax_info_lines(r.stderr), _orbax_info_lines(r.stderr)
+  assert json.loads((tiny_run / 'calibration.json').read_text())['step'] == 6
   m = json.loads((tiny_run / 'metrics.json').read_text())
   t = m['test']
   for k in ('dice', 'iou', 'mcc', 'f1_weighted', 'tpr_weighted', 'tnr', 'auc', 'ap',
@@ -46,9 +80,25 @@ def test_evaluate_writes_every_artifact(tiny_run):
   assert '| tiny (ours) |' in report and '95 % bootstrap' in report
   rows = (tiny_run / 'per_image_test.csv').read_text().splitlines()
   assert rows[0] == 'id,label,melanoma_prob,dice,iou,mcc' and len(rows) == 13
-  for png in ('boxplot_test.png', 'overlays_test.png', 'roc_test.png'):
+  for png in ('boxplot_test.png', 'overlays_test.png', 'roc_test.png', 'reliability_test.png'):
     with Image.open(tiny_run / png) as im:
       assert im.size[0] > 200 and im.size[1] > 200
+
+
+def _orbax_info_lines(stderr):
+  """absl INFO lines logged from orbax's files (what QuietOrbax drops): orbax tags its lines
+  with the process and thread."""
+  return [l for l in stderr.splitlines() if l.startswith('I') and '[process=' in l]
+
+
+def test_quiet_orbax_drops_orbax_info_and_keeps_its_warnings():
+  import logging
+  from skinmtl_jax import checkpointing
+  f = checkpointing.QuietOrbax()
+  record = lambda level, path: logging.LogRecord('absl', level, path, 1, 'm', None, None)
+  assert not f.filter(record(logging.INFO, '/x/orbax/checkpoint/checkpoint_manager.py'))
+  assert f.filter(record(logging.WARNING, '/x/orbax/checkpoint/checkpoint_manager.py'))
+  assert f.filter(record(logging.INFO, '/x/skinmtl_jax/train.py'))
 
 
 def test_report_puts_the_papers_row_beside_ours():
@@ -75,8 +125,18 @@ def test_predict_keeps_each_images_size_and_survives_a_corrupt_file(tiny_run, tm
            str(images[0]), str(bad), str(images[1]), str(images[2]), str(png))
   assert r.returncode == 1                                  # one failed
   assert 'broken.jpg' in r.stderr and '1 of 5 images failed' in r.stderr
+  assert 'Predicted 4/5 images' in r.stderr                 # progress
+  assert not _orbax_info_lines(r.stderr), _orbax_info_lines(r.stderr)
   lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')]
   assert len(lines) == 4
+  # Every line says which invocation wrote it (predictions.jsonl grows across invocations).
+  logged = [json.loads(l) for l in (out / 'predictions.jsonl').read_text().splitlines()]
+  assert logged == lines and len({rec['invocation'] for rec in lines}) == 1
+  assert 'pid ' in lines[0]['invocation']
+  # The run's calibration (fitted for this checkpoint) is applied beside the raw probability.
+  for rec in lines:
+    assert 0.0 <= rec['melanoma_prob_calibrated'] <= 1.0
+    assert rec['decision_calibrated'] in ('benign', 'melanoma')
   for rec, src in zip(lines, [images[0], images[1], images[2], png]):
     with Image.open(src) as im, Image.open(rec['mask']) as mask:
       assert mask.size == im.size
@@ -84,6 +144,23 @@ def test_predict_keeps_each_images_size_and_survives_a_corrupt_file(tiny_run, tm
     assert 0.0 <= rec['melanoma_prob'] <= 1.0 and rec['decision'] in ('benign', 'melanoma')
     assert rec['checkpoint'].endswith(os.path.join('checkpoints', '6'))
     assert os.path.exists(rec['overlay'])
+  # The decision is at the run's own threshold: a copy of the run whose threshold lies between
+  # these probabilities calls the ones above it melanoma (a hard-coded 0.5 would not).
+  import shutil
+  probs = sorted(rec['melanoma_prob'] for rec in lines)
+  threshold = (probs[1] + probs[2]) / 2
+  run = tmp_path / 'run_threshold'
+  shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns('.lock'))
+  config = json.loads((run / 'config.json').read_text())
+  config['threshold'] = threshold
+  (run / 'config.json').write_text(json.dumps(config))
+  r = _run('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "out_t"}', '--tta',
+           str(images[0]), str(images[1]), str(images[2]), str(png))
+  assert r.returncode == 0, r.stderr[-3000:]
+  again = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')]
+  assert [rec['decision'] for rec in again] == [
+      'melanoma' if rec['melanoma_prob'] >= threshold else 'benign' for rec in again]
+  assert {rec['decision'] for rec in again} == {'benign', 'melanoma'}
 
 
 def test_ladder_table_assembles_runs(tmp_path):
@@ -96,3 +173,17 @@ def test_ladder_table_assembles_runs(tmp_path):
   assert '| mtl4 | ours | 10.89 | [[250, 54], [20, 55]] | 80.00 | 82.00 | 81.00 | 85.00 | 82.00 | 89.00 | 90.00 |' in text
   assert '| mtl4 | paper | 10.90 | [[248, 56], [17, 58]] | 80.74 | 81.58 | 82.07 |' in text
   assert '| unet | paper | 10.71 |' in text and '| unet | ours' not in text
+
+
+def test_evaluate_datasets_flag_picks_the_sets(tiny_run):
+  """--datasets names the sets evaluated; one the run's data does not have is refused in one
+  line and metrics.json is left as it was."""
+  before = (tiny_run / 'metrics.json').read_text()
+  r = _run('skinmtl_jax.evaluate', f'--workdir={tiny_run}', '--datasets=isic2016_test')
+  assert r.returncode != 0 and 'Traceback' not in r.stderr
+  assert 'isic2016_test' in r.stderr.strip().splitlines()[-1]
+  assert (tiny_run / 'metrics.json').read_text() == before
+  r = _run('skinmtl_jax.evaluate', f'--workdir={tiny_run}', '--datasets=test')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'Evaluated synthetic_test: 12 images in' in r.stderr
+  assert set(json.loads((tiny_run / 'metrics.json').read_text())) >= {'test', 'params'}

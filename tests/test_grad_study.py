@@ -3,13 +3,16 @@
 import csv
 import functools
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from skinmtl_jax import gradients, grad_study, models, steps, train
 
 
@@ -153,6 +156,27 @@ def test_pcgrad_training_lowers_the_loss():
   assert losses[-1] < 0.85 * losses[0], losses
 
 
+def test_the_pcgrad_step_applies_the_projected_task_gradients():
+  """The train step's gradient under balancing='pcgrad' is PCGrad of the two weighted task
+  gradients: its norm is that of `gradients.pcgrad`, not of their plain sum."""
+  cfg = tiny_config('mtl2')
+  model = models.create_model(cfg.model)
+  tx = train.create_optimizer(cfg, 12)
+  state = steps.create_train_state(model, tx, steps.member_keys(0, 1), (32, 32))
+  batch = _batch(n=8)
+  member = steps.member(state, 0)
+  terms_fn = functools.partial(steps.forward_loss_terms, batch_stats=member.batch_stats,
+                               batch=jax.tree.map(jnp.asarray, batch), model=model)
+  by_task, _, _ = gradients.task_gradients(terms_fn, member.params, {'seg': 0.5, 'cls': 0.5})
+  projected = float(optax.tree.norm(gradients.pcgrad(by_task['seg'], by_task['cls'])))
+  summed = float(optax.tree.norm(jax.tree.map(jnp.add, by_task['seg'], by_task['cls'])))
+  step = steps.make_train_step(model, tx, dice_weight=0.5, cls_weight=0.5, dice_smooth=1.0,
+                               shared_batch=True, balancing='pcgrad')
+  _, m = step(state, batch)
+  assert float(m['l2_grads'][0]) == pytest.approx(projected, rel=1e-4)
+  assert abs(projected - summed) > 1e-3 * summed, (projected, summed)  # they do conflict
+
+
 def test_training_logs_the_study_and_the_cli_plots_it_over_checkpoints(tmp_path):
   cfg = tiny_config('mtl2')
   cfg.grad_study_every_steps = 2
@@ -164,18 +188,29 @@ def test_training_logs_the_study_and_the_cli_plots_it_over_checkpoints(tmp_path)
   assert sorted({r['step'] for r in table}) == [0, 2, 4]
   groups = {r['group'] for r in table}
   assert {'encoder/stage1', 'classifier/fc_k0', 'gated/decoder1', 'all'} <= groups
+  # Its scalars reach TensorBoard on a default install (no TensorFlow), beside the run's.
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(workdir)
+  acc.Reload()
+  assert [e.step for e in acc.Scalars('grad_study/all/cosine')] == [0, 2, 4]
+  assert 'train/loss' in acc.Tags()['scalars']
 
   # A resumed run first drops the rows written after its checkpoint.
   grad_study.CsvLog(os.path.join(workdir, 'grad_study.csv'), resume_step=2)
   assert sorted({r['step'] for r in grad_study.read_csv(
       os.path.join(workdir, 'grad_study.csv'))}) == [0]
 
+  # The command over every checkpoint: its CSV, both figures and the summary.
   out = tmp_path / 'study'
-  table, _ = grad_study.study_checkpoints(workdir, None, 4)
+  r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.grad_study', f'--workdir={workdir}',
+                      f'--out={out}', '--num_images=4'], cwd=ROOT, capture_output=True,
+                     text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert r.returncode == 0, r.stderr[-3000:]
+  table = grad_study.read_csv(str(out / 'grad_study_checkpoints.csv'))
   assert sorted({r['step'] for r in table}) == [2, 4, 6]
-  out.mkdir()
-  grad_study.write_csv(str(out / 'x.csv'), table)
-  with open(out / 'x.csv', newline='', encoding='utf-8') as f:
+  with open(out / 'grad_study_checkpoints.csv', newline='', encoding='utf-8') as f:
     assert next(csv.reader(f)) == list(grad_study.CSV_COLUMNS)
-  grad_study.plot(table, str(out / 'x.png'), 'tiny')
-  assert (out / 'x.png').stat().st_size > 10_000
+  for png in ('grad_study_checkpoints.png', 'grad_study_training.png'):
+    assert (out / png).stat().st_size > 10_000, png
+  summary = (out / 'summary.md').read_text()
+  assert 'encoder/stage1' in summary and 'cosine' in summary

@@ -242,6 +242,7 @@ def test_sigterm_outside_the_train_loop_exits_75_with_a_message(trained, tmp_pat
     ('data.on_device', 'yes', 'data.on_device'),
     ('data.on_device_fraction', 0.0, 'data.on_device_fraction'),
     ('data.prefetch_batches', -1, 'data.prefetch_batches'),
+    ('member_loop', 'loop', 'member_loop'),
 ])
 def test_config_values_that_make_no_sense_are_refused(field, value, match):
   cfg = tiny_config()
