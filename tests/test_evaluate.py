@@ -161,6 +161,14 @@ def test_predict_keeps_each_images_size_and_survives_a_corrupt_file(tiny_run, tm
   assert [rec['decision'] for rec in again] == [
       'melanoma' if rec['melanoma_prob'] >= threshold else 'benign' for rec in again]
   assert {rec['decision'] for rec in again} == {'benign', 'melanoma'}
+  # --tta reaches the predictor: without it the probabilities are those of one pass (the
+  # one-colour png is the same picture under every flip and turn, so it is left out).
+  r = _run('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "out_plain"}',
+           str(images[0]), str(images[1]), str(images[2]))
+  assert r.returncode == 0, r.stderr[-3000:]
+  plain = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')]
+  assert len(plain) == 3
+  assert all(abs(p['melanoma_prob'] - q['melanoma_prob']) > 1e-7 for p, q in zip(plain, again))
 
 
 def test_ladder_table_assembles_runs(tmp_path):
