@@ -94,7 +94,7 @@ def transform(images, masks, tids, coords):
   """
   lead, (h, w, c) = images.shape[:-3], images.shape[-3:]
   flat = images.reshape(-1, h * w, c).astype(jnp.float32)
-  flat_masks = masks.reshape(-1, h * w)
+  flat_masks = masks.reshape(-1, h * w, 1)
   where = coords[tids.reshape(-1)]                       # (N, H, W, 2)
   sy, sx = where[..., 0], where[..., 1]
   y0, x0 = jnp.floor(sy), jnp.floor(sx)
@@ -102,14 +102,10 @@ def transform(images, masks, tids, coords):
   y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
 
   def read(values, yi, xi):
-    """values[n, yi, xi] (0 outside the frame) for (N, H, W) row and column maps."""
-    inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
-    index = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).reshape(len(values), -1)
-    if values.ndim == 3:
-      got = jnp.take_along_axis(values, index[..., None], axis=1)
-      return jnp.where(inside.reshape(len(values), -1, 1), got, 0)
-    got = jnp.take_along_axis(values, index, axis=1)
-    return jnp.where(inside.reshape(len(values), -1), got, 0)
+    """values[n, yi, xi, :] (0 outside the frame) of (N, H*W, C) values, (N, H, W) maps."""
+    inside = ((yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)).reshape(len(values), -1, 1)
+    index = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).reshape(len(values), -1, 1)
+    return jnp.where(inside, jnp.take_along_axis(values, index, axis=1), 0)
 
   out = jnp.zeros(flat.shape, jnp.float32)
   for dy, fy in ((0, 1 - wy), (1, wy)):

@@ -19,16 +19,20 @@ import functools
 import glob
 import json
 import os
+import sys
 import time
 from typing import Any
 
-from absl import logging
+from absl import flags, logging
 import jax
 import ml_collections
 import numpy as np
 
 from skinmtl_jax import calibration as calibration_lib
-from skinmtl_jax import checkpointing, input_pipeline, metrics, paper, steps
+from skinmtl_jax import workdir as workdir_lib
+from skinmtl_jax import checkpointing, input_pipeline, metrics, paper, steps, writers
+from skinmtl_jax.config_base import ConfigError
+from skinmtl_jax.datasets.files import DataError
 
 SEG_KEYS = ('dice', 'iou', 'mcc')
 CLS_KEYS = ('f1_weighted', 'tpr_weighted', 'tnr', 'auc', 'ap', 'confusion')
@@ -562,11 +566,6 @@ def load_run(workdir: str, step: int | None = None):
 
 def main(argv):
   del argv
-  import sys  # pylint: disable=import-outside-toplevel
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from skinmtl_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-  from skinmtl_jax.config_base import ConfigError  # pylint: disable=import-outside-toplevel
-  from skinmtl_jax.datasets.files import DataError  # pylint: disable=import-outside-toplevel
   checkpointing.quiet_orbax_logging()
   try:
     check_run_dir(flags.FLAGS.workdir)
@@ -578,9 +577,6 @@ def main(argv):
 
 
 def _evaluate(f):
-  from skinmtl_jax import writers  # pylint: disable=import-outside-toplevel
-  from skinmtl_jax.config_base import ConfigError  # pylint: disable=import-outside-toplevel
-  from skinmtl_jax.datasets.files import DataError  # pylint: disable=import-outside-toplevel
   config, model, state = load_run(f.workdir)
   names = f.datasets or list(config.data.eval_sets)
   splits = {n: input_pipeline.get_split(config.data, n) for n in names}
@@ -608,7 +604,7 @@ def _evaluate(f):
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('workdir', None, 'The training run to evaluate.')
   flags.DEFINE_list('datasets', [], 'Evaluation sets (default: the config\'s data.eval_sets).')
   flags.mark_flags_as_required(['workdir'])

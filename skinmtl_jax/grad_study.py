@@ -33,6 +33,7 @@ import csv
 import functools
 import math
 import os
+import sys
 from typing import Any
 
 from absl import app, flags, logging
@@ -40,7 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skinmtl_jax import device_input, gradients, losses, parallel, steps
+from skinmtl_jax import (checkpointing, device_input, evaluate, gradients, input_pipeline, losses,
+                         parallel, steps)
+from skinmtl_jax.config_base import ConfigError
+from skinmtl_jax.datasets.files import DataError
 
 Array = Any
 
@@ -343,7 +347,6 @@ def plot(table: list[dict[str, Any]], path: str, title: str, smooth: int = 1) ->
 def fixed_batch(split, num_images: int) -> dict[str, np.ndarray]:
   """The first num_images // 2 melanomas and the first benign images to fill `num_images`, in
   split order: the same batch for every checkpoint, with both classes present."""
-  from skinmtl_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   labels = np.asarray(split.labels)
   mel = np.flatnonzero(labels == 1)[:num_images // 2]
   ben = np.flatnonzero(labels == 0)[:num_images - len(mel)]
@@ -354,7 +357,6 @@ def fixed_batch(split, num_images: int) -> dict[str, np.ndarray]:
 def study_checkpoints(workdir: str, split_name: str | None, num_images: int
                       ) -> tuple[list[dict[str, Any]], Any]:
   """Study rows for every checkpoint of the run in `workdir` (and the run's config)."""
-  from skinmtl_jax import checkpointing, evaluate, input_pipeline  # pylint: disable=import-outside-toplevel
   config, model, state = evaluate.load_run(workdir)
   split = input_pipeline.get_split(config.data, split_name or config.data.eval_sets[0])
   batch = fixed_batch(split, num_images)
@@ -385,10 +387,6 @@ def write_csv(path: str, table: list[dict[str, Any]]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  import sys  # pylint: disable=import-outside-toplevel
-  from skinmtl_jax import checkpointing, evaluate  # pylint: disable=import-outside-toplevel
-  from skinmtl_jax.config_base import ConfigError  # pylint: disable=import-outside-toplevel
-  from skinmtl_jax.datasets.files import DataError  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   checkpointing.quiet_orbax_logging()
   try:
