@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
+import sys
+import threading
 import time
 
 from absl import logging
@@ -71,6 +73,49 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_iters=()) -> No
   manager.save(step_of(state), args=ocp.args.Composite(**items))
 
 
+class _WithoutClosedLoopTracebacks:
+  """sys.stderr, less the tracebacks that tensorstore's reader threads print after an orbax
+  restore failed: orbax runs each restore on a fresh asyncio loop and closes it when a read
+  fails, and every read still in flight then reports "RuntimeError: Event loop is closed"
+  (one traceback each, about a hundred for a damaged checkpoint of our model). Only those
+  traceback's pieces, written from other threads than the main one, are dropped."""
+
+  _PIECES = frozenset({'Traceback (most recent call last):\n', 'self._check_closed()',
+                       "raise RuntimeError('Event loop is closed')", 'RuntimeError', ': ',
+                       'Event loop is closed', '    ', '\n'})
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def write(self, text):
+    if threading.current_thread() is not threading.main_thread() and (
+        text in self._PIECES or 'base_events.py' in text):
+      return len(text)
+    return self._stream.write(text)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
+def _after_a_failed_restore() -> None:
+  """Keeps the failed restore's in-flight reads from printing their tracebacks: those that
+  arrive later from tensorstore's threads (_WithoutClosedLoopTracebacks), and orbax's read
+  coroutines that the closed loop left with their error unretrieved ("Exception ignored in"
+  when they are collected). The failure itself is reported once, by `restore`."""
+  if not isinstance(sys.stderr, _WithoutClosedLoopTracebacks):
+    sys.stderr = _WithoutClosedLoopTracebacks(sys.stderr)
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_orbax_reads', False):
+    return
+
+  def hook(unraisable):
+    if getattr(unraisable.object, '__qualname__', '') != '_read_array_index_and_device_put':
+      previous(unraisable)
+
+  hook.drops_orbax_reads = True
+  sys.unraisablehook = hook
+
+
 class CheckpointError(ValueError):
   """No usable checkpoint: the message names the folder and what to do."""
 
@@ -123,6 +168,7 @@ def restore(manager: ocp.CheckpointManager, template: TrainState, data_iters=(),
     try:
       return _restore_step(manager, template, data_iters, step)
     except Exception as e:  # pylint: disable=broad-except
+      _after_a_failed_restore()
       raise CheckpointError(f'The checkpoint {where}/{step} cannot be restored '
                             f'({type(e).__name__}: {str(e)[:200]}).') from e
   candidates = sorted(manager.all_steps(), reverse=True)
@@ -134,6 +180,7 @@ def restore(manager: ocp.CheckpointManager, template: TrainState, data_iters=(),
     try:
       state = _restore_step(manager, template, data_iters, s)
     except Exception as e:  # pylint: disable=broad-except
+      _after_a_failed_restore()
       # Orbax, tensorstore and json raise many types on damaged files; all mean the same here.
       logging.warning('The checkpoint %s/%d cannot be restored (%s: %s); trying an older one.',
                       where, s, type(e).__name__, str(e)[:200])
