@@ -6,5 +6,6 @@
 from skinmtl_jax import config_base
 
 
-def get_config():
-  return config_base.get_config()
+def get_config(size: str = 'full'):
+  """The config at `size`: 'full' (the paper's) or 'cpu' (config_base.sized)."""
+  return config_base.sized(config_base.get_config(), size)

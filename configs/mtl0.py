@@ -10,7 +10,8 @@ MCC 86.10, IoU 83.15, DSC 90.03; confusion B (274, 30) M (53, 22).
 from skinmtl_jax import config_base
 
 
-def get_config():
+def get_config(size: str = 'full'):
+  """The config at `size`: 'full' (the paper's) or 'cpu' (config_base.sized)."""
   c = config_base.get_config()
   c.experiment = 'mtl0'
-  return c
+  return config_base.sized(c, size)

@@ -9,10 +9,12 @@ MCC 84.89, IoU 81.56, DSC 88.86; confusion B (274, 30) M (49, 26).
 """
 
 from configs import mtl0
+from skinmtl_jax import config_base
 
 
-def get_config():
+def get_config(size: str = 'full'):
+  """The config at `size`: 'full' (the paper's) or 'cpu' (config_base.sized)."""
   c = mtl0.get_config()
   c.model.attention_pool = True
   c.experiment = 'mtl1'
-  return c
+  return config_base.sized(c, size)

@@ -12,11 +12,13 @@ MCC 84.74, IoU 81.95, DSC 89.15; confusion B (277, 27) M (43, 32).
 """
 
 from configs import mtl1
+from skinmtl_jax import config_base
 
 
-def get_config():
+def get_config(size: str = 'full'):
+  """The config at `size`: 'full' (the paper's) or 'cpu' (config_base.sized)."""
   c = mtl1.get_config()
   c.model.reverse = True
   c.model.encoder_pool_levels = 2
   c.experiment = 'mtl2'
-  return c
+  return config_base.sized(c, size)

@@ -8,10 +8,12 @@ Paper (10.90 M parameters; ours 10.89 M): ISIC 2016 test TPR 81.79, TNR 91.12, F
 """
 
 from configs import mtl2
+from skinmtl_jax import config_base
 
 
-def get_config():
+def get_config(size: str = 'full'):
+  """The config at `size`: 'full' (the paper's) or 'cpu' (config_base.sized)."""
   c = mtl2.get_config()
   c.model.cbam = True
   c.experiment = 'mtl3'
-  return c
+  return config_base.sized(c, size)

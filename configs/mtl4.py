@@ -10,10 +10,12 @@ ours drops every image whose ISIC ID is in an evaluation set.
 """
 
 from configs import mtl3
+from skinmtl_jax import config_base
 
 
-def get_config():
+def get_config(size: str = 'full'):
+  """The config at `size`: 'full' (the paper's) or 'cpu' (config_base.sized)."""
   c = mtl3.get_config()
   c.data.extra_melanomas = 'isic2017'
   c.experiment = 'mtl4'
-  return c
+  return config_base.sized(c, size)

@@ -11,8 +11,9 @@ was pretrained; no pretrained weights can be downloaded here, so ours starts fro
 from skinmtl_jax import config_base
 
 
-def get_config():
+def get_config(size: str = 'full'):
+  """The config at `size`: 'full' (the paper's) or 'cpu' (config_base.sized)."""
   c = config_base.get_config()
   c.model.arch = 'resnet50'
   c.experiment = 'resnet50'
-  return c
+  return config_base.sized(c, size)

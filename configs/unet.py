@@ -9,8 +9,9 @@ Paper: ISIC 2016 test DSC 91.04, IoU 84.62, MCC 87.06; PH2 DSC 88.56 (one run, n
 from skinmtl_jax import config_base
 
 
-def get_config():
+def get_config(size: str = 'full'):
+  """The config at `size`: 'full' (the paper's) or 'cpu' (config_base.sized)."""
   c = config_base.get_config()
   c.model.classify = False
   c.experiment = 'unet'
-  return c
+  return config_base.sized(c, size)

@@ -124,7 +124,10 @@ def _shorten(component: str) -> str:
 
 
 def _config_name(config: str) -> str:
-  return pathlib.PurePath(config).name.removesuffix('.py')
+  """configs/mtl3.py -> mtl3; configs/mtl3.py:cpu (a size) -> mtl3-cpu."""
+  file, _, arg = config.partition(':')
+  stem = pathlib.PurePath(file).name.removesuffix('.py')
+  return f'{stem}-{arg}' if arg else stem
 
 
 def _labels(keys: Sequence[str]) -> dict[str, str]:

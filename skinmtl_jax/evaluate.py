@@ -148,6 +148,9 @@ def evaluate_split(eval_step, state, split: input_pipeline.Split, *, batch_size:
                                  bootstrap_samples=bootstrap_samples)
     result = {**aggregate_members(members), 'n': len(ids), 'members': members,
               'ensemble': ensemble}
+    if 'melanoma_prob' in cat:  # each member's probabilities too: paired comparisons of seeds
+      per_image.update({f'melanoma_prob_member{i}': cat['melanoma_prob'][i].tolist()
+                        for i in range(num)})
   per_image['id'] = ids
   result['per_image'] = per_image
   return result
@@ -187,6 +190,7 @@ def fit_calibration(eval_step, state, validation: input_pipeline.Split, *,
 
 def _write_per_image(path: str, per_image: dict[str, list]) -> None:
   keys = [k for k in ('id', 'label', 'melanoma_prob', 'dice', 'iou', 'mcc') if k in per_image]
+  keys += [k for k in per_image if k.startswith('melanoma_prob_member')]
   tmp = path + '.tmp'
   with open(tmp, 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)

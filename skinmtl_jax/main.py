@@ -67,9 +67,20 @@ def unknown_field_message(argv: list[str]) -> str | None:
 
 
 def _parse_flags(argv):
-  """absl's parser, but an unknown config field ends in one line naming it, not a traceback."""
+  """absl's parser, but a mistake in --config ends in one line naming it, not a traceback."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return FLAGS(argv)
+  except flags.Error as e:
+    # ml_collections re-raises a config file's own error with its traceback as the message.
+    cause = e.__context__
+    last = str(cause).strip().splitlines()[-1] if cause is not None else ''
+    if isinstance(cause, ConfigError):  # e.g. an unknown size: configs/mtl3.py:gpu
+      sys.exit(f'skinmtl_jax: {last.split(": ", 1)[-1]}')
+    if isinstance(cause, TypeError) and 'get_config()' in last:  # a size for demo or tiny
+      sys.exit(f'skinmtl_jax: {last.split(": ", 1)[-1]}: only the paper configs take a size '
+               'after the colon (e.g. configs/mtl3.py:cpu).')
+    FLAGS.unparse_flags()
+    return app.parse_flags_with_usage(argv)  # absl's own message and usage
   except (AttributeError, KeyError) as e:
     message = unknown_field_message(argv) or f'cannot parse the command line: {e}'
     sys.exit(f'skinmtl_jax: {message}')

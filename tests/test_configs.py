@@ -1,6 +1,8 @@
 """Every config loads, opens with a docstring naming its command, and passes validation."""
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 
@@ -30,6 +32,40 @@ def test_paper_defaults():
   assert (cfg.optim.learning_rate, cfg.optim.final_learning_rate) == (3e-3, 3e-4)
   assert (cfg.batch_size, cfg.num_epochs, tuple(cfg.data.image_size)) == (10, 50, (192, 256))
   assert (cfg.data.enlarge_benign, cfg.data.enlarge_melanoma) == (4, 16)
+
+
+PAPER_CONFIGS = ('default', 'unet', 'resnet50', 'mtl0', 'mtl1', 'mtl2', 'mtl3', 'mtl4')
+CPU_SIZED = {'data.image_size', 'model.features', 'model.cls_hidden', 'model.resnet_width',
+             'num_epochs', 'log_every_steps', 'checkpoint_every_steps'}
+
+
+def _flat(d, prefix=''):
+  out = {}
+  for k in d.keys():
+    out.update(_flat(d[k], f'{prefix}{k}.') if hasattr(d[k], 'keys') else {f'{prefix}{k}': d[k]})
+  return out
+
+
+@pytest.mark.parametrize('name', PAPER_CONFIGS)
+def test_cpu_size_changes_only_the_sized_fields(name):
+  module = importlib.import_module(f'configs.{name}')
+  full, cpu = _flat(module.get_config()), _flat(module.get_config('cpu'))
+  assert _flat(module.get_config('full')) == full
+  assert {k for k in full if full[k] != cpu[k]} == CPU_SIZED   # one place sets the size
+  assert (cpu['data.image_size'], cpu['num_epochs']) == ((96, 128), 2)
+  train.validate_config(module.get_config('cpu'))
+
+
+@pytest.mark.parametrize('config,message', [
+    ('configs/mtl3.py:gpu', "config size 'gpu': expected one of ('full', 'cpu')"),
+    ('configs/demo.py:cpu', 'only the paper configs take a size'),
+])
+def test_a_wrong_size_is_refused_in_one_line(tmp_path, config, message):
+  r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.main', f'--config={config}',
+                      f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 1 and message in r.stderr.strip().splitlines()[-1]
+  assert 'Traceback' not in r.stderr and not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize('field,value,match', [

@@ -1,5 +1,6 @@
 """Seed ensembles: K members in one vmapped step, each the same model as a single run."""
 
+import csv
 import json
 import os
 import subprocess
@@ -168,3 +169,13 @@ def test_main_with_num_seeds_writes_member_aggregate_and_ensemble_entries(tmp_pa
   assert m['calibration']['n'] == 3 and 'calibrated' not in t
   assert "Calibration of tiny ensemble's melanoma probability" in (
       tmp_path / 'report.md').read_text()
+  # per_image_test.csv has each member's probabilities beside the ensemble's: they give the
+  # members' own AUC (what a paired comparison of seeds across runs needs).
+  with open(tmp_path / 'per_image_test.csv', encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  labels = np.array([int(r['label']) for r in rows])
+  for i in range(2):
+    p = np.array([float(r[f'melanoma_prob_member{i}']) for r in rows])
+    assert metrics.roc_auc(labels, p) == pytest.approx(t['members'][i]['auc'])
+  ens = np.array([float(r['melanoma_prob']) for r in rows])
+  assert metrics.roc_auc(labels, ens) == pytest.approx(t['ensemble']['auc'])

@@ -84,6 +84,12 @@ def test_expand_without_overrides():
       ('unet/seed3', ['--config=configs/unet.py', '--workdir=r/unet/seed3', '--config.seed=3'])]
 
 
+def test_a_config_size_names_the_run():
+  runs = sweep.expand(['configs/unet.py:cpu', 'configs/unet.py'], [0], [], 'r')
+  assert [(r.name, r.args[0]) for r in runs] == [('unet-cpu/seed0', '--config=configs/unet.py:cpu'),
+                                                 ('unet/seed0', '--config=configs/unet.py')]
+
+
 def test_special_characters():
   values = ['/a b/c', "it's", '(192,256)', '', '..', 'a_b', 'a b', 'x' * 300, 'ü']
   runs = sweep.expand(['configs/mtl2.py'], [0], [('data.manual_dir', values)], 'root')
