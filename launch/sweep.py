@@ -123,6 +123,12 @@ def _shorten(component: str) -> str:
   return component[:_MAX_COMPONENT] + '-' + hashlib.sha1(component.encode('utf-8')).hexdigest()[:8]
 
 
+def _config_path(config: str) -> str:
+  """mtl3 -> configs/mtl3.py; mtl3:cpu -> configs/mtl3.py:cpu; a path stays as it is."""
+  file, colon, size = config.partition(':')
+  return (file if file.endswith('.py') else f'configs/{file}.py') + colon + size
+
+
 def _config_name(config: str) -> str:
   """configs/mtl3.py -> mtl3; configs/mtl3.py:cpu (a size) -> mtl3-cpu."""
   file, _, arg = config.partition(':')
@@ -359,10 +365,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    configs = [c if c.endswith('.py') else f'configs/{c}.py'
-               for c in (c.strip() for c in args.configs.split(',')) if c]
+    configs = [_config_path(c) for c in (c.strip() for c in args.configs.split(',')) if c]
     for config in configs:
-      if not os.path.isfile(config):
+      if not os.path.isfile(config.partition(':')[0]):
         raise ValueError(f'config file {config} not found (run from the repository root?)')
     runs = expand(configs, parse_seeds(args.seeds), [parse_set(s) for s in args.set],
                   args.root, args.extra)

@@ -294,6 +294,13 @@ def test_dry_run_and_print_mode(tmp_path, monkeypatch, capsys):
       f"--config.seed={s} '--config.data.manual_dir=/my data'" for s in (0, 1)]
   assert len(json.loads((root / 'sweep.json').read_text())['runs']) == 2
   assert sweep.main([*argv, '--configs=missing']) == 2
+  capsys.readouterr()
+  assert sweep.main([*argv, '--configs=mtl2:cpu,configs/unet.py:cpu', '--mode=print']) == 0
+  assert [line.split()[3:5] for line in capsys.readouterr().out.splitlines()] == [
+      ['--config=configs/mtl2.py:cpu', f'--workdir={root}/mtl2-cpu/seed0'],
+      ['--config=configs/mtl2.py:cpu', f'--workdir={root}/mtl2-cpu/seed1'],
+      ['--config=configs/unet.py:cpu', f'--workdir={root}/unet-cpu/seed0'],
+      ['--config=configs/unet.py:cpu', f'--workdir={root}/unet-cpu/seed1']]
 
 
 # --- (e) local mode --------------------------------------------------------------------------
