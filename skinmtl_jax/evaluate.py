@@ -400,11 +400,11 @@ def report_section(eval_set: str, r: dict, experiment: str, num_params: int, *,
   name = paper_config or experiment
   row = paper.paper_row(name, eval_set)
   if heading and row is not None:
-    params, cm, tpr, tnr, f1, mcc, iou, dsc = row
-    pb, pm = _confusion_cells(cm)
+    pb, pm = _confusion_cells(row.confusion)
     fmt = lambda v: '-' if v is None else f'{v:.2f}'
-    lines.append(f'| {name} (paper) | {params:.2f} | B | {pb[0]} | {pb[1]} | {fmt(tpr)} | '
-                 f'{fmt(tnr)} | {fmt(f1)} | {fmt(mcc)} | {fmt(iou)} | {fmt(dsc)} |')
+    lines.append(f'| {name} (paper) | {row.params:.2f} | B | {pb[0]} | {pb[1]} | {fmt(row.tpr)} | '
+                 f'{fmt(row.tnr)} | {fmt(row.f1)} | {fmt(row.mcc)} | {fmt(row.iou)} | '
+                 f'{fmt(row.dsc)} |')
     lines.append(f'| | | M | {pm[0]} | {pm[1]} | | | | | | |')
   elif heading:
     lines.append(f'| (paper) | | | no row for {name} on {eval_set} | | | | | | | |')
