@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from skinmtl_jax import models, steps, train
+from skinmtl_jax import losses, models, steps
 from skinmtl_jax.models import unet as unet_module
 from skinmtl_jax.models.unet import UpConv2x2
 
@@ -204,9 +204,8 @@ def part_model(cfg, b):
   size = tuple(cfg.data.image_size)
   batch = random_batch(b, size)
   model = models.create_model(cfg.model)
-  tx = train.create_optimizer(cfg, 1000)
-  loss_kw = dict(dice_weight=cfg.loss.dice_weight, cls_weight=cfg.loss.cls_weight,
-                 dice_smooth=cfg.loss.dice_smooth)
+  tx = steps.create_optimizer(cfg, 1000)
+  loss = losses.LossConfig.from_config(cfg.loss)
   print(f'\n## Whole model: {cfg.experiment}, {size[0]}x{size[1]}, batch {b}\n', flush=True)
   built = {}
   for variant in ('flax ConvTranspose', 'UpConv2x2'):
@@ -219,18 +218,17 @@ def part_model(cfg, b):
         outputs, new_vars = model.apply({'params': params, 'batch_stats': bs},
                                         steps.to_float_images(batch['image']), train=True,
                                         mutable=['batch_stats'])
-        from skinmtl_jax import losses  # pylint: disable=g-import-not-at-top
-        loss, _ = losses.total_loss(outputs, batch, **loss_kw)
-        return loss, outputs
+        terms = losses.loss_terms(outputs, batch, dice_smooth=loss.dice_smooth)
+        return losses.weighted_loss(terms, loss.weights), outputs
 
       fwd = jax.jit(loss_fn).lower(one.params, one.batch_stats).compile()
       grad = jax.jit(jax.grad(lambda p, bs: loss_fn(p, bs)[0])).lower(
           one.params, one.batch_stats).compile()
       step = plain = None
       if FLAGS.steps > 0:  # --steps=0: only the equivalence checks
-        step = steps.make_train_step(model, tx, shared_batch=True, **loss_kw)
+        step = steps.make_train_step(model, tx, shared_batch=True, loss=loss)
         step = step.lower(state, batch).compile()
-        plain = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, **loss_kw),
+        plain = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss=loss),
                         donate_argnums=0).lower(one, batch).compile()
       print(f'{variant}: compiled in {time.perf_counter() - t0:.0f} s', flush=True)
       built[variant] = dict(state=state, one=one, fwd=fwd, grad=grad, step=step, plain=plain)

@@ -18,7 +18,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from skinmtl_jax import input_pipeline, models, steps, train
+from skinmtl_jax import input_pipeline, models, steps
 
 # Config files import their parents as `configs.*`: make the repository root importable.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
@@ -48,9 +48,8 @@ def main(argv):
   ds, _ = input_pipeline.train_dataset(split, cfg.data, batch_size=cfg.batch_size, seed=0)
   batch = next(iter(ds))
   model = models.create_model(cfg.model)
-  tx = train.create_optimizer(cfg, 1000)
-  make = functools.partial(steps.make_train_step, model, tx, dice_weight=0.5, cls_weight=0.5,
-                           dice_smooth=1.0, shared_batch=True)
+  tx = steps.create_optimizer(cfg, 1000)
+  make = functools.partial(steps.make_train_step, model, tx, shared_batch=True)
   size = tuple(cfg.data.image_size)
   # One member: the plain step (unrolling one member is no loop at all).
   single = _time(make(member_loop='unroll'),

@@ -52,7 +52,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 
-from skinmtl_jax import device_input, input_pipeline, models, parallel, steps, train
+from skinmtl_jax import device_input, input_pipeline, losses, models, parallel, steps
 from dynunet import DynUNet, machine, random_batch  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_list('models', ['unet', 'mtl4'], 'Configs (configs/<name>.py).')
@@ -128,7 +128,7 @@ class Row:
     self.mesh = parallel.make_mesh(cfg)
     k = cfg.num_seeds
     model = models.create_model(cfg.model)
-    tx = train.create_optimizer(cfg, 1000)
+    tx = steps.create_optimizer(cfg, 1000)
     self.variant = variant
     with variant():
       self.state = steps.create_train_state(model, tx, steps.member_keys(FLAGS.seed, k),
@@ -136,9 +136,8 @@ class Row:
                                             sharding=parallel.state_sharding(self.mesh))
       self.input = device_input.TrainInput(split, cfg, self.mesh)
       self.step = steps.make_train_step(
-          model, tx, dice_weight=cfg.loss.dice_weight, cls_weight=cfg.loss.cls_weight,
-          dice_smooth=cfg.loss.dice_smooth, shared_batch=cfg.seed_data_order == 'shared',
-          balancing=cfg.loss.balancing, mesh=self.mesh, inputs=self.input.inputs)
+          model, tx, loss=losses.LossConfig.from_config(cfg.loss),
+          shared_batch=cfg.seed_data_order == 'shared', mesh=self.mesh, inputs=self.input.inputs)
       first = next(self.input)
       t = time.perf_counter()
       self.compiled = self.step.lower(self.state, first).compile()

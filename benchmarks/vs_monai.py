@@ -7,7 +7,7 @@ inference latency, on the same machine in the same run.
         [--torch_threads=1,2]
 
 Ours go through the code path training runs: `models.create_model(config.model)`,
-`train.create_optimizer`, `steps.create_train_state` and `steps.make_train_step` (jit of the
+`steps.create_optimizer`, `steps.create_train_state` and `steps.make_train_step` (jit of the
 step vmapped over a member axis of size K = 1, donating the state), fed random uint8 images,
 masks and labels. Inference is `steps.predict` (eval mode: running BatchNorm statistics),
 jitted, on uint8 images. DynUNet has the same widths, strides and 2x2 transposed convolutions
@@ -36,7 +36,6 @@ flax's `nn.ConvTranspose`, in place of `UpConv2x2` (the same parameters and outp
 import functools
 import importlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 
-from skinmtl_jax import models, steps, train
+from skinmtl_jax import losses, models, steps
 from dynunet import DynUNet, machine, random_batch  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_list('models', ['unet', 'mtl4', 'dynunet'],
@@ -82,14 +81,13 @@ class Ours:
     self._variant = functools.partial(conv_variants.flax_upconv, flax_upconv)
     cfg = importlib.import_module(f'configs.{name}').get_config()
     self.model = models.create_model(cfg.model)
-    tx = train.create_optimizer(cfg, 1000)
+    tx = steps.create_optimizer(cfg, 1000)
     self.size = size
     with self._variant():
       self.state = steps.create_train_state(self.model, tx, steps.member_keys(FLAGS.seed, 1),
                                             size)
-      self.step = steps.make_train_step(self.model, tx, dice_weight=cfg.loss.dice_weight,
-                                        cls_weight=cfg.loss.cls_weight,
-                                        dice_smooth=cfg.loss.dice_smooth, shared_batch=True)
+      self.step = steps.make_train_step(self.model, tx, shared_batch=True,
+                                        loss=losses.LossConfig.from_config(cfg.loss))
     self.batch = jax.device_put(random_batch(batch, size, rng))
     self.predict = jax.jit(functools.partial(steps.predict, model=self.model))
     self.compile_s = 0.0

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NUM_TRANSFORMS = 16
+from skinmtl_jax.config_base import NUM_TRANSFORMS
+
 ENLARGEMENT_ORDER = (0, 2, 4, 6, 1, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 
 

@@ -14,6 +14,7 @@ names the ones passed over. A training run moves damaged ones aside into
 
 from __future__ import annotations
 
+import json
 import logging as py_logging
 import os
 import sys
@@ -23,9 +24,11 @@ import time
 from absl import logging
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from skinmtl_jax import models, steps
 from skinmtl_jax.steps import TrainState
 
 
@@ -193,3 +196,45 @@ def restore(manager: ocp.CheckpointManager, template: TrainState, data_iters=(),
     return state
   raise CheckpointError(f'None of the checkpoints in {where} (steps {sorted(candidates)}) can '
                         'be restored: their files are damaged. Train again in a new --workdir.')
+
+
+# ------------------------------------------------------------------------- a finished run
+
+def check_run_dir(workdir: str) -> ml_collections.ConfigDict:
+  """The saved config of the training run in `workdir`; CheckpointError naming
+  the path and what to do when `workdir` is no run's folder or has no checkpoint yet."""
+  hint = 'give the --workdir of a training run (python -m skinmtl_jax.main --config=... ' \
+         '--workdir=DIR)'
+  if not os.path.isdir(workdir):
+    raise CheckpointError(f'{workdir} is not a folder: {hint}.')
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path} not found, so {workdir} is not the folder of '
+                                        f'a training run: {hint}.')
+  try:
+    with open(path, encoding='utf-8') as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'{path} is unreadable ({e}): {hint}.') from e
+  ckpt = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
+    raise CheckpointError(
+        f'{workdir} has no checkpoint yet: let its training save one (rerun its command to '
+        f'resume it), or {hint}.')
+  return config
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(config, model, state) of the run in `workdir`, at its latest (or `step`'s) checkpoint;
+  without `step`, the newest that restores when the latest is damaged (see checkpointing)."""
+  config = check_run_dir(workdir)
+  model = models.create_model(config.model)
+  keys = steps.member_keys(0, config.get('num_seeds', 1))
+  template = steps.create_train_state(model, steps.create_optimizer(config, 1), keys,
+                                      tuple(config.data.image_size))
+  manager = create_manager(workdir, read_only=True)
+  try:
+    state = restore(manager, template, step=step)
+  finally:
+    manager.close()
+  return config, model, state

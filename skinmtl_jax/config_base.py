@@ -13,6 +13,19 @@ class ConfigError(ValueError):
   """A config asks for something that cannot be done; the message names the field."""
 
 
+# The allowed values of the config's choice fields; the modules that act on them import these.
+ARCHITECTURES = ('mtl', 'resnet50')            # model.arch
+REVERSE_MODES = ('params', 'activations')      # model.reverse_mode
+SEED_DATA_ORDERS = ('shared', 'per_member')    # seed_data_order
+MEMBER_LOOPS = ('auto', 'vmap', 'unroll')      # member_loop
+SHARDINGS = ('data', 'members')                # sharding
+BALANCING = ('weighted', 'pcgrad')             # loss.balancing
+ON_DEVICE_MODES = ('auto', 'on', 'off')        # data.on_device
+NUM_TRANSFORMS = 16  # the enlargement's transforms (augment.py): data.enlarge_* in 1..16
+# More members than this would not fit any one accelerator at the paper's size.
+MAX_SEEDS = 64
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = 'default'       # the config's name; reports put the paper's row beside ours
@@ -140,3 +153,92 @@ def sized(c: ml_collections.ConfigDict, size: str | None) -> ml_collections.Conf
     c.log_every_steps = 100
     c.checkpoint_every_steps = 100
   return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Stops before any work on settings that make no sense, naming the field."""
+  m = config.model
+  if m.arch == 'resnet50' and (m.attention_pool or m.reverse or m.cbam):
+    raise ConfigError('model.attention_pool / model.reverse / model.cbam need the U-Net '
+                     '(model.arch="mtl"); resnet50 is the classification-only baseline.')
+  if m.arch == 'mtl' and not m.classify and (m.attention_pool or m.reverse or m.cbam):
+    raise ConfigError('model.attention_pool / model.reverse / model.cbam need the classifier; '
+                     'set model.classify=True (the unet baseline has none).')
+  if m.encoder_pool_levels not in (1, 2):
+    raise ConfigError(f'model.encoder_pool_levels={m.encoder_pool_levels}: expected 1 or 2.')
+  if m.arch not in ARCHITECTURES:
+    raise ConfigError(f'model.arch={m.arch!r}: expected one of {ARCHITECTURES}.')
+  if m.reverse_mode not in REVERSE_MODES:
+    raise ConfigError(f'model.reverse_mode={m.reverse_mode!r}: expected one of {REVERSE_MODES}.')
+  if config.data.extra_melanomas not in ('', 'isic2017'):
+    raise ConfigError(f'data.extra_melanomas={config.data.extra_melanomas!r}: expected "" or '
+                      '"isic2017".')
+  if config.data.extra_melanomas and config.data.name != 'isic2016':
+    raise ConfigError('data.extra_melanomas adds ISIC 2017 melanomas to ISIC 2016 training; '
+                      f'data.name is {config.data.name!r}.')
+  for name in ('enlarge_benign', 'enlarge_melanoma'):
+    if not 1 <= config.data[name] <= NUM_TRANSFORMS:
+      raise ConfigError(f'data.{name}={config.data[name]}: must be in 1..16 (the paper\'s '
+                        f'transforms; benign 4, melanoma 16).')
+  if config.num_seeds < 1:
+    raise ConfigError(f'num_seeds={config.num_seeds} must be at least 1.')
+  if config.seed_data_order not in SEED_DATA_ORDERS:
+    raise ConfigError(f'seed_data_order={config.seed_data_order!r}: expected one of '
+                      f'{SEED_DATA_ORDERS}.')
+  if config.loss.balancing not in BALANCING:
+    raise ConfigError(f'loss.balancing={config.loss.balancing!r}: expected one of '
+                      f'{BALANCING}.')
+  if config.loss.balancing == 'pcgrad' and not (m.arch == 'mtl' and m.classify):
+    raise ConfigError('loss.balancing="pcgrad" balances two tasks; the model has one '
+                      '(needs model.arch="mtl" and model.classify=True).')
+  if config.sharding not in SHARDINGS:
+    raise ConfigError(f'sharding={config.sharding!r}: expected one of {SHARDINGS}.')
+  if config.grad_study_every_steps < 0:
+    raise ConfigError(f'grad_study_every_steps={config.grad_study_every_steps}: 0 (off) or '
+                      'a positive number of steps.')
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] < 1:
+      raise ConfigError(f'{name}={config[name]} must be positive.')
+  # What otherwise trains nothing, keeps nothing or divides by zero after compiling.
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ConfigError(f'num_epochs={config.num_epochs} with num_train_steps='
+                      f'{config.num_train_steps}: set a positive number of epochs or steps.')
+  for name in ('max_checkpoints_to_keep', 'checkpoint_every_steps', 'log_every_steps'):
+    if config[name] < 1:
+      raise ConfigError(f'{name}={config[name]} must be at least 1.')
+  for name in ('learning_rate', 'final_learning_rate'):
+    if not config.optim[name] > 0:
+      raise ConfigError(f'optim.{name}={config.optim[name]} must be positive.')
+  if not 0 < config.threshold < 1:
+    raise ConfigError(f'threshold={config.threshold} must be between 0 and 1 (exclusive).')
+  size = tuple(config.data.image_size)
+  if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+    raise ConfigError(f'data.image_size={size}: expected two positive integers (H, W).')
+  if m.arch == 'mtl':
+    if len(m.features) < 3 or not all(isinstance(f, int) and f > 0 for f in m.features):
+      raise ConfigError(f'model.features={tuple(m.features)}: expected three or more positive '
+                        'widths, shallow to deep.')
+    down = 2 ** (len(m.features) - 1)  # the first stage keeps the size, each other halves it
+    if any(v % down for v in size):
+      raise ConfigError(f'data.image_size={size}: the U-Net of {len(m.features)} levels '
+                        f'(model.features) halves it {len(m.features) - 1} times, so H and W '
+                        f'must be multiples of {down}.')
+  d = config.data
+  if d.on_device not in ON_DEVICE_MODES:
+    raise ConfigError(f'data.on_device={d.on_device!r}: expected one of '
+                      f'{ON_DEVICE_MODES}.')
+  if not 0 < d.on_device_fraction <= 1:
+    raise ConfigError(f'data.on_device_fraction={d.on_device_fraction}: a share of device '
+                      'memory in (0, 1].')
+  if not 0 <= d.get('validation_fraction', 0.0) <= 0.5:
+    raise ConfigError(f'data.validation_fraction={d.validation_fraction}: a share of the '
+                      'training images in [0, 0.5] (0: no validation split, no calibration).')
+  if d.prefetch_batches < 0:
+    raise ConfigError(f'data.prefetch_batches={d.prefetch_batches}: 0 (no prefetch) or more.')
+  if config.member_loop not in MEMBER_LOOPS:
+    raise ConfigError(f'member_loop={config.member_loop!r}: expected one of '
+                      f'{MEMBER_LOOPS}.')
+  if config.num_seeds > MAX_SEEDS:
+    raise ConfigError(f'num_seeds={config.num_seeds}: at most {MAX_SEEDS} members are trained '
+                      'at once (each holds its own weights, Adam state and activations); run '
+                      'several jobs with different seeds instead.')

@@ -35,7 +35,6 @@ import numpy as np
 
 from skinmtl_jax import augment, input_pipeline, parallel
 
-ON_DEVICE_MODES = ('auto', 'on', 'off')
 
 
 def expand(batch: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:

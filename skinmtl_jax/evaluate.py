@@ -468,8 +468,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
   else:
     calibration = calibration_lib.load(workdir, step)  # fitted earlier for this step, if at all
   results['calibration'] = calibration
-  predict_jit = jax.jit(lambda st, images: jax.tree.map(
-      lambda x: x.mean(0), steps.member_predictions(st, images, model=model)))
+  predict_jit = jax.jit(functools.partial(steps.ensemble_predictions, model=model))
   predict_fn = lambda images: jax.device_get(predict_jit(state, images))
   sections = [f'# Results of {config.experiment}', '',
               f'Step {results.get("steps")}; {results.get("params")} parameters. Percentages. '
@@ -527,52 +526,11 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
 
 # ---------------------------------------------------------------------------- command line
 
-def check_run_dir(workdir: str) -> ml_collections.ConfigDict:
-  """The saved config of the training run in `workdir`; checkpointing.CheckpointError naming
-  the path and what to do when `workdir` is no run's folder or has no checkpoint yet."""
-  hint = 'give the --workdir of a training run (python -m skinmtl_jax.main --config=... ' \
-         '--workdir=DIR)'
-  if not os.path.isdir(workdir):
-    raise checkpointing.CheckpointError(f'{workdir} is not a folder: {hint}.')
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise checkpointing.CheckpointError(f'{path} not found, so {workdir} is not the folder of '
-                                        f'a training run: {hint}.')
-  try:
-    with open(path, encoding='utf-8') as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise checkpointing.CheckpointError(f'{path} is unreadable ({e}): {hint}.') from e
-  ckpt = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
-    raise checkpointing.CheckpointError(
-        f'{workdir} has no checkpoint yet: let its training save one (rerun its command to '
-        f'resume it), or {hint}.')
-  return config
-
-
-def load_run(workdir: str, step: int | None = None):
-  """(config, model, state) of the run in `workdir`, at its latest (or `step`'s) checkpoint;
-  without `step`, the newest that restores when the latest is damaged (see checkpointing)."""
-  from skinmtl_jax import models, train  # pylint: disable=import-outside-toplevel
-  config = check_run_dir(workdir)
-  model = models.create_model(config.model)
-  keys = steps.member_keys(0, config.get('num_seeds', 1))
-  template = steps.create_train_state(model, train.create_optimizer(config, 1), keys,
-                                      tuple(config.data.image_size))
-  manager = checkpointing.create_manager(workdir, read_only=True)
-  try:
-    state = checkpointing.restore(manager, template, step=step)
-  finally:
-    manager.close()
-  return config, model, state
-
-
 def main(argv):
   del argv
   checkpointing.quiet_orbax_logging()
   try:
-    check_run_dir(flags.FLAGS.workdir)
+    checkpointing.check_run_dir(flags.FLAGS.workdir)
     # metrics.json and the report are the run's: not while it trains or is evaluated elsewhere.
     with workdir_lib.lock(flags.FLAGS.workdir):
       _evaluate(flags.FLAGS)
@@ -581,7 +539,7 @@ def main(argv):
 
 
 def _evaluate(f):
-  config, model, state = load_run(f.workdir)
+  config, model, state = checkpointing.load_run(f.workdir)
   names = f.datasets or list(config.data.eval_sets)
   splits = {n: input_pipeline.get_split(config.data, n) for n in names}
   try:
@@ -595,8 +553,7 @@ def _evaluate(f):
   if os.path.exists(path):
     with open(path, encoding='utf-8') as fh:
       results = json.load(fh)
-  results.update({'params': int(sum(np.size(x) for x in jax.tree.leaves(
-      steps.member(state.params, 0)))), 'steps': checkpointing.step_of(state)})
+  results.update({'params': steps.num_params(state), 'steps': checkpointing.step_of(state)})
   results = evaluate_and_report(config, state, model, f.workdir, splits, results,
                                 validation=validation)
   tensorboard = writers.TensorboardWriter(f.workdir)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skinmtl_jax import (checkpointing, device_input, evaluate, gradients, input_pipeline, losses,
+from skinmtl_jax import (checkpointing, device_input, gradients, input_pipeline, losses,
                          parallel, steps)
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets.files import DataError
@@ -62,8 +62,8 @@ def _with_ratio(stats: dict[str, Array]) -> dict[str, Array]:
           'ratio': jnp.where(cls > 0, seg / jnp.maximum(cls, 1e-30), jnp.nan), **stats}
 
 
-def study(params, batch_stats, batch: dict[str, Array], *, model, dice_weight: float,
-          cls_weight: float, dice_smooth: float = 1.0) -> dict[str, dict[str, Array]]:
+def study(params, batch_stats, batch: dict[str, Array], *, model,
+          loss: losses.LossConfig = losses.LossConfig()) -> dict[str, dict[str, Array]]:
   """The study of one model (no member axis) on `batch`, in training mode (batch statistics,
   as the training step sees it). Returns {group: {quantity: scalar}}; see the module docstring.
   """
@@ -80,11 +80,10 @@ def study(params, batch_stats, batch: dict[str, Array], *, model, dice_weight: f
                                 mutable=['batch_stats', 'intermediates'])
     if stop_head and 'cls_logits' in outputs:
       outputs = {**outputs, 'cls_logits': jax.lax.stop_gradient(outputs['cls_logits'])}
-    _, terms = losses.total_loss(outputs, batch, dice_weight=1.0, cls_weight=1.0,
-                                       dice_smooth=dice_smooth)
+    terms = losses.loss_terms(outputs, batch, dice_smooth=loss.dice_smooth)
     return terms, new_vars.get('intermediates', {})
 
-  weights = {'seg': dice_weight, 'cls': cls_weight}
+  weights = loss.weights
   by_task, _, intermediates = gradients.task_gradients(
       terms_fn, {'params': params, 'perturbations': perturbations}, weights)
   # A single-task model has one task gradient; the other is zero.
@@ -110,7 +109,7 @@ def study(params, batch_stats, batch: dict[str, Array], *, model, dice_weight: f
 
   if getattr(model, 'reverse', False):
     def total(p, m, stop_head):
-      return gradients.weighted_loss(terms_fn({'params': p}, m, stop_head)[0], weights)
+      return losses.weighted_loss(terms_fn({'params': p}, m, stop_head)[0], weights)
 
     through_reverse = jax.grad(total)(params, model, True)
     through_head = jax.grad(total)(params, model.clone(reverse_stop_gradient=True), False)
@@ -126,13 +125,12 @@ def study(params, batch_stats, batch: dict[str, Array], *, model, dice_weight: f
   return out
 
 
-def make_study_step(model, *, dice_weight: float, cls_weight: float, dice_smooth: float,
+def make_study_step(model, *, loss: losses.LossConfig = losses.LossConfig(),
                     shared_batch: bool, mesh=None, inputs=None, member_loop: str = 'auto'):
   """jit(over_members(study)) over the member axis of a stacked TrainState, on the pipeline's
   batches with their device-side `inputs` (see steps.make_train_step); with a `mesh`, the
   results come back replicated."""
-  fn = functools.partial(study, model=model, dice_weight=dice_weight, cls_weight=cls_weight,
-                         dice_smooth=dice_smooth)
+  fn = functools.partial(study, model=model, loss=loss)
   per_member = lambda state, batch: steps.over_members(
       fn, (0, 0, None if shared_batch else 0), member_loop)(state.params, state.batch_stats,
                                                              batch)
@@ -357,11 +355,10 @@ def fixed_batch(split, num_images: int) -> dict[str, np.ndarray]:
 def study_checkpoints(workdir: str, split_name: str | None, num_images: int
                       ) -> tuple[list[dict[str, Any]], Any]:
   """Study rows for every checkpoint of the run in `workdir` (and the run's config)."""
-  config, model, state = evaluate.load_run(workdir)
+  config, model, state = checkpointing.load_run(workdir)
   split = input_pipeline.get_split(config.data, split_name or config.data.eval_sets[0])
   batch = fixed_batch(split, num_images)
-  fn = make_study_step(model, dice_weight=config.loss.dice_weight,
-                       cls_weight=config.loss.cls_weight, dice_smooth=config.loss.dice_smooth,
+  fn = make_study_step(model, loss=losses.LossConfig.from_config(config.loss),
                        shared_batch=True)
   manager = checkpointing.create_manager(workdir, read_only=True)
   table = []
@@ -390,7 +387,7 @@ def main(argv):
   f = flags.FLAGS
   checkpointing.quiet_orbax_logging()
   try:
-    evaluate.check_run_dir(f.workdir)  # before --out is made: a wrong --workdir leaves nothing
+    checkpointing.check_run_dir(f.workdir)  # before --out is made: a wrong --workdir leaves nothing
     os.makedirs(f.out, exist_ok=True)
     table, config = study_checkpoints(f.workdir, f.split, f.num_images)
   except (checkpointing.CheckpointError, ConfigError, DataError, OSError) as e:

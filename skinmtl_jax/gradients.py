@@ -16,10 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from skinmtl_jax.losses import TASK_TERMS, TASKS
+
 Array = Any
 
-TASKS = ('seg', 'cls')
-TASK_TERMS = {'seg': 'dice_loss', 'cls': 'cls_loss'}
 
 
 def task_gradients(loss_terms_fn: Callable[[Any], tuple[dict[str, Array], Any]], params: Any,
@@ -47,11 +47,6 @@ def task_gradients(loss_terms_fn: Callable[[Any], tuple[dict[str, Array], Any]],
     cotangent = {u: jnp.ones_like(v) if u == t else jnp.zeros_like(v) for u, v in losses.items()}
     grads[t] = vjp_fn(cotangent)[0]
   return grads, terms, aux
-
-
-def weighted_loss(terms: dict[str, Array], weights: dict[str, float]) -> Array:
-  """The training loss from the unweighted task terms: sum of weights[task] * term."""
-  return sum(weights[t] * terms[TASK_TERMS[t]] for t in TASKS if TASK_TERMS[t] in terms)
 
 
 def tree_vdot(a: Any, b: Any) -> Array:

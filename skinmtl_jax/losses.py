@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 Array = Any
+
+TASKS = ('seg', 'cls')
+TASK_TERMS = {'seg': 'dice_loss', 'cls': 'cls_loss'}  # each task's term in `loss_terms`
 
 
 def soft_dice_loss(seg_logits: Array, masks: Array, smooth: float = 1.0) -> Array:
@@ -34,18 +37,37 @@ def classification_loss(cls_logits: Array, labels: Array) -> Array:
       cls_logits.astype(jnp.float32), labels.astype(jnp.int32)))
 
 
-def total_loss(outputs: dict[str, Array], batch: dict[str, Array], *, dice_weight: float,
-               cls_weight: float, dice_smooth: float = 1.0) -> tuple[Array, dict[str, Array]]:
-  """Weighted sum of the losses of the tasks the model has (a single-task model has one term).
-
-  Returns:
-    (loss, terms) where terms holds each unweighted loss by name.
-  """
-  terms, loss = {}, jnp.zeros((), jnp.float32)
+def loss_terms(outputs: dict[str, Array], batch: dict[str, Array], *,
+               dice_smooth: float = 1.0) -> dict[str, Array]:
+  """The unweighted loss of each task the model has (a single-task model has one term):
+  'dice_loss' (of 'seg_logits' against batch['mask']), 'cls_loss' ('cls_logits', 'label')."""
+  terms = {}
   if 'seg_logits' in outputs:
     terms['dice_loss'] = soft_dice_loss(outputs['seg_logits'], batch['mask'], dice_smooth)
-    loss = loss + dice_weight * terms['dice_loss']
   if 'cls_logits' in outputs:
     terms['cls_loss'] = classification_loss(outputs['cls_logits'], batch['label'])
-    loss = loss + cls_weight * terms['cls_loss']
-  return loss, terms
+  return terms
+
+
+def weighted_loss(terms: dict[str, Array], weights: dict[str, float]) -> Array:
+  """The training loss (Eq. 3) from the unweighted terms: the sum of weights[task] * term."""
+  return sum(weights[t] * terms[TASK_TERMS[t]] for t in TASKS if TASK_TERMS[t] in terms)
+
+
+class LossConfig(NamedTuple):
+  """config.loss, read once: the weights of Eq. 3, the Dice smoothing, and how the two task
+  gradients combine ('weighted': the gradient of Eq. 3; 'pcgrad', see gradients.pcgrad)."""
+  dice_weight: float = 0.5
+  cls_weight: float = 0.5
+  dice_smooth: float = 1.0
+  balancing: str = 'weighted'
+
+  @classmethod
+  def from_config(cls, loss_cfg) -> 'LossConfig':
+    return cls(float(loss_cfg.dice_weight), float(loss_cfg.cls_weight),
+               float(loss_cfg.dice_smooth), str(loss_cfg.balancing))
+
+  @property
+  def weights(self) -> dict[str, float]:
+    """{task: weight}, as `weighted_loss` and `gradients.task_gradients` take them."""
+    return {'seg': self.dice_weight, 'cls': self.cls_weight}

@@ -32,7 +32,6 @@ import numpy as np
 
 from skinmtl_jax.config_base import ConfigError
 
-SHARDINGS = ('data', 'members')
 
 
 def maybe_initialize_distributed() -> bool:
@@ -59,9 +58,7 @@ def make_mesh(config, devices=None) -> Mesh:
   """The ('members', 'data') mesh of `config.sharding` over `devices` (default: all)."""
   devices = list(jax.devices() if devices is None else devices)
   n, k = len(devices), config.num_seeds
-  mode = config.get('sharding', 'data')
-  if mode not in SHARDINGS:
-    raise ConfigError(f'sharding={mode!r}: expected one of {SHARDINGS}.')
+  mode = config.get('sharding', 'data')  # one of config_base.SHARDINGS (validate_config)
   members = math.gcd(k, n) if mode == 'members' else 1
   data = n // members
   if config.batch_size % data:

@@ -17,6 +17,7 @@ is 1 if any failed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from skinmtl_jax import calibration as calibration_lib
-from skinmtl_jax import checkpointing, evaluate, steps
+from skinmtl_jax import checkpointing, steps
 from skinmtl_jax.datasets import files
 
 flags.DEFINE_string('workdir', None, 'Training run whose latest checkpoint is used.')
@@ -51,8 +52,7 @@ def _undo(maps, k: int, flip: bool):
 def make_predictor(model, state, tta: bool):
   """images (N, H, W, 3) uint8 -> {'lesion_prob' (N, H, W), 'melanoma_prob' (N,)}, averaged
   over the members of a seed ensemble and, when `tta`, over the 8 dihedral transforms."""
-  fn = jax.jit(lambda st, images: jax.tree.map(
-      lambda x: x.mean(0), steps.member_predictions(st, images, model=model)))
+  fn = jax.jit(functools.partial(steps.ensemble_predictions, model=model))
   transforms = [(k, f) for f in (False, True) for k in range(4)] if tta else [(0, False)]
 
   def predict(images):
@@ -151,7 +151,7 @@ def main(argv):
     raise app.UsageError('Give one or more image files.')
   checkpointing.quiet_orbax_logging()
   try:
-    config, model, state = evaluate.load_run(FLAGS.workdir)
+    config, model, state = checkpointing.load_run(FLAGS.workdir)
     os.makedirs(FLAGS.out, exist_ok=True)
   except (checkpointing.CheckpointError, OSError) as e:
     sys.exit(f'skinmtl_jax.predict: {e}')

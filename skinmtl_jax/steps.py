@@ -18,9 +18,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from skinmtl_jax import device_input, gradients, losses, parallel
+from skinmtl_jax.config_base import BALANCING, MEMBER_LOOPS
 
 Array = Any
 
@@ -32,6 +34,16 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   batch_stats: Any
   opt_state: Any
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     num_train_steps: int) -> optax.GradientTransformation:
+  """Adam with the learning rate decaying exponentially from its initial to its final value."""
+  o = config.optim
+  schedule = optax.exponential_decay(o.learning_rate, transition_steps=max(num_train_steps, 1),
+                                     decay_rate=o.final_learning_rate / o.learning_rate)
+  return optax.inject_hyperparams(optax.adam)(learning_rate=schedule, b1=o.b1, b2=o.b2,
+                                              eps=o.eps)
 
 
 def to_float_images(images: Array) -> Array:
@@ -82,12 +94,16 @@ def member_keys(seed: int, num_seeds: int) -> Array:
   return jnp.stack([jax.random.key(seed + i) for i in range(num_seeds)])
 
 
+def num_params(state: TrainState) -> int:
+  """Parameters of one member."""
+  return int(sum(x[0].size for x in jax.tree.leaves(state.params)))
+
+
 def member(state, i: int):
   """Member i of a stacked state (or of any pytree with a leading member axis)."""
   return jax.tree.map(lambda x: x[i], state)
 
 
-MEMBER_LOOPS = ('auto', 'vmap', 'unroll')
 
 
 def unrolls_members(member_loop: str = 'auto') -> bool:
@@ -123,52 +139,49 @@ def forward_loss_terms(params, batch_stats, batch, *, model, dice_smooth: float 
   outputs, new_vars = model.apply({'params': params, 'batch_stats': batch_stats},
                                   to_float_images(batch['image']), train=True,
                                   mutable=['batch_stats'])
-  _, terms = losses.total_loss(outputs, batch, dice_weight=1.0, cls_weight=1.0,
-                               dice_smooth=dice_smooth)
+  terms = losses.loss_terms(outputs, batch, dice_smooth=dice_smooth)
   return terms, (outputs, new_vars.get('batch_stats', {}))
 
 
-BALANCING = ('weighted', 'pcgrad')
 
-
-def train_step(state: TrainState, batch: dict[str, Array], *, model, tx, dice_weight: float,
-               cls_weight: float, dice_smooth: float = 1.0,
-               balancing: str = 'weighted') -> tuple[TrainState, dict[str, Array]]:
+def train_step(state: TrainState, batch: dict[str, Array], *, model, tx,
+               loss: losses.LossConfig = losses.LossConfig()
+               ) -> tuple[TrainState, dict[str, Array]]:
   """One optimisation step on `batch` ({'image', 'mask', 'label'}).
 
-  `balancing` says how the two task gradients combine: 'weighted', the gradient of the paper's
-  fixed-weight loss (Eq. 3); 'pcgrad', PCGrad on the two weighted task gradients
+  `loss.balancing` says how the two task gradients combine: 'weighted', the gradient of the
+  paper's fixed-weight loss (Eq. 3); 'pcgrad', PCGrad on the two weighted task gradients
   (`gradients.pcgrad`), which also reports their cosine as 'task_cosine'.
 
   Returns:
     (new state, metrics) where metrics holds the loss, each task's loss, the batch accuracy of
     the diagnosis, and the l2 norms of gradients, parameters and updates.
   """
-  if balancing not in BALANCING:
-    raise ValueError(f'loss.balancing={balancing!r}; expected one of {BALANCING}.')
+  if loss.balancing not in BALANCING:
+    raise ValueError(f'loss.balancing={loss.balancing!r}; expected one of {BALANCING}.')
   terms_fn = functools.partial(forward_loss_terms, batch_stats=state.batch_stats, batch=batch,
-                               model=model, dice_smooth=dice_smooth)
-  weights = {'seg': dice_weight, 'cls': cls_weight}
+                               model=model, dice_smooth=loss.dice_smooth)
+  weights = loss.weights
   extra = {}
-  if balancing == 'weighted':
+  if loss.balancing == 'weighted':
     def loss_fn(params):
       terms, aux = terms_fn(params)
-      return gradients.weighted_loss(terms, weights), (terms, aux)
-    (loss, (terms, (outputs, batch_stats))), grads = jax.value_and_grad(
+      return losses.weighted_loss(terms, weights), (terms, aux)
+    (total, (terms, (outputs, batch_stats))), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
   else:
     by_task, terms, (outputs, batch_stats) = gradients.task_gradients(
         terms_fn, state.params, weights)
-    if set(by_task) != set(gradients.TASKS):
+    if set(by_task) != set(losses.TASKS):
       raise ValueError('loss.balancing="pcgrad" needs both tasks (model.classify=True).')
     grads = gradients.pcgrad(by_task['seg'], by_task['cls'])
-    loss = gradients.weighted_loss(terms, weights)
+    total = losses.weighted_loss(terms, weights)
     dot = gradients.tree_vdot(by_task['seg'], by_task['cls'])
     extra['task_cosine'] = dot / (optax.tree.norm(by_task['seg']) *
                                   optax.tree.norm(by_task['cls']) + 1e-30)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {'loss': loss, **terms, **extra, 'l2_grads': optax.tree.norm(grads),
+  metrics = {'loss': total, **terms, **extra, 'l2_grads': optax.tree.norm(grads),
              'l2_params': optax.tree.norm(params), 'l2_updates': optax.tree.norm(updates)}
   if hasattr(opt_state, 'hyperparams'):  # optax.inject_hyperparams
     metrics['learning_rate'] = opt_state.hyperparams['learning_rate']
@@ -190,9 +203,8 @@ def predict(variables: dict, images: Array, *, model) -> dict[str, Array]:
   return out
 
 
-def make_train_step(model, tx, *, dice_weight: float, cls_weight: float, dice_smooth: float,
-                    shared_batch: bool, balancing: str = 'weighted', mesh=None, inputs=None,
-                    member_loop: str = 'auto'):
+def make_train_step(model, tx, *, loss: losses.LossConfig = losses.LossConfig(),
+                    shared_batch: bool, mesh=None, inputs=None, member_loop: str = 'auto'):
   """jit(over_members(train_step)) over the member axis (vmap, or unrolled on a CPU; see
   `over_members`), donating the state: `step(state, batch)`.
 
@@ -204,8 +216,7 @@ def make_train_step(model, tx, *, dice_weight: float, cls_weight: float, dice_sm
   None). With a `mesh` (parallel.make_mesh), the state and batch keep their shardings on it
   and the metrics come back replicated.
   """
-  step = functools.partial(train_step, model=model, tx=tx, dice_weight=dice_weight,
-                           cls_weight=cls_weight, dice_smooth=dice_smooth, balancing=balancing)
+  step = functools.partial(train_step, model=model, tx=tx, loss=loss)
   fn, kw = over_members(step, (0, None if shared_batch else 0), member_loop), {}
   if mesh is not None:
     state_sh, replicated = parallel.state_sharding(mesh), parallel.replicated(mesh)
@@ -229,6 +240,11 @@ def member_predictions(state: TrainState, images: Array, *, model,
   """`predict` of every member: leaves with a leading member axis (see `over_members`)."""
   one = lambda p, bs: predict({'params': p, 'batch_stats': bs}, images, model=model)
   return over_members(one, (0, 0), member_loop)(state.params, state.batch_stats)
+
+
+def ensemble_predictions(state: TrainState, images: Array, *, model) -> dict[str, Array]:
+  """`predict` of a seed ensemble: the members' probabilities averaged (one member: its own)."""
+  return jax.tree.map(lambda x: x.mean(0), member_predictions(state, images, model=model))
 
 
 def eval_step(state: TrainState, batch: dict[str, Array], *, model,

@@ -12,119 +12,19 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import optax
 
 from skinmtl_jax import writers  # first: makes clu importable without TensorFlow
 from skinmtl_jax import (checkpointing, device_input, evaluate, grad_study, input_pipeline,
-                         models, parallel, steps)
+                         losses, models, parallel, steps)
 from skinmtl_jax import workdir as workdir_lib
-from skinmtl_jax.config_base import ConfigError
+from skinmtl_jax import config_base
 from clu import parameter_overview, periodic_actions  # pylint: disable=g-bad-import-order
-
-
-def create_optimizer(config: ml_collections.ConfigDict,
-                     num_train_steps: int) -> optax.GradientTransformation:
-  """Adam with the learning rate decaying exponentially from its initial to its final value."""
-  o = config.optim
-  schedule = optax.exponential_decay(o.learning_rate, transition_steps=max(num_train_steps, 1),
-                                     decay_rate=o.final_learning_rate / o.learning_rate)
-  return optax.inject_hyperparams(optax.adam)(learning_rate=schedule, b1=o.b1, b2=o.b2,
-                                              eps=o.eps)
 
 
 def num_steps(config: ml_collections.ConfigDict, examples_per_epoch: int) -> int:
   if config.num_train_steps > 0:
     return config.num_train_steps
   return config.num_epochs * (examples_per_epoch // config.batch_size)
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Stops before any work on settings that make no sense, naming the field."""
-  m = config.model
-  if m.arch == 'resnet50' and (m.attention_pool or m.reverse or m.cbam):
-    raise ConfigError('model.attention_pool / model.reverse / model.cbam need the U-Net '
-                     '(model.arch="mtl"); resnet50 is the classification-only baseline.')
-  if m.arch == 'mtl' and not m.classify and (m.attention_pool or m.reverse or m.cbam):
-    raise ConfigError('model.attention_pool / model.reverse / model.cbam need the classifier; '
-                     'set model.classify=True (the unet baseline has none).')
-  if m.encoder_pool_levels not in (1, 2):
-    raise ConfigError(f'model.encoder_pool_levels={m.encoder_pool_levels}: expected 1 or 2.')
-  if config.data.extra_melanomas not in ('', 'isic2017'):
-    raise ConfigError(f'data.extra_melanomas={config.data.extra_melanomas!r}: expected "" or '
-                      '"isic2017".')
-  if config.data.extra_melanomas and config.data.name != 'isic2016':
-    raise ConfigError('data.extra_melanomas adds ISIC 2017 melanomas to ISIC 2016 training; '
-                      f'data.name is {config.data.name!r}.')
-  for name in ('enlarge_benign', 'enlarge_melanoma'):
-    if not 1 <= config.data[name] <= 16:
-      raise ConfigError(f'data.{name}={config.data[name]}: must be in 1..16 (the paper\'s '
-                        f'transforms; benign 4, melanoma 16).')
-  if config.num_seeds < 1:
-    raise ConfigError(f'num_seeds={config.num_seeds} must be at least 1.')
-  if config.seed_data_order not in ('shared', 'per_member'):
-    raise ConfigError(f'seed_data_order={config.seed_data_order!r}: expected "shared" or '
-                      '"per_member".')
-  if config.loss.balancing not in steps.BALANCING:
-    raise ConfigError(f'loss.balancing={config.loss.balancing!r}: expected one of '
-                      f'{steps.BALANCING}.')
-  if config.loss.balancing == 'pcgrad' and not (m.arch == 'mtl' and m.classify):
-    raise ConfigError('loss.balancing="pcgrad" balances two tasks; the model has one '
-                      '(needs model.arch="mtl" and model.classify=True).')
-  if config.sharding not in parallel.SHARDINGS:
-    raise ConfigError(f'sharding={config.sharding!r}: expected one of {parallel.SHARDINGS}.')
-  if config.grad_study_every_steps < 0:
-    raise ConfigError(f'grad_study_every_steps={config.grad_study_every_steps}: 0 (off) or '
-                      'a positive number of steps.')
-  for name in ('batch_size', 'eval_batch_size'):
-    if config[name] < 1:
-      raise ConfigError(f'{name}={config[name]} must be positive.')
-  # What otherwise trains nothing, keeps nothing or divides by zero after compiling.
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ConfigError(f'num_epochs={config.num_epochs} with num_train_steps='
-                      f'{config.num_train_steps}: set a positive number of epochs or steps.')
-  for name in ('max_checkpoints_to_keep', 'checkpoint_every_steps', 'log_every_steps'):
-    if config[name] < 1:
-      raise ConfigError(f'{name}={config[name]} must be at least 1.')
-  for name in ('learning_rate', 'final_learning_rate'):
-    if not config.optim[name] > 0:
-      raise ConfigError(f'optim.{name}={config.optim[name]} must be positive.')
-  if not 0 < config.threshold < 1:
-    raise ConfigError(f'threshold={config.threshold} must be between 0 and 1 (exclusive).')
-  size = tuple(config.data.image_size)
-  if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
-    raise ConfigError(f'data.image_size={size}: expected two positive integers (H, W).')
-  if m.arch == 'mtl':
-    if not m.features or not all(isinstance(f, int) and f > 0 for f in m.features):
-      raise ConfigError(f'model.features={tuple(m.features)}: expected one or more positive '
-                        'widths, shallow to deep.')
-    down = 2 ** (len(m.features) - 1)  # the first stage keeps the size, each other halves it
-    if any(v % down for v in size):
-      raise ConfigError(f'data.image_size={size}: the U-Net of {len(m.features)} levels '
-                        f'(model.features) halves it {len(m.features) - 1} times, so H and W '
-                        f'must be multiples of {down}.')
-  d = config.data
-  if d.on_device not in device_input.ON_DEVICE_MODES:
-    raise ConfigError(f'data.on_device={d.on_device!r}: expected one of '
-                      f'{device_input.ON_DEVICE_MODES}.')
-  if not 0 < d.on_device_fraction <= 1:
-    raise ConfigError(f'data.on_device_fraction={d.on_device_fraction}: a share of device '
-                      'memory in (0, 1].')
-  if not 0 <= d.get('validation_fraction', 0.0) <= 0.5:
-    raise ConfigError(f'data.validation_fraction={d.validation_fraction}: a share of the '
-                      'training images in [0, 0.5] (0: no validation split, no calibration).')
-  if d.prefetch_batches < 0:
-    raise ConfigError(f'data.prefetch_batches={d.prefetch_batches}: 0 (no prefetch) or more.')
-  if config.member_loop not in steps.MEMBER_LOOPS:
-    raise ConfigError(f'member_loop={config.member_loop!r}: expected one of '
-                      f'{steps.MEMBER_LOOPS}.')
-  if config.num_seeds > MAX_SEEDS:
-    raise ConfigError(f'num_seeds={config.num_seeds}: at most {MAX_SEEDS} members are trained '
-                      'at once (each holds its own weights, Adam state and activations); run '
-                      'several jobs with different seeds instead.')
-
-
-# More members than this would not fit any one accelerator at the paper's size.
-MAX_SEEDS = 64
 
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: "try again").
@@ -270,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     The metrics.json content.
   """
-  validate_config(config)
+  config_base.validate_config(config)
   with SigtermRaises(workdir), workdir_lib.lock(workdir):
     return _train_and_evaluate(config, workdir)
 
@@ -302,12 +202,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   # --------------------------------------------------------------------- Model & optimizer
   model = models.create_model(config.model)
-  tx = create_optimizer(config, total_steps)
+  tx = steps.create_optimizer(config, total_steps)
   state = steps.create_train_state(model, tx, steps.member_keys(config.seed, k),
                                    tuple(config.data.image_size),
                                    sharding=parallel.state_sharding(mesh))
   parameter_overview.log_parameter_overview(parallel.to_local(steps.member(state.params, 0)))
-  num_params = int(sum(np.size(x) for x in jax.tree.leaves(state.params))) // k
+  num_params = steps.num_params(state)
   logging.info('Parameters: %d (%.2f M) per member.', num_params, num_params / 1e6)
 
   # ---------------------------------------------------------------------------- Checkpoint
@@ -317,17 +217,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     logging.info('Resumed from step %d.', checkpointing.step_of(state))
 
   # --------------------------------------------------------------------------- Update step
-  train_step = steps.make_train_step(
-      model, tx, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
-      dice_smooth=config.loss.dice_smooth, shared_batch=shared,
-      balancing=config.loss.balancing, mesh=mesh, inputs=train_input.inputs,
-      member_loop=config.member_loop)
+  # The same loss, batches and member loop for the update and the gradient study.
+  step_kw = dict(loss=losses.LossConfig.from_config(config.loss), shared_batch=shared,
+                 mesh=mesh, inputs=train_input.inputs, member_loop=config.member_loop)
+  train_step = steps.make_train_step(model, tx, **step_kw)
   study_every = config.grad_study_every_steps
   if study_every:
-    study_step = grad_study.make_study_step(
-        model, dice_weight=config.loss.dice_weight, cls_weight=config.loss.cls_weight,
-        dice_smooth=config.loss.dice_smooth, shared_batch=shared, mesh=mesh,
-        inputs=train_input.inputs, member_loop=config.member_loop)
+    study_step = grad_study.make_study_step(model, **step_kw)
     study_log = grad_study.CsvLog(os.path.join(workdir, 'grad_study.csv'),
                                   resume_step=checkpointing.step_of(state)
                                   ) if jax.process_index() == 0 else None

@@ -34,12 +34,11 @@ def _batches(cfg, n):
 def _train(cfg, mesh, batches):
   shared = cfg.seed_data_order == 'shared'
   model = models.create_model(cfg.model)
-  tx = train.create_optimizer(cfg, len(batches))
+  tx = steps.create_optimizer(cfg, len(batches))
   state = steps.create_train_state(model, tx, steps.member_keys(cfg.seed, cfg.num_seeds),
                                    tuple(cfg.data.image_size),
                                    sharding=parallel.state_sharding(mesh))
-  step = steps.make_train_step(model, tx, dice_weight=0.5, cls_weight=0.5, dice_smooth=1.0,
-                               shared_batch=shared, mesh=mesh)
+  step = steps.make_train_step(model, tx, shared_batch=shared, mesh=mesh)
   sh = parallel.batch_sharding(mesh, shared)
   for b in batches:
     gb = jax.device_put(b, sh)

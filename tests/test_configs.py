@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_config
-from skinmtl_jax import train
+from skinmtl_jax import config_base
 from skinmtl_jax.config_base import ConfigError
 
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if p.stem != '__init__')
@@ -22,7 +22,7 @@ def test_config_loads_and_documents_itself(name):
   module = importlib.import_module(f'configs.{name}')
   assert f'--config=configs/{name}.py' in module.__doc__
   cfg = module.get_config()
-  train.validate_config(cfg)   # every shipped config is one that runs
+  config_base.validate_config(cfg)   # every shipped config is one that runs
   assert cfg.experiment == name and cfg.batch_size >= 1
 
 
@@ -53,7 +53,7 @@ def test_cpu_size_changes_only_the_sized_fields(name):
   assert _flat(module.get_config('full')) == full
   assert {k for k in full if full[k] != cpu[k]} == CPU_SIZED   # one place sets the size
   assert (cpu['data.image_size'], cpu['num_epochs']) == ((96, 128), 2)
-  train.validate_config(module.get_config('cpu'))
+  config_base.validate_config(module.get_config('cpu'))
 
 
 @pytest.mark.parametrize('config,message', [
@@ -78,7 +78,7 @@ def test_nonsense_settings_are_rejected_by_name(field, value, match):
   section, _, key = field.rpartition('.')
   (cfg[section] if section else cfg)[key] = value
   with pytest.raises(ConfigError, match=match):
-    train.validate_config(cfg)
+    config_base.validate_config(cfg)
 
 
 def test_launch_scripts_parse():

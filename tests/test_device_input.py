@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from skinmtl_jax import augment, device_input, evaluate, input_pipeline, train
+from skinmtl_jax import augment, checkpointing, device_input, input_pipeline, train
 
 
 def _params(workdir, step=None):
-  return jax.device_get(evaluate.load_run(str(workdir), step)[2])
+  return jax.device_get(checkpointing.load_run(str(workdir), step)[2])
 
 
 def _assert_same_state(a, b):

@@ -24,11 +24,10 @@ def _train(cfg, num_steps):
                                              seed=data_seed + i)[0])
            for i in range(1 if shared else k)]
   model = models.create_model(cfg.model)
-  tx = train.create_optimizer(cfg, num_steps)
+  tx = steps.create_optimizer(cfg, num_steps)
   state = steps.create_train_state(model, tx, steps.member_keys(cfg.seed, k),
                                    tuple(cfg.data.image_size))
-  step = steps.make_train_step(model, tx, dice_weight=0.5, cls_weight=0.5, dice_smooth=1.0,
-                               shared_batch=shared)
+  step = steps.make_train_step(model, tx, shared_batch=shared)
   for _ in range(num_steps):
     batches = [next(it) for it in iters]
     batch = batches[0] if shared else {key: np.stack([b[key] for b in batches])
@@ -44,7 +43,7 @@ def _run(tmp_path_factory, name, **fields):
   cfg.update(fields)
   workdir = str(tmp_path_factory.mktemp(name))
   train.train_and_evaluate(cfg, workdir)
-  return jax.device_get(evaluate.load_run(workdir)[2]), cfg.optim.learning_rate
+  return jax.device_get(checkpointing.load_run(workdir)[2]), cfg.optim.learning_rate
 
 
 @pytest.fixture(scope='module')
@@ -108,7 +107,7 @@ def test_stacked_checkpoint_round_trips(tmp_path):
   checkpointing.save(manager, state)
   manager.wait_until_finished()
   template = steps.create_train_state(models.create_model(cfg.model),
-                                      train.create_optimizer(cfg, 1), steps.member_keys(9, 2),
+                                      steps.create_optimizer(cfg, 1), steps.member_keys(9, 2),
                                       tuple(cfg.data.image_size))
   restored = checkpointing.restore(manager, template)
   manager.close()

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from conftest import ROOT, tiny_config
+from skinmtl_jax import losses as skinmtl_losses
 from skinmtl_jax import gradients, grad_study, models, steps, train
 
 
@@ -68,7 +69,7 @@ def optax_norm(tree):
 def _study(stop_gradient: bool, mode: str = 'params'):
   model, variables = _model_and_variables('mtl2', reverse_stop_gradient=stop_gradient,
                                           reverse_mode=mode)
-  fn = jax.jit(functools.partial(grad_study.study, model=model, dice_weight=0.5, cls_weight=0.5))
+  fn = jax.jit(functools.partial(grad_study.study, model=model))  # weights 0.5, 0.5
   return jax.device_get(fn(variables['params'], variables['batch_stats'], _batch()))
 
 
@@ -144,10 +145,10 @@ def test_pcgrad_training_lowers_the_loss():
   cfg = tiny_config('mtl2')
   cfg.optim.learning_rate = cfg.optim.final_learning_rate = 3e-3
   model = models.create_model(cfg.model)
-  tx = train.create_optimizer(cfg, 12)
+  tx = steps.create_optimizer(cfg, 12)
   state = steps.create_train_state(model, tx, steps.member_keys(0, 1), (32, 32))
-  step = steps.make_train_step(model, tx, dice_weight=0.5, cls_weight=0.5, dice_smooth=1.0,
-                               shared_batch=True, balancing='pcgrad')
+  step = steps.make_train_step(model, tx, shared_batch=True,
+                               loss=skinmtl_losses.LossConfig(balancing='pcgrad'))
   batch, losses = _batch(n=8), []
   for _ in range(12):
     state, m = step(state, batch)
@@ -161,7 +162,7 @@ def test_the_pcgrad_step_applies_the_projected_task_gradients():
   gradients: its norm is that of `gradients.pcgrad`, not of their plain sum."""
   cfg = tiny_config('mtl2')
   model = models.create_model(cfg.model)
-  tx = train.create_optimizer(cfg, 12)
+  tx = steps.create_optimizer(cfg, 12)
   state = steps.create_train_state(model, tx, steps.member_keys(0, 1), (32, 32))
   batch = _batch(n=8)
   member = steps.member(state, 0)
@@ -170,8 +171,8 @@ def test_the_pcgrad_step_applies_the_projected_task_gradients():
   by_task, _, _ = gradients.task_gradients(terms_fn, member.params, {'seg': 0.5, 'cls': 0.5})
   projected = float(optax.tree.norm(gradients.pcgrad(by_task['seg'], by_task['cls'])))
   summed = float(optax.tree.norm(jax.tree.map(jnp.add, by_task['seg'], by_task['cls'])))
-  step = steps.make_train_step(model, tx, dice_weight=0.5, cls_weight=0.5, dice_smooth=1.0,
-                               shared_batch=True, balancing='pcgrad')
+  step = steps.make_train_step(model, tx, shared_batch=True,
+                               loss=skinmtl_losses.LossConfig(balancing='pcgrad'))
   _, m = step(state, batch)
   assert float(m['l2_grads'][0]) == pytest.approx(projected, rel=1e-4)
   assert abs(projected - summed) > 1e-3 * summed, (projected, summed)  # they do conflict

@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from skinmtl_jax import losses
+from skinmtl_jax import config_base, losses
 
 
 def _logits(prob):
@@ -32,14 +32,22 @@ def test_soft_dice_is_the_mean_of_per_image_dice_not_pooled():
   assert abs(got - pooled) > 0.03   # 0.144 against 0.105
 
 
-def test_total_loss_weights_and_terms():
+def test_loss_terms_and_their_weighting():
   seg = _logits(np.full((2, 2, 2), 0.5))
   cls = jnp.array([[0.0, 0.0], [0.0, 0.0]])
   batch = {'mask': np.zeros((2, 2, 2)), 'label': np.array([0, 1])}
-  loss, terms = losses.total_loss({'seg_logits': seg, 'cls_logits': cls}, batch,
-                                  dice_weight=0.5, cls_weight=0.5)
+  weights = losses.LossConfig(dice_weight=0.3, cls_weight=0.7).weights
+  terms = losses.loss_terms({'seg_logits': seg, 'cls_logits': cls}, batch)
   assert float(terms['cls_loss']) == pytest.approx(np.log(2), rel=1e-6)
-  assert float(loss) == pytest.approx(0.5 * float(terms['dice_loss']) + 0.5 * np.log(2), rel=1e-6)
+  assert float(losses.weighted_loss(terms, weights)) == pytest.approx(
+      0.3 * float(terms['dice_loss']) + 0.7 * np.log(2), rel=1e-6)
   # A segmentation-only model has only the Dice term.
-  loss, terms = losses.total_loss({'seg_logits': seg}, batch, dice_weight=0.5, cls_weight=0.5)
-  assert set(terms) == {'dice_loss'} and float(loss) == pytest.approx(0.5 * float(terms['dice_loss']))
+  terms = losses.loss_terms({'seg_logits': seg}, batch)
+  assert set(terms) == {'dice_loss'}
+  assert float(losses.weighted_loss(terms, weights)) == pytest.approx(0.3 * float(terms['dice_loss']))
+
+
+def test_loss_config_reads_config_loss():
+  c = config_base.get_config().loss
+  c.dice_weight, c.balancing = 0.25, 'pcgrad'
+  assert losses.LossConfig.from_config(c) == losses.LossConfig(0.25, 0.5, 1.0, 'pcgrad')

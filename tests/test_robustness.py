@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, tiny_config
-from skinmtl_jax import checkpointing, evaluate, train, workdir, writers
+from skinmtl_jax import checkpointing, config_base, train, workdir, writers
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets import files
 
@@ -71,7 +71,7 @@ def test_rerun_with_another_architecture_is_refused_and_leaves_the_run_intact(tr
                   'num_train_steps')
   assert _snapshot(run) == before
   assert sorted(os.listdir(run / 'checkpoints')) == ['3', '6']
-  _, _, state = evaluate.load_run(str(run))  # predict and evaluate still work on it
+  _, _, state = checkpointing.load_run(str(run))  # predict and evaluate still work on it
   assert checkpointing.step_of(state) == 6
 
 
@@ -161,7 +161,7 @@ def _damage(run, step):
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(trained, tmp_path):
   run = _copy(trained, tmp_path)
   _damage(run, 6)
-  _, _, state = evaluate.load_run(str(run))
+  _, _, state = checkpointing.load_run(str(run))
   assert checkpointing.step_of(state) == 3
   (run / 'checkpoints' / '3' / 'state' / '_METADATA').unlink()  # and one without metadata
   r = _run('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "out"}', 'x.png')
@@ -170,7 +170,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(trained, 
 
 def test_non_finite_weights_are_taken_for_damage(trained, tmp_path):
   run = _copy(trained, tmp_path)
-  _, _, state = evaluate.load_run(str(run))
+  _, _, state = checkpointing.load_run(str(run))
   bad = state.replace(step=state.step + 3,
                       params=jax.tree.map(lambda x: x * np.nan, state.params))
   manager = checkpointing.create_manager(str(run))
@@ -178,7 +178,7 @@ def test_non_finite_weights_are_taken_for_damage(trained, tmp_path):
   manager.wait_until_finished()
   assert manager.latest_step() == 9
   manager.close()
-  _, _, state = evaluate.load_run(str(run))
+  _, _, state = checkpointing.load_run(str(run))
   assert checkpointing.step_of(state) == 6
   assert np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])).all()
 
@@ -195,7 +195,7 @@ def test_training_resumes_from_the_newest_intact_checkpoint(trained, tmp_path):
   manager = checkpointing.create_manager(str(run), read_only=True)
   assert manager.all_steps() == [3, 6, 9]  # step 6 trained and saved again
   manager.close()
-  _, _, state = evaluate.load_run(str(run), step=6)
+  _, _, state = checkpointing.load_run(str(run), step=6)
   assert checkpointing.step_of(state) == 6
 
 
@@ -252,7 +252,7 @@ def test_config_values_that_make_no_sense_are_refused(field, value, match):
   holder = cfg if len(parts) == 1 else cfg[parts[0]]
   holder[parts[-1]] = value
   with pytest.raises(ConfigError, match=match):
-    train.validate_config(cfg)
+    config_base.validate_config(cfg)
 
 
 def test_config_mistakes_on_the_command_line_end_in_one_line(tmp_path):

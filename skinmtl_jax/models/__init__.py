@@ -5,10 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from skinmtl_jax.config_base import ARCHITECTURES
 from skinmtl_jax.models.mtl import CBAM, Classifier, SkinMTL
 from skinmtl_jax.models.resnet import ResNet50
-
-ARCHITECTURES = ('mtl', 'resnet50')
 
 
 def create_model(cfg: ml_collections.ConfigDict):

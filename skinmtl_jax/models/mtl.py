@@ -33,11 +33,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from skinmtl_jax.config_base import REVERSE_MODES
 from skinmtl_jax.models.unet import DecoderLevel, Encoder, SegHead
 
 Array = Any
 
-REVERSE_MODES = ('params', 'activations')
 
 
 class CBAM(nn.Module):
