@@ -15,7 +15,7 @@ fi
 runs=$1
 shift
 cd "$(dirname "$0")/.."
-for name in unet resnet50 mtl0 mtl1 mtl2 mtl3 mtl4; do
+for name in $(python -m skinmtl_jax.tables --ladder); do  # Table 3's rows, in its order
   echo "=== $name -> $runs/$name"
   python -m skinmtl_jax.main --config="configs/$name.py" --workdir="$runs/$name" "$@"
 done

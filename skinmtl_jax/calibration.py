@@ -24,6 +24,8 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from skinmtl_jax import workdir as workdir_lib
+
 FILE_NAME = 'calibration.json'
 _EPS = 1e-7
 
@@ -91,10 +93,8 @@ def save(workdir: str, calibration: dict[str, Any] | None, step: int) -> None:
     if os.path.exists(path):
       os.remove(path)
     return
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
+  with workdir_lib.atomic_write(path) as f:
     json.dump({**calibration, 'step': int(step)}, f, indent=1)
-  os.replace(tmp, path)
 
 
 def load(workdir: str, step: int) -> dict[str, Any] | None:

@@ -14,23 +14,21 @@ the run's TensorBoard files.
 
 from __future__ import annotations
 
-import csv
 import functools
-import glob
 import json
 import os
 import sys
 import time
 from typing import Any
 
-from absl import flags, logging
+from absl import app, flags, logging
 import jax
 import ml_collections
 import numpy as np
 
 from skinmtl_jax import calibration as calibration_lib
 from skinmtl_jax import workdir as workdir_lib
-from skinmtl_jax import checkpointing, input_pipeline, metrics, paper, steps, writers
+from skinmtl_jax import checkpointing, input_pipeline, metrics, report, steps, writers
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets.files import DataError
 
@@ -186,264 +184,6 @@ def fit_calibration(eval_step, state, validation: input_pipeline.Split, *,
   return fitted
 
 
-# ----------------------------------------------------------------------------- artifacts
-
-def _write_per_image(path: str, per_image: dict[str, list]) -> None:
-  keys = [k for k in ('id', 'label', 'melanoma_prob', 'dice', 'iou', 'mcc') if k in per_image]
-  keys += [k for k in per_image if k.startswith('melanoma_prob_member')]
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='', encoding='utf-8') as f:
-    w = csv.writer(f)
-    w.writerow(keys)
-    w.writerows(zip(*(per_image[k] for k in keys)))
-  os.replace(tmp, path)
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Writes JSON through a temporary file, so a crash never leaves half a file."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
-def _plt():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
-
-
-def _boxplot(path, per_image, title):
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(4.5, 4))
-  data = [100 * np.asarray(per_image[k]) for k in ('mcc', 'iou', 'dice')]
-  ax.boxplot(data, showmeans=True)
-  ax.set_xticks([1, 2, 3], ['MCC', 'IoU', 'DSC'])
-  ax.set_ylabel('per-image score (%)')
-  ax.set_title(title)
-  ax.grid(axis='y', alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def _roc(path, labels, probs, auc, title):
-  plt = _plt()
-  order = np.argsort(-np.asarray(probs), kind='mergesort')
-  y = np.asarray(labels)[order]
-  tpr = np.r_[0, np.cumsum(y) / max(y.sum(), 1)]
-  fpr = np.r_[0, np.cumsum(1 - y) / max((1 - y).sum(), 1)]
-  fig, ax = plt.subplots(figsize=(4, 4))
-  ax.plot(fpr, tpr, lw=2, label=f'AUC {auc:.3f}')
-  ax.plot([0, 1], [0, 1], 'k--', lw=1)
-  ax.set_xlabel('1 - specificity (benign called melanoma)')
-  ax.set_ylabel('sensitivity (melanoma found)')
-  ax.set_title(title)
-  ax.legend(loc='lower right')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def _reliability(path, labels, probs, calibrated, title):
-  """Reliability diagram: share of melanomas against the mean probability per bin (15 bins),
-  before and (when fitted) after calibration, with the images per bin below."""
-  plt = _plt()
-  fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.2, 5.2), sharex=True,
-                                 gridspec_kw={'height_ratios': [3, 1]})
-  ax.plot([0, 1], [0, 1], 'k--', lw=1, label='perfectly calibrated')
-  curves = [('model', probs, 'tab:red')]
-  if calibrated is not None:
-    curves.append(('calibrated', calibrated, 'tab:blue'))
-  edges = np.linspace(0, 1, metrics.ECE_BINS + 1)
-  for name, p, color in curves:
-    r = metrics.reliability(labels, p)
-    full = r['count'] > 0
-    ece = metrics.expected_calibration_error(labels, p)
-    ax.plot(r['mean_prob'][full], r['frequency'][full], 'o-', color=color,
-            label=f'{name} (ECE {ece:.3f})')
-    hist.hist(np.asarray(p), bins=edges, histtype='step', color=color)
-  ax.set_ylabel('share of melanomas')
-  ax.set_xlim(0, 1)
-  ax.set_ylim(0, 1)
-  ax.set_title(title)
-  ax.legend(loc='upper left', fontsize=8)
-  hist.set_xlabel('predicted melanoma probability')
-  hist.set_ylabel('images')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-CURVES = (('losses', ('train/loss', 'train/dice_loss', 'train/cls_loss'), 'linear'),
-          ('learning rate', ('train/learning_rate',), 'log'),
-          ('gradient and update norms', ('train/l2_grads', 'train/l2_updates'), 'log'))
-
-
-def write_curves(workdir: str) -> str | None:
-  """`workdir/curves.png` from `workdir/scalars.jsonl`: the losses, the learning rate and the
-  gradient (and update) norms over the steps; None when nothing was logged yet."""
-  path = os.path.join(workdir, 'scalars.jsonl')
-  if not os.path.exists(path):
-    return None
-  series: dict[str, dict[int, float]] = {}
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-        step = int(row.pop('step'))
-      except (ValueError, KeyError, TypeError):
-        continue  # a line cut off by a kill
-      for k, v in row.items():
-        series.setdefault(k, {})[step] = v  # a step logged again (resumed) keeps its last row
-  panels = [(t, [k for k in keys if k in series], scale) for t, keys, scale in CURVES]
-  panels = [p for p in panels if p[1]]
-  if not panels:
-    return None
-  plt = _plt()
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-  for ax, (title, keys, scale) in zip(axes[0], panels):
-    for k in keys:
-      steps_, values = zip(*sorted(series[k].items()))
-      ax.plot(steps_, values, label=k.split('/', 1)[-1])
-    ax.set_yscale(scale)
-    ax.set_xlabel('step')
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  out = os.path.join(workdir, 'curves.png')
-  fig.savefig(out + '.tmp.png', dpi=110)
-  plt.close(fig)
-  os.replace(out + '.tmp.png', out)
-  return out
-
-
-def figures(workdir: str) -> list[str]:
-  """The run's figures (PNG files in its folder), for TensorBoard."""
-  return sorted(glob.glob(os.path.join(workdir, '*.png')))
-
-
-def _overlays(path, split, per_image, predict_fn, threshold, title, k=4):
-  """Best and worst k images by Dice (or by probability error for classification only)."""
-  plt = _plt()
-  if 'dice' in per_image:
-    score = np.asarray(per_image['dice'])
-  else:
-    score = 1 - np.abs(np.asarray(per_image['melanoma_prob']) - np.asarray(per_image['label']))
-  order = np.argsort(score, kind='mergesort')
-  k = min(k, len(order) // 2) or 1
-  chosen = list(order[::-1][:k]) + list(order[:k])
-  examples = [split.source[int(i)] for i in chosen]
-  out = predict_fn(np.stack([e['image'] for e in examples]))
-  fig, axes = plt.subplots(2, k, figsize=(3 * k, 6.4), squeeze=False)
-  for j, (ax, i, ex) in enumerate(zip(axes.ravel(), chosen, examples)):
-    ax.imshow(ex['image'])
-    ax.contour(ex['mask'], levels=[0.5], colors='white', linewidths=1.5)
-    text = f'{ex["id"]}\n{"melanoma" if ex["label"] else "benign"}'
-    if 'lesion_prob' in out:
-      ax.contour(out['lesion_prob'][j] >= threshold, levels=[0.5], colors='deepskyblue',
-                 linewidths=1.5)
-      text += f'  DSC {100 * per_image["dice"][i]:.1f}'
-    if 'melanoma_prob' in out:
-      text += f'\nP(melanoma) {out["melanoma_prob"][j]:.2f}'
-    ax.set_title(text, fontsize=8)
-    ax.axis('off')
-  axes[0, 0].text(-0.1, 0.5, 'best', transform=axes[0, 0].transAxes, rotation=90, va='center')
-  axes[1, 0].text(-0.1, 0.5, 'worst', transform=axes[1, 0].transAxes, rotation=90, va='center')
-  fig.suptitle(f'{title}: truth white, prediction blue')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def _pct(x):
-  return '-' if x is None else f'{100 * x:.2f}' if isinstance(x, float) else str(x)
-
-
-def _confusion_cells(cm):
-  if cm is None:
-    return ('-', '-'), ('-', '-')
-  rows = []
-  for r in cm:
-    total = sum(r) or 1
-    rows.append(tuple(f'{v} ({100 * v / total:.2f}%)' for v in r))
-  return rows[0], rows[1]
-
-
-def report_section(eval_set: str, r: dict, experiment: str, num_params: int, *,
-                   paper_config: str | None = None, heading: bool = True) -> str:
-  """Markdown for one evaluation set: our row and the paper's in Table 3-4 layout.
-
-  For a seed ensemble's entry (with 'std'), each number is the members' mean ± std."""
-  std = r.get('std', {})
-
-  def cell(key):
-    v = r.get(key)
-    if v is None:
-      return '-'
-    return f'{100 * v:.2f} ± {100 * std[key]:.2f}' if key in std else f'{100 * v:.2f}'
-
-  lines = []
-  if heading:
-    lines += [f'## {eval_set} ({r["n"]} images)', '',
-              '| ID | Param. [M] | truth | pred. B | pred. M | TPR | TNR | F1 | MCC | IoU | DSC |',
-              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
-  b, m = _confusion_cells(r.get('confusion'))
-  label = f'{experiment} (ours, mean ± std of {len(r["members"])} seeds)' if std else \
-      f'{experiment} (ours)'
-  lines.append(f'| {label} | {num_params / 1e6:.2f} | B | {b[0]} | {b[1]} | '
-               + ' | '.join(cell(k) for k in ('tpr_weighted', 'tnr', 'f1_weighted', 'mcc', 'iou',
-                                               'dice')) + ' |')
-  lines.append(f'| | | M | {m[0]} | {m[1]} | | | | | | |')
-  name = paper_config or experiment
-  row = paper.paper_row(name, eval_set)
-  if heading and row is not None:
-    pb, pm = _confusion_cells(row.confusion)
-    fmt = lambda v: '-' if v is None else f'{v:.2f}'
-    lines.append(f'| {name} (paper) | {row.params:.2f} | B | {pb[0]} | {pb[1]} | {fmt(row.tpr)} | '
-                 f'{fmt(row.tnr)} | {fmt(row.f1)} | {fmt(row.mcc)} | {fmt(row.iou)} | '
-                 f'{fmt(row.dsc)} |')
-    lines.append(f'| | | M | {pm[0]} | {pm[1]} | | | | | | |')
-  elif heading:
-    lines.append(f'| (paper) | | | no row for {name} on {eval_set} | | | | | | | |')
-  lines += ['', f'{label}: ' + ', '.join(
-      f'{k} {cell(k)}' for k in ('auc', 'ap', 'recall_melanoma', 'recall_benign',
-                                 'dice_pooled', 'iou_pooled', 'mcc_pooled')
-      if r.get(k) is not None) + '.', '']
-  if r.get('ci95'):
-    lines += ['95 % bootstrap intervals over images: ' + ', '.join(
-        f'{k} [{_pct(lo)}, {_pct(hi)}]' for k, (lo, hi) in r['ci95'].items()) + '.', '']
-  return '\n'.join(lines)
-
-
-def calibration_section(r: dict, calibration: dict[str, Any] | None, label: str, *,
-                        threshold: float) -> str:
-  """Markdown: ECE, Brier and the decisions at `threshold` of `r`'s melanoma probability, and
-  beside them the same after calibration (r['calibrated'])."""
-  if r.get('ece') is None:
-    return ''
-  cols = ('ece', 'brier', 'tpr_weighted', 'tnr', 'f1_weighted', 'recall_melanoma')
-
-  def row(name, x):
-    b, m = _confusion_cells(x.get('confusion'))
-    return (f'| {name} | ' + ' | '.join(f'{x[k]:.4f}' if k in ('ece', 'brier') else _pct(x[k])
-                                         for k in cols) + f' | {b[1]} | {m[1]} |')
-  lines = [f'Calibration of {label}\'s melanoma probability (ECE over 15 bins, Brier score; '
-           f'decisions at the threshold {threshold}):', '',
-           '| probability | ECE | Brier | TPR | TNR | F1 | recall M | B called M | M called M |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- | --- |', row('as trained (the rows above)', r)]
-  if calibration is not None and r.get('calibrated'):
-    lines.append(row(f'calibrated (T {calibration["temperature"]:.3f}, bias '
-                     f'{calibration["bias"]:+.3f}; fitted on {calibration["n"]} validation '
-                     'images)', r['calibrated']))
-  else:
-    lines.append('| calibrated | no calibration: data.validation_fraction is 0, or the '
-                 'validation split lacks a class | | | | | | | |')
-  return '\n'.join(lines + ['', ''])
-
-
 def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir: str,
                         splits: dict[str, input_pipeline.Split],
                         results: dict[str, Any], write: bool = True,
@@ -493,34 +233,32 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
       calibrated = calibration_lib.apply(per_image['melanoma_prob'], calibration)
       target['calibrated'] = calibrated_scores(split.labels, per_image['melanoma_prob'],
                                                calibration, threshold=config.threshold)
-    sections.append(report_section(name, r, config.experiment, results.get('params', 0)))
+    sections.append(report.report_section(name, r, config.experiment, results.get('params', 0)))
     if 'ensemble' in r:
-      sections.append(report_section(name, r['ensemble'], f'{config.experiment} ensemble of '
+      sections.append(report.report_section(name, r['ensemble'], f'{config.experiment} ensemble of '
                                      f'{len(r["members"])}', results.get('params', 0),
                                      paper_config=config.experiment, heading=False))
-    sections.append(calibration_section(
+    sections.append(report.calibration_section(
         target, calibration, f'{config.experiment} ensemble' if 'ensemble' in r else
         config.experiment, threshold=config.threshold))
     if not write:
       continue
-    _write_per_image(os.path.join(workdir, f'per_image_{name}.csv'), per_image)
+    report.write_per_image(os.path.join(workdir, f'per_image_{name}.csv'), per_image)
     if r['dice'] is not None:
-      _boxplot(os.path.join(workdir, f'boxplot_{name}.png'), per_image, f'{config.experiment}: {name}')
+      report.boxplot(os.path.join(workdir, f'boxplot_{name}.png'), per_image, f'{config.experiment}: {name}')
     if r['auc'] is not None and np.isfinite(r['auc']):
-      _roc(os.path.join(workdir, f'roc_{name}.png'), per_image['label'],
+      report.roc(os.path.join(workdir, f'roc_{name}.png'), per_image['label'],
            per_image['melanoma_prob'], r['auc'], f'{config.experiment}: {name}')
     if 'melanoma_prob' in per_image:
-      _reliability(os.path.join(workdir, f'reliability_{name}.png'), per_image['label'],
+      report.reliability(os.path.join(workdir, f'reliability_{name}.png'), per_image['label'],
                    per_image['melanoma_prob'], calibrated, f'{config.experiment}: {name}')
-    _overlays(os.path.join(workdir, f'overlays_{name}.png'), split, per_image, predict_fn,
+    report.overlays(os.path.join(workdir, f'overlays_{name}.png'), split, per_image, predict_fn,
               config.threshold, f'{config.experiment}: {name}')
   if not write:
     return results
-  write_json(os.path.join(workdir, 'metrics.json'), results)
-  tmp = os.path.join(workdir, 'report.md.tmp')
-  with open(tmp, 'w', encoding='utf-8') as f:
+  report.write_json(os.path.join(workdir, 'metrics.json'), results)
+  with workdir_lib.atomic_write(os.path.join(workdir, 'report.md')) as f:
     f.write('\n'.join(sections))
-  os.replace(tmp, os.path.join(workdir, 'report.md'))
   return results
 
 
@@ -557,16 +295,20 @@ def _evaluate(f):
   results = evaluate_and_report(config, state, model, f.workdir, splits, results,
                                 validation=validation)
   tensorboard = writers.TensorboardWriter(f.workdir)
-  writers.write_figures(tensorboard, results['steps'], figures(f.workdir))
+  writers.write_figures(tensorboard, results['steps'], report.figures(f.workdir))
   tensorboard.close()
   for n in names:
     print(n, {k: v for k, v in results[n].items()
               if k not in ('ci95', 'confusion', 'calibrated', 'members')})
 
 
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
+def define_flags() -> None:
+  """The command line's flags (defined when run as a program, not on import)."""
   flags.DEFINE_string('workdir', None, 'The training run to evaluate.')
   flags.DEFINE_list('datasets', [], 'Evaluation sets (default: the config\'s data.eval_sets).')
   flags.mark_flags_as_required(['workdir'])
+
+
+if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -1,6 +1,7 @@
 """The gradient study: what each task's loss sends into the shared network.
 
-For one model, a state and a batch, `study` computes the two weighted task gradients
+For one model, a state and a batch, `steps.study` (the pure computation, beside the train step;
+this module holds its CSV files, plots and command line) computes the two weighted task gradients
 (segmentation: dice_weight * grad Dice; classification: cls_weight * grad CE; they add up to the
 training gradient) and reports, for every parameter group (each encoder stage, each decoder
 level, the segmentation head, CBAM modules, each classifier layer, and the aggregates 'encoder',
@@ -38,108 +39,15 @@ from typing import Any
 
 from absl import app, flags, logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from skinmtl_jax import (checkpointing, device_input, gradients, input_pipeline, losses,
-                         parallel, steps)
+from skinmtl_jax import checkpointing, input_pipeline, losses, report, steps
+from skinmtl_jax import workdir as workdir_lib
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets.files import DataError
 
 Array = Any
-
-QUANTITIES = ('seg_norm', 'cls_norm', 'ratio', 'cosine', 'conflict', 'reverse_norm',
-              'head_norm', 'reverse_head_cosine', 'gate_mean', 'gate_min', 'gate_max')
-CSV_COLUMNS = ('step', 'member', 'group') + QUANTITIES
-_AGGREGATES = {'encoder': lambda n: n.startswith('encoder/'),
-               'decoder': lambda n: n.startswith('decoder'),
-               'classifier': lambda n: n.startswith('classifier/'), 'all': lambda n: True}
-
-
-def _with_ratio(stats: dict[str, Array]) -> dict[str, Array]:
-  seg, cls = stats.pop('a_norm'), stats.pop('b_norm')
-  return {'seg_norm': seg, 'cls_norm': cls,
-          'ratio': jnp.where(cls > 0, seg / jnp.maximum(cls, 1e-30), jnp.nan), **stats}
-
-
-def study(params, batch_stats, batch: dict[str, Array], *, model,
-          loss: losses.LossConfig = losses.LossConfig()) -> dict[str, dict[str, Array]]:
-  """The study of one model (no member axis) on `batch`, in training mode (batch statistics,
-  as the training step sees it). Returns {group: {quantity: scalar}}; see the module docstring.
-  """
-  images = steps.to_float_images(batch['image'])
-  variables = {'params': params, 'batch_stats': batch_stats}
-  # Zero perturbations of the gated decoder inputs: their gradient is the activations' gradient.
-  shapes = jax.eval_shape(
-      lambda: model.apply(variables, images, train=True,
-                          mutable=['batch_stats', 'perturbations'])[1].get('perturbations', {}))
-  perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-  def terms_fn(p, m=model, stop_head=False):
-    outputs, new_vars = m.apply({**p, 'batch_stats': batch_stats}, images, train=True,
-                                mutable=['batch_stats', 'intermediates'])
-    if stop_head and 'cls_logits' in outputs:
-      outputs = {**outputs, 'cls_logits': jax.lax.stop_gradient(outputs['cls_logits'])}
-    terms = losses.loss_terms(outputs, batch, dice_smooth=loss.dice_smooth)
-    return terms, new_vars.get('intermediates', {})
-
-  weights = loss.weights
-  by_task, _, intermediates = gradients.task_gradients(
-      terms_fn, {'params': params, 'perturbations': perturbations}, weights)
-  # A single-task model has one task gradient; the other is zero.
-  zeros = jax.tree.map(jnp.zeros_like, next(iter(by_task.values())))
-  seg, cls = by_task.get('seg', zeros), by_task.get('cls', zeros)
-
-  out = {g: _with_ratio(s) for g, s in
-         gradients.pair_statistics(seg['params'], cls['params'],
-                                   aggregates=_AGGREGATES).items()}
-
-  gated = gradients.pair_statistics(seg['perturbations'], cls['perturbations'],
-                                    group=lambda n: 'gated/' + n.split('/')[0])
-  gates = {}
-  for path, values in jax.tree_util.tree_flatten_with_path(
-      intermediates, is_leaf=lambda x: isinstance(x, tuple))[0]:
-    name = gradients.path_name(path)
-    if name.endswith('/gate'):
-      g = values[0]
-      gates['gated/' + name.split('/')[0]] = {
-          'gate_mean': jnp.mean(g), 'gate_min': jnp.min(g), 'gate_max': jnp.max(g)}
-  for g, s in gated.items():
-    out[g] = {**_with_ratio(s), **gates.get(g, {})}
-
-  if getattr(model, 'reverse', False):
-    def total(p, m, stop_head):
-      return losses.weighted_loss(terms_fn({'params': p}, m, stop_head)[0], weights)
-
-    through_reverse = jax.grad(total)(params, model, True)
-    through_head = jax.grad(total)(params, model.clone(reverse_stop_gradient=True), False)
-    # Only the classifier's layers: elsewhere "stopping the head" leaves the segmentation
-    # loss's own direct path, which is not the reverse connection.
-    paths = gradients.pair_statistics(through_reverse, through_head, aggregates={
-        'classifier': lambda n: n.startswith('classifier/')})
-    for g, s in paths.items():
-      if not g.startswith('classifier'):
-        continue
-      out[g].update({'reverse_norm': s['a_norm'], 'head_norm': s['b_norm'],
-                     'reverse_head_cosine': s['cosine']})
-  return out
-
-
-def make_study_step(model, *, loss: losses.LossConfig = losses.LossConfig(),
-                    shared_batch: bool, mesh=None, inputs=None, member_loop: str = 'auto'):
-  """jit(over_members(study)) over the member axis of a stacked TrainState, on the pipeline's
-  batches with their device-side `inputs` (see steps.make_train_step); with a `mesh`, the
-  results come back replicated."""
-  fn = functools.partial(study, model=model, loss=loss)
-  per_member = lambda state, batch: steps.over_members(
-      fn, (0, 0, None if shared_batch else 0), member_loop)(state.params, state.batch_stats,
-                                                             batch)
-  kw = {}
-  if mesh is not None:
-    per_member = parallel.shard_members(per_member, mesh, shared_batch)
-    kw['out_shardings'] = parallel.replicated(mesh)
-  full = lambda state, batch, given: per_member(state, device_input.expand(batch, given))
-  return device_input.with_inputs(jax.jit(full, **kw), inputs, mesh)
+CSV_COLUMNS = ('step', 'member', 'group') + steps.STUDY_QUANTITIES
 
 
 def rows(step: int, result: dict[str, dict[str, Array]]) -> list[dict[str, Any]]:
@@ -151,7 +59,7 @@ def rows(step: int, result: dict[str, dict[str, Array]]) -> list[dict[str, Any]]
     num_members = np.size(next(iter(values.values())))
     for i in range(num_members):
       row = {'step': step, 'member': i, 'group': group}
-      for q in QUANTITIES:
+      for q in steps.STUDY_QUANTITIES:
         row[q] = float(np.asarray(values[q]).reshape(-1)[i]) if q in values else math.nan
       out.append(row)
   return out
@@ -335,8 +243,7 @@ def plot(table: list[dict[str, Any]], path: str, title: str, smooth: int = 1) ->
     a.set_xlabel('step')
   fig.suptitle(title + (f' (moving mean over {smooth} points)' if smooth > 1 else ''))
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  report.save_figure(fig, path, dpi=110)
 
 
 # ------------------------------------------------------------------------ Over checkpoints
@@ -358,7 +265,7 @@ def study_checkpoints(workdir: str, split_name: str | None, num_images: int
   config, model, state = checkpointing.load_run(workdir)
   split = input_pipeline.get_split(config.data, split_name or config.data.eval_sets[0])
   batch = fixed_batch(split, num_images)
-  fn = make_study_step(model, loss=losses.LossConfig.from_config(config.loss),
+  fn = steps.make_study_step(model, loss=losses.LossConfig.from_config(config.loss),
                        shared_batch=True)
   manager = checkpointing.create_manager(workdir, read_only=True)
   table = []
@@ -373,12 +280,10 @@ def study_checkpoints(workdir: str, split_name: str | None, num_images: int
 
 
 def write_csv(path: str, table: list[dict[str, Any]]) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='', encoding='utf-8') as f:
+  with workdir_lib.atomic_write(path, newline='') as f:
     w = csv.DictWriter(f, CSV_COLUMNS)
     w.writeheader()
     w.writerows(table)
-  os.replace(tmp, path)
 
 
 def main(argv):
@@ -413,7 +318,8 @@ def main(argv):
   print(f'Wrote {f.out}/summary.md.')
 
 
-if __name__ == '__main__':
+def define_flags() -> None:
+  """The command line's flags (defined when run as a program, not on import)."""
   flags.DEFINE_string('workdir', None, 'The training run (its --workdir).')
   flags.DEFINE_string('out', None, 'Folder for the CSV and the plots.')
   flags.DEFINE_string('split', None, 'Evaluation set of the fixed batch (default: the run\'s '
@@ -421,4 +327,8 @@ if __name__ == '__main__':
   flags.DEFINE_integer('num_images', 16, 'Images in the fixed batch (half melanomas, if the '
                        'set has that many).')
   flags.mark_flags_as_required(['workdir', 'out'])
+
+
+if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -26,6 +26,7 @@ import numpy as np
 
 from skinmtl_jax import augment
 from skinmtl_jax.config_base import ConfigError
+from skinmtl_jax.datasets import builders
 from skinmtl_jax.datasets.synthetic import SyntheticLesions
 
 REAL_DATASETS = ('isic2016', 'isic2017', 'ph2')
@@ -92,7 +93,6 @@ def _ids_and_labels(source) -> tuple[tuple[str, ...], np.ndarray]:
 
 
 def _real_split(name: str, dataset: str, split: str, data_cfg) -> Split:
-  from skinmtl_jax.datasets import builders  # pylint: disable=import-outside-toplevel
   source = TfdsSource(builders.load(dataset, split, data_cfg))
   ids, labels = _ids_and_labels(source)
   return Split(name, source, labels, ids)

@@ -15,17 +15,6 @@ BENIGN, MELANOMA = 0, 1
 
 # ---------------------------------------------------------------------------- segmentation
 
-def segmentation_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-  """Per-image (tp, fp, fn, tn) of binary masks shaped (N, H, W). Returns (N, 4) int64."""
-  pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-  axes = tuple(range(1, pred.ndim))
-  tp = np.sum(pred & truth, axis=axes)
-  fp = np.sum(pred & ~truth, axis=axes)
-  fn = np.sum(~pred & truth, axis=axes)
-  tn = np.sum(~pred & ~truth, axis=axes)
-  return np.stack([tp, fp, fn, tn], axis=-1).astype(np.int64)
-
-
 def _scores_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
   c = np.asarray(counts, np.float64)
   tp, fp, fn, tn = c[..., 0], c[..., 1], c[..., 2], c[..., 3]

@@ -33,10 +33,15 @@ from skinmtl_jax import calibration as calibration_lib
 from skinmtl_jax import checkpointing, steps
 from skinmtl_jax.datasets import files
 
-flags.DEFINE_string('workdir', None, 'Training run whose latest checkpoint is used.')
-flags.DEFINE_string('out', None, 'Output folder.')
-flags.DEFINE_bool('tta', False, 'Average over the 8 flips and right-angle rotations.')
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags (defined when run as a program, not on import)."""
+  flags.DEFINE_string('workdir', None, 'Training run whose latest checkpoint is used.')
+  flags.DEFINE_string('out', None, 'Output folder.')
+  flags.DEFINE_bool('tta', False, 'Average over the 8 flips and right-angle rotations.')
+  flags.mark_flags_as_required(['workdir', 'out'])
 
 
 def _dihedral(images, k: int, flip: bool):
@@ -185,5 +190,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['workdir', 'out'])
+  define_flags()
   app.run(main)

@@ -10,10 +10,15 @@ from skinmtl_jax.datasets import builders
 from skinmtl_jax.datasets.files import DataError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('dataset', None, sorted(builders.BUILDERS), 'Dataset to prepare.')
-flags.DEFINE_string('manual_dir', None, 'Folder holding the downloads (archives or extracted).')
-flags.DEFINE_string('data_dir', builders.DEFAULT_DATA_DIR, 'Where prepared datasets are stored.')
-flags.DEFINE_string('size', '192x256', 'Stored resolution, HxW.')
+
+
+def define_flags() -> None:
+  """The command line's flags (defined when run as a program, not on import)."""
+  flags.DEFINE_enum('dataset', None, sorted(builders.BUILDERS), 'Dataset to prepare.')
+  flags.DEFINE_string('manual_dir', None, 'Folder holding the downloads (archives or extracted).')
+  flags.DEFINE_string('data_dir', builders.DEFAULT_DATA_DIR, 'Where prepared datasets are stored.')
+  flags.DEFINE_string('size', '192x256', 'Stored resolution, HxW.')
+  flags.mark_flags_as_required(['dataset', 'manual_dir'])
 
 
 def main(argv):
@@ -28,5 +33,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['dataset', 'manual_dir'])
+  define_flags()
   app.run(main)

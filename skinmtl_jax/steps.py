@@ -227,7 +227,9 @@ def make_train_step(model, tx, *, loss: losses.LossConfig = losses.LossConfig(),
   return device_input.with_inputs(jax.jit(full, donate_argnums=0, **kw), inputs, mesh)
 
 
-def _seg_counts(lesion_prob: Array, masks: Array, threshold: float) -> Array:
+def seg_counts(lesion_prob: Array, masks: Array, threshold: float = 0.5) -> Array:
+  """Per-image (tp, fp, fn, tn) of the mask `lesion_prob >= threshold` against `masks`, both
+  (N, H, W): (N, 4) int32, what metrics.segmentation_scores takes."""
   pred = lesion_prob >= threshold
   truth = masks > 0
   count = lambda a: jnp.sum(a, axis=(1, 2), dtype=jnp.int32)
@@ -259,11 +261,107 @@ def eval_step(state: TrainState, batch: dict[str, Array], *, model,
   out = member_predictions(state, batch['image'], model=model)
   result = {}
   if 'lesion_prob' in out:
-    result['seg_counts'] = jax.vmap(lambda p: _seg_counts(p, batch['mask'], threshold))(
+    result['seg_counts'] = jax.vmap(lambda p: seg_counts(p, batch['mask'], threshold))(
         out['lesion_prob'])
-    result['ensemble_seg_counts'] = _seg_counts(jnp.mean(out['lesion_prob'], axis=0),
+    result['ensemble_seg_counts'] = seg_counts(jnp.mean(out['lesion_prob'], axis=0),
                                                 batch['mask'], threshold)
   if 'melanoma_prob' in out:
     result['melanoma_prob'] = out['melanoma_prob']
     result['ensemble_melanoma_prob'] = jnp.mean(out['melanoma_prob'], axis=0)
   return result
+
+
+# ------------------------------------------------- the gradient study (skinmtl_jax/grad_study.py)
+
+# What `study` reports per parameter group (see skinmtl_jax/grad_study.py for their meaning).
+STUDY_QUANTITIES = ('seg_norm', 'cls_norm', 'ratio', 'cosine', 'conflict', 'reverse_norm',
+                    'head_norm', 'reverse_head_cosine', 'gate_mean', 'gate_min', 'gate_max')
+_STUDY_AGGREGATES = {'encoder': lambda n: n.startswith('encoder/'),
+                     'decoder': lambda n: n.startswith('decoder'),
+                     'classifier': lambda n: n.startswith('classifier/'), 'all': lambda n: True}
+
+
+def _study_ratio(stats: dict[str, Array]) -> dict[str, Array]:
+  seg, cls = stats.pop('a_norm'), stats.pop('b_norm')
+  return {'seg_norm': seg, 'cls_norm': cls,
+          'ratio': jnp.where(cls > 0, seg / jnp.maximum(cls, 1e-30), jnp.nan), **stats}
+
+
+def study(params, batch_stats, batch: dict[str, Array], *, model,
+          loss: losses.LossConfig = losses.LossConfig()) -> dict[str, dict[str, Array]]:
+  """The study of one model (no member axis) on `batch`, in training mode (batch statistics,
+  as the training step sees it). Returns {group: {quantity: scalar}}; see the module docstring.
+  """
+  images = to_float_images(batch['image'])
+  variables = {'params': params, 'batch_stats': batch_stats}
+  # Zero perturbations of the gated decoder inputs: their gradient is the activations' gradient.
+  shapes = jax.eval_shape(
+      lambda: model.apply(variables, images, train=True,
+                          mutable=['batch_stats', 'perturbations'])[1].get('perturbations', {}))
+  perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def terms_fn(p, m=model, stop_head=False):
+    outputs, new_vars = m.apply({**p, 'batch_stats': batch_stats}, images, train=True,
+                                mutable=['batch_stats', 'intermediates'])
+    if stop_head and 'cls_logits' in outputs:
+      outputs = {**outputs, 'cls_logits': jax.lax.stop_gradient(outputs['cls_logits'])}
+    terms = losses.loss_terms(outputs, batch, dice_smooth=loss.dice_smooth)
+    return terms, new_vars.get('intermediates', {})
+
+  weights = loss.weights
+  by_task, _, intermediates = gradients.task_gradients(
+      terms_fn, {'params': params, 'perturbations': perturbations}, weights)
+  # A single-task model has one task gradient; the other is zero.
+  zeros = jax.tree.map(jnp.zeros_like, next(iter(by_task.values())))
+  seg, cls = by_task.get('seg', zeros), by_task.get('cls', zeros)
+
+  out = {g: _study_ratio(s) for g, s in
+         gradients.pair_statistics(seg['params'], cls['params'],
+                                   aggregates=_STUDY_AGGREGATES).items()}
+
+  gated = gradients.pair_statistics(seg['perturbations'], cls['perturbations'],
+                                    group=lambda n: 'gated/' + n.split('/')[0])
+  gates = {}
+  for path, values in jax.tree_util.tree_flatten_with_path(
+      intermediates, is_leaf=lambda x: isinstance(x, tuple))[0]:
+    name = gradients.path_name(path)
+    if name.endswith('/gate'):
+      g = values[0]
+      gates['gated/' + name.split('/')[0]] = {
+          'gate_mean': jnp.mean(g), 'gate_min': jnp.min(g), 'gate_max': jnp.max(g)}
+  for g, s in gated.items():
+    out[g] = {**_study_ratio(s), **gates.get(g, {})}
+
+  if getattr(model, 'reverse', False):
+    def total(p, m, stop_head):
+      return losses.weighted_loss(terms_fn({'params': p}, m, stop_head)[0], weights)
+
+    through_reverse = jax.grad(total)(params, model, True)
+    through_head = jax.grad(total)(params, model.clone(reverse_stop_gradient=True), False)
+    # Only the classifier's layers: elsewhere "stopping the head" leaves the segmentation
+    # loss's own direct path, which is not the reverse connection.
+    paths = gradients.pair_statistics(through_reverse, through_head, aggregates={
+        'classifier': lambda n: n.startswith('classifier/')})
+    for g, s in paths.items():
+      if not g.startswith('classifier'):
+        continue
+      out[g].update({'reverse_norm': s['a_norm'], 'head_norm': s['b_norm'],
+                     'reverse_head_cosine': s['cosine']})
+  return out
+
+
+def make_study_step(model, *, loss: losses.LossConfig = losses.LossConfig(),
+                    shared_batch: bool, mesh=None, inputs=None, member_loop: str = 'auto'):
+  """jit(over_members(study)) over the member axis of a stacked TrainState, on the pipeline's
+  batches with their device-side `inputs` (see steps.make_train_step); with a `mesh`, the
+  results come back replicated."""
+  fn = functools.partial(study, model=model, loss=loss)
+  per_member = lambda state, batch: over_members(
+      fn, (0, 0, None if shared_batch else 0), member_loop)(state.params, state.batch_stats,
+                                                             batch)
+  kw = {}
+  if mesh is not None:
+    per_member = parallel.shard_members(per_member, mesh, shared_batch)
+    kw['out_shardings'] = parallel.replicated(mesh)
+  full = lambda state, batch, given: per_member(state, device_input.expand(batch, given))
+  return device_input.with_inputs(jax.jit(full, **kw), inputs, mesh)

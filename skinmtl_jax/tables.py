@@ -2,6 +2,7 @@
 
     python -m skinmtl_jax.tables RUNS_DIR
     python -m skinmtl_jax.tables --seeds RUNS_DIR
+    python -m skinmtl_jax.tables --ladder      # prints the ladder's configs (launch/ladder.sh)
 
 The first form reads RUNS_DIR/<config>/metrics.json for unet, resnet50, mtl0-mtl4 (those
 present; one run per rung, as launch/ladder.sh leaves them) and writes RUNS_DIR/table3_isic2016.md
@@ -250,6 +251,9 @@ def write_seed_tables(runs_dir: str) -> dict[str, str]:
 
 def main(argv):
   args = argv[1:]
+  if args == ['--ladder']:  # launch/ladder.sh trains these, in this order
+    print(' '.join(LADDER))
+    return
   seeds = '--seeds' in args
   args = [a for a in args if a != '--seeds']
   if len(args) != 1 or not os.path.isdir(args[0]):

@@ -13,12 +13,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from skinmtl_jax import writers  # first: makes clu importable without TensorFlow
 from skinmtl_jax import (checkpointing, device_input, evaluate, grad_study, input_pipeline,
-                         losses, models, parallel, steps)
+                         losses, models, parallel, report, steps, writers)
 from skinmtl_jax import workdir as workdir_lib
 from skinmtl_jax import config_base
-from clu import parameter_overview, periodic_actions  # pylint: disable=g-bad-import-order
 
 
 def num_steps(config: ml_collections.ConfigDict, examples_per_epoch: int) -> int:
@@ -108,31 +106,6 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-class _ReportProgress(periodic_actions.ReportProgress):
-  """clu's progress report in images: images/s (K members x batch x steps/s) beside steps/s,
-  the share done and the ETA, in the log and as scalars."""
-
-  def __init__(self, *, images_per_step: int, members: int, batch_size: int, **kwargs):
-    super().__init__(**kwargs)
-    self._images_per_step = images_per_step
-    self._members, self._batch = members, batch_size
-
-  def _apply(self, step: int, t: float):
-    steps_per_sec = (step - self._previous_step) / (t - self._previous_time)
-    images_per_sec = self._images_per_step * steps_per_sec
-    message = (f'{images_per_sec:.1f} images/s ({self._members} member(s) x batch '
-               f'{self._batch} x {steps_per_sec:.2f} steps/s)')
-    if self._num_train_steps:
-      eta = (self._num_train_steps - step) / steps_per_sec
-      message += (f', {100 * step / self._num_train_steps:.1f}% ({step}/'
-                  f'{self._num_train_steps}), ETA: {periodic_actions._format_secs(eta)}')  # pylint: disable=protected-access
-    logging.info('Progress: %s', message)
-    if self._writer is not None:
-      self._writer.write_scalars(step, {'steps_per_sec': steps_per_sec,
-                                        'images_per_sec': images_per_sec,
-                                        'uptime': time.monotonic() - self._t0})
-
-
 _WATCHED_TERMS = ('loss', 'dice_loss', 'cls_loss', 'l2_grads')
 
 
@@ -155,7 +128,7 @@ def _write_curves(writer, workdir: str) -> None:
   raised: it must not hide why the run ended)."""
   try:
     writer.flush()
-    evaluate.write_curves(workdir)
+    report.write_curves(workdir)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('curves.png not written: %s: %s', type(e).__name__, e)
 
@@ -206,7 +179,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   state = steps.create_train_state(model, tx, steps.member_keys(config.seed, k),
                                    tuple(config.data.image_size),
                                    sharding=parallel.state_sharding(mesh))
-  parameter_overview.log_parameter_overview(parallel.to_local(steps.member(state.params, 0)))
+  writers.log_parameter_overview(parallel.to_local(steps.member(state.params, 0)))
   num_params = steps.num_params(state)
   logging.info('Parameters: %d (%.2f M) per member.', num_params, num_params / 1e6)
 
@@ -223,7 +196,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   train_step = steps.make_train_step(model, tx, **step_kw)
   study_every = config.grad_study_every_steps
   if study_every:
-    study_step = grad_study.make_study_step(model, **step_kw)
+    study_step = steps.make_study_step(model, **step_kw)
     study_log = grad_study.CsvLog(os.path.join(workdir, 'grad_study.csv'),
                                   resume_step=checkpointing.step_of(state)
                                   ) if jax.process_index() == 0 else None
@@ -231,7 +204,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   # ---------------------------------------------------------------------------- Train loop
   start_step = checkpointing.step_of(state)
-  report = _ReportProgress(num_train_steps=total_steps, writer=writer,
+  report = writers.ReportProgress(num_train_steps=total_steps, writer=writer,
                            every_steps=config.log_every_steps,
                            images_per_step=k * config.batch_size, members=k,
                            batch_size=config.batch_size)
@@ -294,7 +267,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                             if isinstance(v, float)})
     logging.info('%s: %s', name, {key: v for key, v in r.items() if isinstance(v, float)})
   if writer.tensorboard is not None:
-    writers.write_figures(writer.tensorboard, results['steps'], evaluate.figures(workdir))
+    writers.write_figures(writer.tensorboard, results['steps'], report.figures(workdir))
   writer.flush()
   manager.close()
   return results

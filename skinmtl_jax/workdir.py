@@ -152,7 +152,23 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> No
       logging.info('Resuming %s with changed %s.', workdir,
                    ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items()))
   if jax.process_index() == 0:
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    with atomic_write(path) as f:
       f.write(config.to_json_best_effort(indent=1))
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'w', **open_kwargs):
+  """`open(path, mode)` for writing whose file replaces `path` only when the block ends without
+  an error: it is written as path.tmp and renamed, so a crash or a kill never leaves half a
+  file (the old one stays, or none). Text is UTF-8 unless `encoding` is given."""
+  if 'b' not in mode:
+    open_kwargs.setdefault('encoding', 'utf-8')
+  tmp = path + '.tmp'
+  try:
+    with open(tmp, mode, **open_kwargs) as f:
+      yield f
     os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

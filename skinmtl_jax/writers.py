@@ -26,6 +26,8 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from skinmtl_jax import workdir as workdir_lib
+
 
 def have_tensorflow() -> bool:
   return importlib.util.find_spec('tensorflow') is not None
@@ -49,7 +51,9 @@ def ensure_clu_importable() -> None:
 
 ensure_clu_importable()
 
+# Every use of clu goes through this module, after the stand-in above.
 from clu import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from clu import parameter_overview, periodic_actions  # pylint: disable=wrong-import-position
 from clu.metric_writers import interface  # pylint: disable=wrong-import-position
 
 
@@ -184,10 +188,8 @@ class JsonlWriter(interface.MetricWriter):
         except (ValueError, KeyError, TypeError):
           pass  # a row cut off by a kill: dropped
       if len(kept) != len(lines):
-        tmp = self._path + '.tmp'
-        with open(tmp, 'w', encoding='utf-8') as f:
+        with workdir_lib.atomic_write(self._path) as f:
           f.write(''.join(l + '\n' for l in kept))
-        os.replace(tmp, self._path)
     self._file = open(self._path, 'a', encoding='utf-8', buffering=1)
 
   def write_summaries(self, step, values, metadata=None):
@@ -263,3 +265,33 @@ def write_figures(writer: interface.MetricWriter, step: int, paths: list[str]) -
             im.convert('RGB'))
   if images:
     writer.write_images(step, images)
+
+
+class ReportProgress(periodic_actions.ReportProgress):
+  """clu's progress report in images: images/s (K members x batch x steps/s) beside steps/s,
+  the share done and the ETA, in the log and as scalars."""
+
+  def __init__(self, *, images_per_step: int, members: int, batch_size: int, **kwargs):
+    super().__init__(**kwargs)
+    self._images_per_step = images_per_step
+    self._members, self._batch = members, batch_size
+
+  def _apply(self, step: int, t: float):
+    steps_per_sec = (step - self._previous_step) / (t - self._previous_time)
+    images_per_sec = self._images_per_step * steps_per_sec
+    message = (f'{images_per_sec:.1f} images/s ({self._members} member(s) x batch '
+               f'{self._batch} x {steps_per_sec:.2f} steps/s)')
+    if self._num_train_steps:
+      eta = (self._num_train_steps - step) / steps_per_sec
+      message += (f', {100 * step / self._num_train_steps:.1f}% ({step}/'
+                  f'{self._num_train_steps}), ETA: {periodic_actions._format_secs(eta)}')  # pylint: disable=protected-access
+    logging.info('Progress: %s', message)
+    if self._writer is not None:
+      self._writer.write_scalars(step, {'steps_per_sec': steps_per_sec,
+                                        'images_per_sec': images_per_sec,
+                                        'uptime': time.monotonic() - self._t0})
+
+
+def log_parameter_overview(params) -> None:
+  """clu's table of the parameters' shapes and sizes, in the log."""
+  parameter_overview.log_parameter_overview(params)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from skinmtl_jax import calibration, evaluate, input_pipeline, metrics, workdir
+from skinmtl_jax import calibration, evaluate, input_pipeline, metrics, report, workdir
 from skinmtl_jax.config_base import ConfigError
 
 
@@ -65,7 +65,7 @@ def test_calibrated_scores_and_the_report_show_both_rows():
   scored['calibrated'] = evaluate.calibrated_scores(y, p, c, threshold=0.5)
   assert scored['tnr'] == 0.0 and scored['calibrated']['tnr'] == 1.0
   assert scored['calibrated']['ece'] < scored['ece']
-  text = evaluate.calibration_section(scored, c, 'tiny', threshold=0.5)
+  text = report.calibration_section(scored, c, 'tiny', threshold=0.5)
   assert '| as trained (the rows above) |' in text and 'calibrated (T 1.000, bias -2.000' in text
 
 

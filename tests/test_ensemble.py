@@ -142,7 +142,8 @@ def test_ensemble_entry_uses_averaged_probabilities():
   masks = np.stack([split.source[i]['mask'] for i in range(len(split.source))])
   probs = jax.device_get(steps.member_predictions(state, images, model=model))
   mean_lesion, mean_mel = probs['lesion_prob'].mean(0), probs['melanoma_prob'].mean(0)
-  expected_seg = metrics.segmentation_scores(metrics.segmentation_counts(mean_lesion >= 0.5, masks))
+  expected_seg = metrics.segmentation_scores(
+      np.asarray(steps.seg_counts(mean_lesion, masks, 0.5)))
   assert r['ensemble']['dice'] == pytest.approx(expected_seg['dice'], abs=1e-9)
   assert r['ensemble']['auc'] == pytest.approx(metrics.roc_auc(split.labels, mean_mel))
   # Not the average of the members' metrics (which is the top-level entry).

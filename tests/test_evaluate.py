@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from skinmtl_jax import tables
+from skinmtl_jax import report, tables
 
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 
@@ -102,10 +102,9 @@ def test_quiet_orbax_drops_orbax_info_and_keeps_its_warnings():
 
 
 def test_report_puts_the_papers_row_beside_ours():
-  from skinmtl_jax import evaluate
   r = {'n': 379, 'confusion': [[250, 54], [20, 55]], 'tpr_weighted': 0.8, 'tnr': 0.82,
        'f1_weighted': 0.81, 'mcc': 0.85, 'iou': 0.82, 'dice': 0.89, 'ci95': {}}
-  text = evaluate.report_section('isic2016_test', r, 'mtl4', 10_891_770)
+  text = report.report_section('isic2016_test', r, 'mtl4', 10_891_770)
   assert '| mtl4 (paper) | 10.90 | B | 248 (81.58%) | 56 (18.42%) | 80.74 | 81.58 | 82.07 |' in text
   assert '| mtl4 (ours) | 10.89 | B | 250 (82.24%) | 54 (17.76%) | 80.00 | 82.00 | 81.00 |' in text
 

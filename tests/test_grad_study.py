@@ -69,7 +69,7 @@ def optax_norm(tree):
 def _study(stop_gradient: bool, mode: str = 'params'):
   model, variables = _model_and_variables('mtl2', reverse_stop_gradient=stop_gradient,
                                           reverse_mode=mode)
-  fn = jax.jit(functools.partial(grad_study.study, model=model))  # weights 0.5, 0.5
+  fn = jax.jit(functools.partial(steps.study, model=model))  # weights 0.5, 0.5
   return jax.device_get(fn(variables['params'], variables['batch_stats'], _batch()))
 
 

@@ -425,7 +425,7 @@ json.dump({{'params': 10_000_000, 'isic2016_test': row, 'ph2': row}},
                           'PYTHONPATH': str(ROOT)})
   assert r.returncode == 0, r.stderr[-3000:]
   calls = [json.loads(l) for l in log.read_text().splitlines()]
-  names = ['unet', 'resnet50', 'mtl0', 'mtl1', 'mtl2', 'mtl3', 'mtl4']
+  names = ['resnet50', 'unet', 'mtl0', 'mtl1', 'mtl2', 'mtl3', 'mtl4']   # tables.LADDER
   assert [c[2] for c in calls] == [f'--config=configs/{n}.py' for n in names]
   assert all(c[-1] == '--config.data.manual_dir=/data' for c in calls)
   for table in ('table3_isic2016.md', 'table4_ph2.md'):

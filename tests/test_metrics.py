@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from skinmtl_jax import metrics
+from skinmtl_jax import metrics, steps
+
+
+def _counts(pred, truth):
+  """Per-image counts of binary masks, by the eval step's own counting (steps.seg_counts)."""
+  return np.asarray(steps.seg_counts(np.asarray(pred, np.float32), np.asarray(truth), 0.5))
 
 
 @pytest.mark.parametrize('cm,tpr,tnr,f1', [
@@ -46,7 +51,7 @@ def test_segmentation_hand_made_masks():
   truth[0, :2, :2] = True                       # 4 pixels
   pred = np.zeros((1, 4, 4), bool)
   pred[0, :2, :3] = True                        # 6 pixels, 4 overlap
-  counts = metrics.segmentation_counts(pred, truth)
+  counts = _counts(pred, truth)
   assert counts.tolist() == [[4, 2, 0, 10]]
   s = metrics.segmentation_scores(counts)
   assert s['dice'] == pytest.approx(8 / 10)
@@ -59,13 +64,13 @@ def test_empty_masks_give_no_nan():
   full = np.ones((1, 4, 4), bool)
   some = np.zeros((1, 4, 4), bool)
   some[0, 0, 0] = True
-  both_empty = metrics.segmentation_scores(metrics.segmentation_counts(empty, empty))
+  both_empty = metrics.segmentation_scores(_counts(empty, empty))
   assert (both_empty['dice'], both_empty['iou'], both_empty['mcc']) == (1.0, 1.0, 1.0)
-  miss = metrics.segmentation_scores(metrics.segmentation_counts(empty, some))
+  miss = metrics.segmentation_scores(_counts(empty, some))
   assert (miss['dice'], miss['iou'], miss['mcc']) == (0.0, 0.0, 0.0)
-  false_alarm = metrics.segmentation_scores(metrics.segmentation_counts(some, empty))
+  false_alarm = metrics.segmentation_scores(_counts(some, empty))
   assert (false_alarm['dice'], false_alarm['mcc']) == (0.0, 0.0)
-  all_lesion = metrics.segmentation_scores(metrics.segmentation_counts(full, full))
+  all_lesion = metrics.segmentation_scores(_counts(full, full))
   assert all_lesion['mcc'] == 1.0 and all_lesion['dice'] == 1.0
 
 
@@ -75,7 +80,7 @@ def test_per_image_mean_differs_from_pooled():
   truth[1, 0, 0] = True                         # a one-pixel lesion, missed
   pred = truth.copy()
   pred[1] = False
-  s = metrics.segmentation_scores(metrics.segmentation_counts(pred, truth))
+  s = metrics.segmentation_scores(_counts(pred, truth))
   assert s['dice'] == pytest.approx(0.5)
   assert s['dice_pooled'] == pytest.approx(2 * 16 / (2 * 16 + 1))
 

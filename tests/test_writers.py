@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import ROOT
-from skinmtl_jax import evaluate, writers
+from skinmtl_jax import report, writers
 
 
 def _accumulator(logdir):
@@ -53,7 +53,7 @@ def test_curves_figure_from_scalars_jsonl(tmp_path):
                           'train/cls_loss': 0.4 / step, 'train/learning_rate': 3e-3 * 0.9 ** step,
                           'train/l2_grads': 2.0 / step, 'train/l2_updates': 1e-3}) + '\n')
     f.write('{"step": 22, "train/lo')  # cut off by a kill
-  path = evaluate.write_curves(str(tmp_path))
+  path = report.write_curves(str(tmp_path))
   with Image.open(path) as im:
     assert im.size[0] > 3 * im.size[1] // 2  # three panels side by side
-  assert evaluate.write_curves(str(tmp_path / 'nothing')) is None
+  assert report.write_curves(str(tmp_path / 'nothing')) is None
