@@ -149,118 +149,155 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  # ------------------------------------------------------------------------------ Set up
+  # Set-up: the workdir's config, the writers, the devices.
   workdir_lib.check_and_save_config(config, workdir)  # refuses a rerun that cannot resume
   writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(config.to_dict())
   mesh = parallel.make_mesh(config)
-  shared = config.seed_data_order == 'shared'
   logging.info('Mesh %s over %d device(s) in %d process(es).', dict(mesh.shape),
                jax.device_count(), jax.process_count())
 
-  # ------------------------------------------------------------------------ Input pipeline
-  # The validation split (data.validation_fraction) is held out of the training data here.
-  train_split, validation_split = input_pipeline.train_and_validation(config.data)
-  # Fetched (and prepared) before training, so a missing test set stops the run at once.
-  eval_splits = {s: input_pipeline.get_split(config.data, s) for s in config.data.eval_sets}
-  k = config.num_seeds
-  # Global device batches, prefetched; the training split on the device when it fits.
-  train_input = device_input.TrainInput(train_split, config, mesh)
-  train_iters = [train_input.iterator]  # what checkpoints save of the input
-  total_steps = num_steps(config, train_input.examples_per_epoch)
-  logging.info('%s: %d examples, %d after enlargement; %d steps of batch %d; %d member(s); '
-               'training data %s.', train_split.name, len(train_split.source),
-               train_input.examples_per_epoch, total_steps, config.batch_size, k,
-               'on the device' if train_input.resident else 'streamed')
+  # Input.
+  data = _Data(config, mesh)
 
-  # --------------------------------------------------------------------- Model & optimizer
+  # Model, optimizer and state (resumed from the latest checkpoint, if any).
   model = models.create_model(config.model)
-  tx = steps.create_optimizer(config, total_steps)
-  state = steps.create_train_state(model, tx, steps.member_keys(config.seed, k),
+  tx = steps.create_optimizer(config, data.total_steps)
+  state = steps.create_train_state(model, tx, steps.member_keys(config.seed, config.num_seeds),
                                    tuple(config.data.image_size),
                                    sharding=parallel.state_sharding(mesh))
   writers.log_parameter_overview(parallel.to_local(steps.member(state.params, 0)))
-  num_params = steps.num_params(state)
-  logging.info('Parameters: %d (%.2f M) per member.', num_params, num_params / 1e6)
-
-  # ---------------------------------------------------------------------------- Checkpoint
+  logging.info('Parameters: %d (%.2f M) per member.', steps.num_params(state),
+               steps.num_params(state) / 1e6)
   manager = checkpointing.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   if manager.latest_step() is not None:
-    state = checkpointing.restore(manager, state, train_iters)
+    state = checkpointing.restore(manager, state, [data.train_input.iterator])
     logging.info('Resumed from step %d.', checkpointing.step_of(state))
 
-  # --------------------------------------------------------------------------- Update step
-  # The same loss, batches and member loop for the update and the gradient study.
-  step_kw = dict(loss=losses.LossConfig.from_config(config.loss), shared_batch=shared,
-                 mesh=mesh, inputs=train_input.inputs, member_loop=config.member_loop)
+  # Steps: the same loss, batches and member loop for the update and the gradient study.
+  step_kw = dict(loss=losses.LossConfig.from_config(config.loss),
+                 shared_batch=config.seed_data_order == 'shared', mesh=mesh,
+                 inputs=data.train_input.inputs, member_loop=config.member_loop)
   train_step = steps.make_train_step(model, tx, **step_kw)
-  study_every = config.grad_study_every_steps
-  if study_every:
-    study_step = steps.make_study_step(model, **step_kw)
-    study_log = grad_study.CsvLog(os.path.join(workdir, 'grad_study.csv'),
-                                  resume_step=checkpointing.step_of(state)
-                                  ) if jax.process_index() == 0 else None
-    study_writer = writer.tensorboard  # TensorBoard only: too many scalars for the log
+  study = _GradStudy(config, model, step_kw, workdir, writer)
 
-  # ---------------------------------------------------------------------------- Train loop
-  start_step = checkpointing.step_of(state)
-  report = writers.ReportProgress(num_train_steps=total_steps, writer=writer,
-                           every_steps=config.log_every_steps,
-                           images_per_step=k * config.batch_size, members=k,
-                           batch_size=config.batch_size)
-  pending = []  # (step, metrics) since the last log; read back only at log and save steps
+  # Loop.
+  progress = writers.ReportProgress(
+      num_train_steps=data.total_steps, writer=writer, every_steps=config.log_every_steps,
+      images_per_step=config.num_seeds * config.batch_size, members=config.num_seeds,
+      batch_size=config.batch_size)
   t0 = time.time()
   try:
-    with _SigtermFlag(manager) as preemption:
-      for step in range(start_step + 1, total_steps + 1):
-        batch = next(train_input)
-        if study_every and (step - 1) % study_every == 0:
-          # On this step's batch, before its update: rows are labelled with the updates done.
-          result = study_step(state, batch)
-          if study_log is not None:
-            study_log.write(grad_study.rows(step - 1, result))
-          if study_writer is not None:
-            study_writer.write_scalars(step - 1, grad_study.summary_scalars(result))
-        state, m = train_step(state, batch)
-        pending.append((step, m))
-        report(step)
-        preempted = preemption.reached(step)  # read once: the signal may land at any moment
-        save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
-        if step % config.log_every_steps == 0 or save_now:
-          host = [(i, jax.device_get(x)) for i, x in pending]
-          _check_finite(host, manager.latest_step())  # before any save: no bad checkpoint
-          if step % config.log_every_steps == 0 or step == total_steps:
-            means = jax.tree.map(lambda *xs: float(np.mean(xs)), *[x for _, x in host])
-            if 'learning_rate' in host[-1][1]:  # the current one, not the window's mean
-              means['learning_rate'] = float(np.mean(host[-1][1]['learning_rate']))
-            writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
-            pending = []
-        if save_now:
-          checkpointing.save(manager, state, train_iters)
-        if preempted:
-          writer.flush()
-          raise Preempted(f'SIGTERM received: saved the checkpoint of step {step} in '
-                          f'{manager.directory}; run the same command again to resume.')
+    state = _train_loop(state, train_step, data.train_input, manager, writer, progress, study,
+                        total_steps=data.total_steps, log_every=config.log_every_steps,
+                        checkpoint_every=config.checkpoint_every_steps)
   finally:
     # Whatever stops the loop (a non-finite loss, SIGTERM, an exception), finish the save in
     # flight, so the latest good checkpoint is complete on disk.
     manager.wait_until_finished()
-    train_input.close()
+    data.train_input.close()
     if jax.process_index() == 0:
       _write_curves(writer, workdir)
-  train_seconds = time.time() - t0
 
-  # ---------------------------------------------------------------------------- Evaluation
-  results: dict[str, Any] = {'params': num_params, 'steps': checkpointing.step_of(state),
-                             'num_seeds': k,
-                             'train_seconds_this_run': round(train_seconds, 1),
-                             'train_examples': len(train_split.source), **train_split.info}
+  # Evaluation.
+  results = {'params': steps.num_params(state), 'steps': checkpointing.step_of(state),
+             'num_seeds': config.num_seeds, 'train_seconds_this_run': round(time.time() - t0, 1),
+             'train_examples': len(data.train.source), **data.train.info}
+  results = _evaluate(config, state, model, workdir, data, results, writer)
+  manager.close()
+  return results
+
+
+class _Data:
+  """The run's data: the training input (global device batches, prefetched; the training split
+  on the device when it fits), the validation split held out of it, the evaluation sets, and
+  the number of steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh):
+    # The validation split (data.validation_fraction) is held out of the training data here.
+    self.train, self.validation = input_pipeline.train_and_validation(config.data)
+    # Fetched (and prepared) before training, so a missing test set stops the run at once.
+    self.eval = {s: input_pipeline.get_split(config.data, s) for s in config.data.eval_sets}
+    self.train_input = device_input.TrainInput(self.train, config, mesh)
+    self.total_steps = num_steps(config, self.train_input.examples_per_epoch)
+    logging.info('%s: %d examples, %d after enlargement; %d steps of batch %d; %d member(s); '
+                 'training data %s.', self.train.name, len(self.train.source),
+                 self.train_input.examples_per_epoch, self.total_steps, config.batch_size,
+                 config.num_seeds, 'on the device' if self.train_input.resident else 'streamed')
+
+
+class _GradStudy:
+  """The gradient study every `config.grad_study_every_steps` steps (0: never), on the step's
+  batch before its update: rows in workdir/grad_study.csv (labelled with the updates done) and
+  the members' means in TensorBoard only (too many scalars for the log)."""
+
+  def __init__(self, config, model, step_kw: dict, workdir: str, writer):
+    self.every = config.grad_study_every_steps
+    self.step = steps.make_study_step(model, **step_kw) if self.every else None
+    self.writer = writer.tensorboard
+    self.log = None
+    self._path = os.path.join(workdir, 'grad_study.csv')
+
+  def resume(self, step: int) -> None:
+    """Opens the CSV (process 0), dropping rows of steps at or after `step`: written after
+    the checkpoint the run resumes from."""
+    if self.every and jax.process_index() == 0:
+      self.log = grad_study.CsvLog(self._path, resume_step=step)
+
+  def __call__(self, step: int, state, batch) -> None:
+    if not self.every or (step - 1) % self.every:
+      return
+    result = self.step(state, batch)
+    if self.log is not None:
+      self.log.write(grad_study.rows(step - 1, result))
+    if self.writer is not None:
+      self.writer.write_scalars(step - 1, grad_study.summary_scalars(result))
+
+
+def _train_loop(state, train_step, train_input, manager, writer, progress, study, *,
+                total_steps: int, log_every: int, checkpoint_every: int):
+  """Steps from the state's step to `total_steps`: logs the members' mean metrics every
+  `log_every` steps, saves every `checkpoint_every` steps, at the end and on SIGTERM (then
+  raises Preempted), and stops on a non-finite loss or gradient before any save."""
+  start_step = checkpointing.step_of(state)
+  study.resume(start_step)
+  pending = []  # (step, metrics) since the last log; read back only at log and save steps
+  with _SigtermFlag(manager) as preemption:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(train_input)
+      study(step, state, batch)
+      state, m = train_step(state, batch)
+      pending.append((step, m))
+      progress(step)
+      preempted = preemption.reached(step)  # read once: the signal may land at any moment
+      save_now = step % checkpoint_every == 0 or step == total_steps or preempted
+      if step % log_every == 0 or save_now:
+        host = [(i, jax.device_get(x)) for i, x in pending]
+        _check_finite(host, manager.latest_step())  # before any save: no bad checkpoint
+        if step % log_every == 0 or step == total_steps:
+          means = jax.tree.map(lambda *xs: float(np.mean(xs)), *[x for _, x in host])
+          if 'learning_rate' in host[-1][1]:  # the current one, not the window's mean
+            means['learning_rate'] = float(np.mean(host[-1][1]['learning_rate']))
+          writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+          pending = []
+      if save_now:
+        checkpointing.save(manager, state, [train_input.iterator])
+      if preempted:
+        writer.flush()
+        raise Preempted(f'SIGTERM received: saved the checkpoint of step {step} in '
+                        f'{manager.directory}; run the same command again to resume.')
+  return state
+
+
+def _evaluate(config, state, model, workdir: str, data: _Data, results: dict, writer) -> dict:
+  """Evaluates on every set and the validation split; writes metrics.json, the report and the
+  figures (process 0), and the headline numbers to the writers."""
   if config.data.extra_melanomas and config.data.paper_protocol_train_on_test_images:
     results['trained_on_test_images'] = True
   # Every process evaluates its own copy (no collectives); process 0 writes the artifacts.
   results = evaluate.evaluate_and_report(config, parallel.to_local(state), model, workdir,
-                                         eval_splits, results, write=jax.process_index() == 0,
-                                         validation=validation_split)
+                                         data.eval, results, write=jax.process_index() == 0,
+                                         validation=data.validation)
   for name in config.data.eval_sets:
     r = results[name]
     writer.write_scalars(results['steps'], {f'{name}/{key}': v for key, v in r.items()
@@ -269,5 +306,4 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if writer.tensorboard is not None:
     writers.write_figures(writer.tensorboard, results['steps'], report.figures(workdir))
   writer.flush()
-  manager.close()
   return results
