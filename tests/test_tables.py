@@ -50,13 +50,18 @@ CSV_CLEAN = 'id,label,melanoma_prob\na,1,0.4\nb,1,0.6\nc,0,0.5\nd,0,0.1\n'
 CSV_LEAKY = 'id,label,melanoma_prob\nd,0,0.2\nc,0,0.1\nb,1,0.8\na,1,0.9\n'
 
 
-def test_leakage_table_differences_and_chance_levels(tmp_path):
-  _run(tmp_path, 'mtl4-cpu/seed0', {'params': 1, 'isic2016_test': _measures(0.8, 0.5, 0.75)},
+def _mtl4_runs(root, clean_auc):
+  """Leak-free mtl4 and mtl4 trained on test images, one seed each, with per-image files."""
+  _run(root, 'mtl4-cpu/seed0', {'params': 1, 'isic2016_test': _measures(0.8, 0.5, clean_auc)},
        CSV_CLEAN)
-  _run(tmp_path, 'mtl4-cpu/seed0/paper_protocol_train_on_test_images=True',
+  _run(root, 'mtl4-cpu/seed0/paper_protocol_train_on_test_images=True',
        {'params': 1, 'trained_on_test_images': True,
         'isic2016_test': _measures(0.8, 1.0, 1.0)}, CSV_LEAKY)
-  groups = tables.find_groups(str(tmp_path))
+  return tables.find_groups(str(root))
+
+
+def test_leakage_table_differences_and_chance_levels(tmp_path):
+  groups = _mtl4_runs(tmp_path, clean_auc=0.75)
   assert [g.label for g in groups] == ['mtl4', 'mtl4, trained on test images']
   text = tables.leakage_table(groups, num_samples=200)
   # Recall: 1 of 2 melanomas at 0.5 against 2 of 2; AUC 3/4 against 1 (rows are matched by id).
@@ -68,10 +73,6 @@ def test_leakage_table_differences_and_chance_levels(tmp_path):
 
 
 def test_leakage_table_refuses_a_stale_per_image_file(tmp_path):
-  _run(tmp_path, 'mtl4-cpu/seed0', {'params': 1, 'isic2016_test': _measures(0.8, 0.5, 0.9)},
-       CSV_CLEAN)
-  _run(tmp_path, 'mtl4-cpu/seed0/paper_protocol_train_on_test_images=True',
-       {'params': 1, 'trained_on_test_images': True,
-        'isic2016_test': _measures(0.8, 1.0, 1.0)}, CSV_LEAKY)
+  groups = _mtl4_runs(tmp_path, clean_auc=0.9)   # the CSV gives 0.75
   with pytest.raises(ValueError, match='does not give the AUC in metrics.json'):
-    tables.leakage_table(tables.find_groups(str(tmp_path)), num_samples=10)
+    tables.leakage_table(groups, num_samples=10)
