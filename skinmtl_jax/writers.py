@@ -8,7 +8,9 @@ clu 0.0.12's `clu.metric_writers` still imports TensorFlow unconditionally (for 
 SummaryWriter). `ensure_clu_importable()` registers a stand-in for that one submodule when
 TensorFlow is absent, so the rest of clu (LoggingWriter, MultiWriter, periodic_actions)
 imports; the stand-in's SummaryWriter is our TensorboardWriter, so clu's own
-`create_default_writer` writes event files too.
+`create_default_writer` writes event files too. Every use of clu in the package goes through
+this module: the train loop's progress report (`ReportProgress`, in images/s) and the parameter
+overview too.
 """
 
 from __future__ import annotations
