@@ -15,7 +15,8 @@ fi
 runs=$1
 shift
 cd "$(dirname "$0")/.."
-for name in $(python -m skinmtl_jax.tables --ladder); do  # Table 3's rows, in its order
+names=$(python -m skinmtl_jax.tables --ladder)  # Table 3's rows, in its order (set -e stops here)
+for name in $names; do
   echo "=== $name -> $runs/$name"
   python -m skinmtl_jax.main --config="configs/$name.py" --workdir="$runs/$name" "$@"
 done

@@ -9,8 +9,8 @@ boxplot_<set>.png (per-image MCC, IoU, DSC, the paper's Figure 6); overlays_<set
 worst cases, the paper's Figures 5 and 7); roc_<set>.png; reliability_<set>.png (the
 reliability diagram before and after calibration); calibration.json (the temperature and bias
 fitted on the validation split, see skinmtl_jax/calibration.py); and the figures as images in
-the run's TensorBoard files. The measures are computed here; the files are written by
-skinmtl_jax/report.py.
+the run's TensorBoard files. The measures and report.md are made here; the sections, figures and
+CSVs by skinmtl_jax/report.py, calibration.json by skinmtl_jax/calibration.py.
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ def study_checkpoints(workdir: str, split_name: str | None, num_images: int
   split = input_pipeline.get_split(config.data, split_name or config.data.eval_sets[0])
   batch = fixed_batch(split, num_images)
   fn = steps.make_study_step(model, loss=losses.LossConfig.from_config(config.loss),
-                       shared_batch=True)
+                             shared_batch=True)
   manager = checkpointing.create_manager(workdir, read_only=True)
   table = []
   try:

@@ -64,8 +64,8 @@ class LossConfig(NamedTuple):
 
   @classmethod
   def from_config(cls, loss_cfg) -> 'LossConfig':
-    return cls(float(loss_cfg.dice_weight), float(loss_cfg.cls_weight),
-               float(loss_cfg.dice_smooth), str(loss_cfg.balancing))
+    # .get: a run saved before a field existed (its config.json) reads the default.
+    return cls(**{k: type(v)(loss_cfg.get(k, v)) for k, v in cls._field_defaults.items()})
 
   @property
   def weights(self) -> dict[str, float]:

@@ -290,7 +290,8 @@ def _study_ratio(stats: dict[str, Array]) -> dict[str, Array]:
 def study(params, batch_stats, batch: dict[str, Array], *, model,
           loss: losses.LossConfig = losses.LossConfig()) -> dict[str, dict[str, Array]]:
   """The study of one model (no member axis) on `batch`, in training mode (batch statistics,
-  as the training step sees it). Returns {group: {quantity: scalar}}; see the module docstring.
+  as the training step sees it). Returns {group: {quantity: scalar}}: the quantities of
+  STUDY_QUANTITIES, defined in skinmtl_jax/grad_study.py's docstring.
   """
   images = to_float_images(batch['image'])
   variables = {'params': params, 'batch_stats': batch_stats}

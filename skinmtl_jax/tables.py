@@ -140,27 +140,30 @@ def _mean_std_cell(seeds: list[dict], key: str) -> str:
 def seed_table(groups: list[Group], eval_set: str) -> str:
   """Markdown: each rung's mean ± std over seeds on `eval_set`, the paper's row beside it."""
   heads = [h for h, _, _ in SEED_COLUMNS]
-  lines = [f'| ID | source | seeds | Param. [M] | ' + ' | '.join(heads) + ' |',
-           '| --- | --- | --- | --- | ' + ' | '.join('---' for _ in heads) + ' |']
+  lines = ['| ID | source | seeds | Param. [M] | ' + ' | '.join(heads) + ' | train [min] |',
+           '| --- | --- | --- | --- | ' + ' | '.join('---' for _ in heads) + ' | --- |']
   shown_paper = set()
   for g in groups:
     seeds = g.seeds(eval_set)
     if not seeds:
       continue
     params = g.runs[0][1]['params'] / 1e6
+    # Training time of all the group's seeds (runs resumed after a stop count their last part).
+    minutes = sum(m.get('train_seconds_this_run', 0) for _, m in g.runs) / 60
     lines.append(f'| {g.label} | ours, mean ± std | {len(seeds)} | {params:.2f} | '
-                 + ' | '.join(_mean_std_cell(seeds, k) for _, k, _ in SEED_COLUMNS) + ' |')
+                 + ' | '.join(_mean_std_cell(seeds, k) for _, k, _ in SEED_COLUMNS)
+                 + f' | {minutes:.1f} |')
     for _, m in g.runs:
-      ens = m[eval_set].get('ensemble')
+      ens = m.get(eval_set, {}).get('ensemble')
       if ens is not None:
         lines.append(f'| {g.label} | ours, ensemble of {len(m[eval_set]["members"])} | | | '
-                     + ' | '.join(_mean_std_cell([ens], k) for _, k, _ in SEED_COLUMNS) + ' |')
+                     + ' | '.join(_mean_std_cell([ens], k) for _, k, _ in SEED_COLUMNS) + ' | |')
     row = paper.paper_row(g.rung, eval_set)
     if row is not None and g.rung not in shown_paper:
       shown_paper.add(g.rung)
       lines.append(f'| {g.rung} | paper (one run) | | {row.params:.2f} | '
                    + ' | '.join('-' if f is None else _fmt(getattr(row, f))
-                                for _, _, f in SEED_COLUMNS) + ' |')
+                                for _, _, f in SEED_COLUMNS) + ' | |')
   return '\n'.join(lines) + '\n'
 
 

@@ -51,3 +51,5 @@ def test_loss_config_reads_config_loss():
   c = config_base.get_config().loss
   c.dice_weight, c.balancing = 0.25, 'pcgrad'
   assert losses.LossConfig.from_config(c) == losses.LossConfig(0.25, 0.5, 1.0, 'pcgrad')
+  del c['balancing']   # the config.json of a run from before the field: its default
+  assert losses.LossConfig.from_config(c).balancing == 'weighted'

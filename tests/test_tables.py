@@ -2,9 +2,11 @@
 checked against small hand-made runs."""
 
 import json
+import shutil
 
 import pytest
 
+from conftest import ROOT
 from skinmtl_jax import tables
 
 
@@ -21,18 +23,18 @@ def _measures(dice, recall, auc):
           'f1_weighted': 0.76, 'recall_melanoma': recall, 'auc': auc, 'ap': 0.5}
 
 
-MTL3_ROW = '| mtl3 | paper (one run) | | 10.90 | 89.37 | 82.08 | 85.07 | 81.79 | 91.12 | 81.79 | 44.00 | - | - |'
+MTL3_ROW = '| mtl3 | paper (one run) | | 10.90 | 89.37 | 82.08 | 85.07 | 81.79 | 91.12 | 81.79 | 44.00 | - | - | |'
 
 
 def test_two_seed_runs_give_mean_and_sample_std(tmp_path):
   for seed, (dice, recall) in enumerate([(0.80, 0.5), (0.90, 0.7)]):
-    _run(tmp_path, f'mtl3-cpu/seed{seed}', {'params': 2_700_000,
+    _run(tmp_path, f'mtl3-cpu/seed{seed}', {'params': 2_700_000, 'train_seconds_this_run': 90,
                                             'isic2016_test': _measures(dice, recall, 0.8)})
   text = tables.seed_table(tables.find_groups(str(tmp_path)), 'isic2016_test')
   # mean 85, std sqrt(((80-85)^2 + (90-85)^2) / 1) = 7.07; recall 60 ± 14.14.
   assert ('| mtl3 | ours, mean ± std | 2 | 2.70 | 85.00 ± 7.07 | 70.00 ± 0.00 | 80.00 ± 0.00 | '
           '75.00 ± 0.00 | 90.00 ± 0.00 | 76.00 ± 0.00 | 60.00 ± 14.14 | 80.00 ± 0.00 | '
-          '50.00 ± 0.00 |') in text
+          '50.00 ± 0.00 | 3.0 |') in text
   assert MTL3_ROW in text   # melanoma recall 33 / 75 from the paper's confusion matrix
 
 
@@ -76,3 +78,15 @@ def test_leakage_table_refuses_a_stale_per_image_file(tmp_path):
   groups = _mtl4_runs(tmp_path, clean_auc=0.9)   # the CSV gives 0.75
   with pytest.raises(ValueError, match='does not give the AUC in metrics.json'):
     tables.leakage_table(groups, num_samples=10)
+
+
+def test_the_real_data_page_shows_the_tables_of_its_committed_runs(tmp_path):
+  """docs/real_data_cpu.md quotes what `tables --seeds` makes of the runs committed under
+  docs/real_data_cpu/ (regenerated here): no table on the page is edited by hand or stale."""
+  runs = tmp_path / 'runs'
+  shutil.copytree(ROOT / 'docs' / 'real_data_cpu', runs)
+  page = (ROOT / 'docs' / 'real_data_cpu.md').read_text(encoding='utf-8')
+  generated = tables.write_seed_tables(str(runs))
+  assert {'seeds_isic2016_test.md', 'seeds_ph2.md', 'leakage.md'} <= set(generated)
+  for name, text in generated.items():
+    assert text.strip() in page, f'{name} as generated is not on the page'
