@@ -1,7 +1,7 @@
 """Tables across runs, ours beside the paper's.
 
     python -m skinmtl_jax.tables RUNS_DIR
-    python -m skinmtl_jax.tables --seeds RUNS_DIR
+    python -m skinmtl_jax.tables --seeds RUNS_DIR [--page=PAGE.md]
     python -m skinmtl_jax.tables --ladder      # prints the ladder's configs (launch/ladder.sh)
 
 The first form reads RUNS_DIR/<config>/metrics.json for unet, resnet50, mtl0-mtl4 (those
@@ -17,6 +17,8 @@ runs, or the members of a seed ensemble) and writes, as markdown:
                                         against leak-free mtl4: the difference in melanoma
                                         recall, AUC and AP with paired bootstrap intervals
                                         over test images, and the chance levels.
+and, with --page, puts them into PAGE.md between its `<!-- table NAME -->` and
+`<!-- end table -->` markers (fill_page).
 """
 
 from __future__ import annotations
@@ -252,8 +254,26 @@ def write_seed_tables(runs_dir: str) -> dict[str, str]:
   return out
 
 
+def fill_page(page: str, tables_by_name: dict[str, str]) -> str:
+  """`page` (markdown) with the text between each `<!-- table NAME -->` and the next
+  `<!-- end table -->` replaced by tables_by_name[NAME], so a page's tables are regenerated,
+  never edited by hand."""
+  out, rest = [], page
+  while (start := rest.find('<!-- table ')) >= 0:
+    head_end = rest.index('-->', start) + 3
+    name = rest[start + len('<!-- table '):head_end - 3].strip()
+    end = rest.index('<!-- end table -->', head_end)
+    if name not in tables_by_name:
+      raise ValueError(f'the page asks for table {name!r}; there are {sorted(tables_by_name)}')
+    out += [rest[:head_end], '\n', tables_by_name[name].strip(), '\n']
+    rest = rest[end:]
+  return ''.join(out) + rest
+
+
 def main(argv):
   args = argv[1:]
+  page = next((a.split('=', 1)[1] for a in args if a.startswith('--page=')), None)
+  args = [a for a in args if not a.startswith('--page=')]
   if args == ['--ladder']:  # launch/ladder.sh trains these, in this order
     print(' '.join(LADDER))
     return
@@ -263,9 +283,16 @@ def main(argv):
     sys.exit('usage: python -m skinmtl_jax.tables [--seeds] RUNS_DIR')
   if seeds:
     try:
-      for name, text in write_seed_tables(args[0]).items():
+      generated = write_seed_tables(args[0])
+      for name, text in generated.items():
         print(f'## {name}\n\n{text}')
-    except ValueError as e:
+      if page:
+        with open(page, encoding='utf-8') as f:
+          text = fill_page(f.read(), generated)
+        with open(page, 'w', encoding='utf-8') as f:
+          f.write(text)
+        print(f'Filled the tables of {page}.')
+    except (OSError, ValueError) as e:
       sys.exit(f'skinmtl_jax.tables: {e}')
     return
   for eval_set, out in EVAL_SETS.items():
