@@ -15,7 +15,6 @@ convolutions (a 3x3 window). On a CPU the convolutions run as YNNPACK fusions
 import collections
 import glob
 import gzip
-import importlib
 import json
 import os
 import re
@@ -29,13 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 import jax
+from ml_collections import config_flags
 import numpy as np
 
 from skinmtl_jax import losses, models, steps
 from dynunet import random_batch  # pylint: disable=g-import-not-at-top
 import weight_grad  # pylint: disable=g-import-not-at-top
 
-flags.DEFINE_string('config', 'configs/unet.py', 'Config file.')
+config_flags.DEFINE_config_file('config', 'configs/unet.py', 'Model config.')
 flags.DEFINE_integer('batch', 10, 'Batch size.')
 flags.DEFINE_list('image_size', ['192', '256'], 'H,W.')
 flags.DEFINE_integer('top', 10, 'Slowest operations listed.')
@@ -67,7 +67,7 @@ def _kind(name: str, hlo: str) -> tuple[str, str]:
 
 def main(argv):
   del argv
-  cfg = importlib.import_module(FLAGS.config.removesuffix('.py').replace('/', '.')).get_config()
+  cfg = FLAGS.config
   size = tuple(int(v) for v in FLAGS.image_size)
   model = models.create_model(cfg.model)
   tx = steps.create_optimizer(cfg, 1000)

@@ -49,7 +49,7 @@ def test_taps_gradient_matches_jax_grad(shape, kernel, strides, padding):
 
 
 def test_taps_under_vmap_over_members():
-  """The vmap path of seed ensembles (GPUs use 'xla', but 'taps' must batch too)."""
+  """Seed ensembles vmap their members on GPUs: the custom VJP must batch."""
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((3, 2, 9, 7, 2)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 4)), jnp.float32)
@@ -109,9 +109,9 @@ def test_the_benchmark_variant_changes_only_the_weight_gradients():
   jaxpr0, g0 = grads()
   with weight_grad.per_tap_weight_grad(True):
     jaxpr1, g1 = grads()
-  num_convs = sum(1 for k, _ in jax.tree_util.tree_leaves_with_path(variables['params'])
-                  if "'kernel'" in jax.tree_util.keystr(k) and _.ndim == 4
-                  and 'upconv' not in jax.tree_util.keystr(k))
+  num_convs = sum(1 for path, leaf in jax.tree_util.tree_leaves_with_path(variables['params'])
+                  if "'kernel'" in jax.tree_util.keystr(path) and leaf.ndim == 4
+                  and 'upconv' not in jax.tree_util.keystr(path))
   assert str(jaxpr1).count('dot_general') - str(jaxpr0).count('dot_general') >= 9 * (
       num_convs - 1)  # 9 taps per 3x3 convolution, 1 for the 1x1 head
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
