@@ -1,7 +1,7 @@
 """Where one CPU training step's time goes, by kind of XLA operation.
 
     python benchmarks/step_profile.py [--config=configs/unet.py] [--batch=10]
-        [--image_size=192,256] [--top=10] [--per_tap_weight_grad]
+        [--image_size=192,256] [--top=10] [--config.model.weight_grad=xla]
 
 Compiles the training step exactly as training does (`steps.make_train_step`, K = 1), runs it
 twice, then traces a third call with `jax.profiler` (a Perfetto trace) and adds up the time of
@@ -33,14 +33,11 @@ import numpy as np
 
 from skinmtl_jax import losses, models, steps
 from dynunet import random_batch  # pylint: disable=g-import-not-at-top
-import weight_grad  # pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file('config', 'configs/unet.py', 'Model config.')
 flags.DEFINE_integer('batch', 10, 'Batch size.')
 flags.DEFINE_list('image_size', ['192', '256'], 'H,W.')
 flags.DEFINE_integer('top', 10, 'Slowest operations listed.')
-flags.DEFINE_bool('per_tap_weight_grad', False, 'Every convolution\'s weight gradient as one '
-                  'dot per kernel tap (benchmarks/weight_grad.py).')
 FLAGS = flags.FLAGS
 
 
@@ -62,6 +59,8 @@ def _kind(name: str, hlo: str) -> tuple[str, str]:
     return 'convolution: forward or input gradient', what
   if ' dot(' in body:
     return 'dot', ''
+  if 'custom_call_target="skinmtl_conv_weight_grad"' in body:
+    return 'our CPU kernel gradient (skinmtl_jax/kernels)', ''
   return re.sub(r'[.\d]+$', '', name), ''
 
 
@@ -75,8 +74,7 @@ def main(argv):
   batch = jax.device_put(random_batch(FLAGS.batch, size, np.random.default_rng(0)))
   step = steps.make_train_step(model, tx, shared_batch=True,
                                loss=losses.LossConfig.from_config(cfg.loss))
-  with weight_grad.per_tap_weight_grad(FLAGS.per_tap_weight_grad):
-    compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch).compile()
   hlo = compiled.as_text()
   inputs = step.inputs_for(batch)
   for _ in range(2):

@@ -22,7 +22,8 @@ def create_model(cfg: ml_collections.ConfigDict):
         attention_pool=cfg.attention_pool, reverse=cfg.reverse, reverse_mode=cfg.reverse_mode,
         reverse_stop_gradient=cfg.reverse_stop_gradient,
         encoder_pool_levels=cfg.encoder_pool_levels, cbam=cfg.cbam,
-        cbam_reduction=cfg.cbam_reduction, dtype=dtype)
+        cbam_reduction=cfg.cbam_reduction, dtype=dtype,
+        weight_grad=cfg.get('weight_grad', 'auto'))
   raise ValueError(f'model.arch={cfg.arch!r} is unknown; expected one of {ARCHITECTURES}.')
 
 

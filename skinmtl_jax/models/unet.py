@@ -15,12 +15,15 @@ demo). The scale and bias parameters are shared, so both passes still use the sa
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 from typing import Any
 
 import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
+
+from skinmtl_jax.models import conv
 
 Array = Any
 
@@ -67,11 +70,13 @@ class ConvBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: Any = jnp.float32
+  weight_grad: str = 'auto'      # model.weight_grad: see skinmtl_jax/models/conv.py
 
   @nn.compact
   def __call__(self, x: Array, train: bool, stats: str = '') -> Array:
     x = nn.Conv(self.features, (3, 3), strides=(self.strides, self.strides),
-                padding='SAME', dtype=self.dtype, name='conv')(x)
+                padding='SAME', dtype=self.dtype, name='conv',
+                conv_general_dilated=conv.for_weight_grad(self.weight_grad))(x)
     x = BatchNorm(dtype=self.dtype, name='bn')(x, train, stats)
     return nn.relu(x)
 
@@ -82,11 +87,13 @@ class EncoderStage(nn.Module):
   features: int
   strides: int
   dtype: Any = jnp.float32
+  weight_grad: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = ConvBlock(self.features, self.strides, self.dtype, name='block1')(x, train)
-    return ConvBlock(self.features, 1, self.dtype, name='block2')(x, train)
+    block = functools.partial(ConvBlock, dtype=self.dtype, weight_grad=self.weight_grad)
+    x = block(self.features, self.strides, name='block1')(x, train)
+    return block(self.features, 1, name='block2')(x, train)
 
 
 class Encoder(nn.Module):
@@ -94,12 +101,14 @@ class Encoder(nn.Module):
 
   features: Sequence[int]
   dtype: Any = jnp.float32
+  weight_grad: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> list[Array]:
     skips = []
     for i, f in enumerate(self.features):
-      x = EncoderStage(f, 1 if i == 0 else 2, self.dtype, name=f'stage{i + 1}')(x, train)
+      x = EncoderStage(f, 1 if i == 0 else 2, self.dtype, self.weight_grad,
+                       name=f'stage{i + 1}')(x, train)
       skips.append(x)
     return skips
 
@@ -139,6 +148,7 @@ class DecoderLevel(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
+  weight_grad: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, skip: Array, train: bool, gate: Array | None = None) -> Array:
@@ -154,8 +164,9 @@ class DecoderLevel(nn.Module):
       # the gradient at the channel-scaled feature maps. Both are no-ops in training.
       self.sow('intermediates', 'gate', gate)
       x = self.perturb('gated_input', x)
-    x = ConvBlock(self.features, 1, self.dtype, name='block1')(x, train, stats)
-    return ConvBlock(self.features, 1, self.dtype, name='block2')(x, train, stats)
+    block = functools.partial(ConvBlock, dtype=self.dtype, weight_grad=self.weight_grad)
+    x = block(self.features, 1, name='block1')(x, train, stats)
+    return block(self.features, 1, name='block2')(x, train, stats)
 
 
 class SegHead(nn.Module):

@@ -1,0 +1,179 @@
+"""The CPU kernel gradient of skinmtl_jax/models/conv.py (the compiled GEMM kernel of
+skinmtl_jax/kernels) against jax.grad of the plain convolution."""
+
+import os
+import platform
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from skinmtl_jax import kernels, models
+from skinmtl_jax.config_base import ConfigError, get_config, validate_config
+from skinmtl_jax.models import conv
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+KERNEL = 'skinmtl_conv_weight_grad'
+
+needs_kernel = pytest.mark.skipif(not kernels.available(),
+                                  reason=f'CPU kernel: {kernels.status()}')
+
+
+def _rel(a, b):
+  """Largest |a - b| over the largest |a|."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+
+
+def _random(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def test_the_kernel_is_built_where_ci_runs():
+  """A failed build would silently fall back to XLA's (slow) gradient: CI must notice."""
+  if os.environ.get('SKINMTL_REQUIRE_KERNELS') != '1':
+    pytest.skip('SKINMTL_REQUIRE_KERNELS is not set (.ci/run sets it)')
+  assert platform.system() == 'Linux'
+  assert kernels.available(), kernels.status()
+
+
+def _grads(fn, x, k, strides, padding):
+  # A nonlinear read-out, so the output gradient is not a constant.
+  loss = lambda x, k: jnp.sum(jnp.sin(fn(x, k, strides, padding)))
+  return jax.grad(loss, (0, 1))(x, k)
+
+
+def _plain(x, k, strides, padding):
+  return lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=NHWC)
+
+
+def _pads(shape, kernel, strides, padding):
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(shape[1:3], kernel[:2], strides, padding)
+  return tuple(tuple(p) for p in padding)
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape,kernel,strides,padding', [
+    ((2, 7, 9, 1), (3, 3, 1, 3), (2, 2), 'SAME'),       # stride 2, one channel, odd sizes
+    ((3, 8, 6, 5), (3, 3, 5, 4), (1, 1), 'SAME'),
+    ((1, 9, 11, 3), (3, 3, 3, 2), (2, 2), 'VALID'),
+    ((2, 5, 7, 2), (3, 3, 2, 1), (1, 2), ((2, 0), (1, 1))),  # uneven strides and pads
+    ((2, 10, 9, 2), (3, 3, 2, 3), (3, 3), 'VALID'),     # stride 3, trailing rows unread
+    ((2, 13, 11, 2), (7, 7, 2, 1), (1, 1), 'SAME'),      # 7x7, one output channel
+    ((1, 8, 8, 3), (7, 7, 3, 2), (2, 2), ((3, 3), (3, 3))),
+    ((2, 6, 5, 4), (1, 1, 4, 3), (1, 1), 'SAME'),        # 1x1
+    ((2, 16, 12, 24), (3, 3, 24, 8), (1, 1), 'SAME'),    # the size the models dispatch
+])
+def test_kernel_gradient_matches_jax_grad(shape, kernel, strides, padding):
+  """`conv._conv` (the custom VJP): the forward and input gradient are XLA's, the kernel
+  gradient within 1e-5."""
+  x, k = _random(shape, 0), _random(kernel, 1)
+  pads = _pads(shape, kernel, strides, padding)
+  ours = lambda x, k, strides, padding: conv._conv(x, k, strides, pads)
+  (dx0, dk0), (dx1, dk1) = (_grads(_plain, x, k, strides, padding),
+                            _grads(ours, x, k, strides, padding))
+  np.testing.assert_array_equal(ours(x, k, strides, pads), _plain(x, k, strides, padding))
+  np.testing.assert_array_equal(dx1, dx0)
+  assert _rel(dk0, dk1) <= 1e-5
+  # And the kernel really computed it (XLA's would pass the comparison too).
+  hlo = jax.jit(lambda x, k: _grads(ours, x, k, strides, padding)[1]).lower(x, k).as_text()
+  assert KERNEL in hlo
+
+
+@needs_kernel
+def test_the_result_does_not_depend_on_the_thread_count(monkeypatch):
+  x, g = _random((3, 40, 38, 16), 2), _random((3, 38, 36, 8), 3)  # 3 row chunks
+  results = []
+  for threads in (1, 2, 5):
+    monkeypatch.setattr(kernels, '_threads', lambda t=threads: t)
+    results.append(np.asarray(kernels.conv_weight_grad(x, g, (3, 3))))
+  np.testing.assert_array_equal(results[0], results[1])
+  np.testing.assert_array_equal(results[0], results[2])
+
+
+@needs_kernel
+def test_under_vmap_over_members():
+  """vmapped seed ensembles run the kernel once per member."""
+  x, k = _random((3, 2, 9, 7, 16), 4), _random((3, 3, 3, 16, 4), 5)
+  ours = lambda x, k, strides, padding: conv.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=NHWC)
+  batched = jax.vmap(lambda x, k: _grads(ours, x, k, (2, 2), 'SAME'))(x, k)
+  for i in range(3):
+    dx, dk = _grads(_plain, x[i], k[i], (2, 2), 'SAME')
+    assert _rel(dx, batched[0][i]) <= 1e-5  # XLA's, batched as a grouped convolution
+    assert _rel(dk, batched[1][i]) <= 1e-5
+  hlo = jax.jit(jax.vmap(lambda x, k: _grads(ours, x, k, (2, 2), 'SAME'))).lower(x, k).as_text()
+  assert KERNEL in hlo
+
+
+@needs_kernel
+def test_dispatch_covers_the_models_convolutions_only():
+  """Float32 NHWC convolutions take the kernel, the RGB input layer's too; bfloat16, groups,
+  dilation and other layouts are lax's, unchanged."""
+  def kernel_grad_hlo(x, k, **kw):
+    f = lambda k: jnp.sum(conv.conv_general_dilated(x, k, (1, 1), 'SAME', **kw))
+    return jax.jit(jax.grad(f)).lower(k).as_text()
+
+  c = 3
+  assert KERNEL in kernel_grad_hlo(jnp.ones((1, 8, 8, c)), jnp.ones((3, 3, c, 4)),
+                                   dimension_numbers=NHWC)
+  assert KERNEL not in kernel_grad_hlo(jnp.ones((1, 8, 8, c)), jnp.ones((3, 3, c, 4)),
+                                       dimension_numbers=NHWC, rhs_dilation=(2, 2))
+  assert KERNEL not in kernel_grad_hlo(
+      jnp.ones((1, 8, 8, c), jnp.bfloat16), jnp.ones((3, 3, c, 4), jnp.bfloat16),
+      dimension_numbers=NHWC)
+  assert KERNEL not in kernel_grad_hlo(jnp.ones((1, 8, 8, 2 * c)), jnp.ones((3, 3, c, 4)),
+                                       dimension_numbers=NHWC, feature_group_count=2)
+  assert KERNEL not in kernel_grad_hlo(jnp.ones((1, c, 8, 8)), jnp.ones((4, c, 3, 3)),
+                                       dimension_numbers=('NCHW', 'OIHW', 'NCHW'))
+
+
+def test_flax_conv_takes_it_with_the_same_parameters():
+  x = _random((2, 9, 7, 16), 6)
+  plain = nn.Conv(4, (3, 3), strides=(2, 2), padding='SAME')
+  ours = nn.Conv(4, (3, 3), strides=(2, 2), padding='SAME',
+                 conv_general_dilated=conv.conv_general_dilated)
+  variables = plain.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(ours.init(jax.random.key(0), x))
+  grad = lambda m: jax.grad(lambda v: jnp.sum(jnp.sin(m.apply(v, x))))(variables)
+  assert _rel(grad(plain)['params']['kernel'], grad(ours)['params']['kernel']) <= 1e-5
+
+
+def test_weight_grad_config_changes_only_the_kernel_gradients():
+  """mtl0 with model.weight_grad 'auto' (the kernel, where built) and 'xla': the same
+  parameters, the same outputs, gradients within rounding."""
+  cfg = get_config().model
+  cfg.features, cfg.cls_hidden = (8, 16, 32), 8
+  x = jnp.asarray(np.random.default_rng(7).uniform(size=(2, 16, 16, 3)), jnp.float32)
+
+  def run(weight_grad):
+    cfg.weight_grad = weight_grad
+    model = models.create_model(cfg)
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+      out, _ = model.apply({**variables, 'params': params}, x, train=True,
+                           mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(out['seg_logits'])) + jnp.sum(out['cls_logits'] ** 2)
+    hlo = jax.jit(jax.grad(loss)).lower(variables['params']).as_text()
+    return variables, jax.grad(loss)(variables['params']), hlo
+
+  v0, g0, hlo0 = run('xla')
+  v1, g1, hlo1 = run('auto')
+  jax.tree.map(np.testing.assert_array_equal, v0, v1)
+  assert KERNEL not in hlo0
+  assert (KERNEL in hlo1) == kernels.available()
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+    if np.max(np.abs(a)) > 1e-3:  # conv biases before BatchNorm: rounding noise only
+      assert _rel(a, b) <= 1e-4, jax.tree_util.keystr(path)
+
+
+def test_an_unknown_weight_grad_is_a_config_error():
+  c = get_config()
+  c.model.weight_grad = 'blas'
+  with pytest.raises(ConfigError, match='model.weight_grad'):
+    validate_config(c)
