@@ -77,9 +77,9 @@ def _assert_member_equals(ensemble, i, single, lr):
       # Adam moments: round-off only. The bias noise above reaches them too: with the CPU
       # kernel gradient (skinmtl_jax/models/conv.py) the unrolled member 1 and its single run
       # (bitwise equal for 3 steps, then compiled into different programs) differ by up to
-      # 0.5 % of a leaf's largest moment after 4 steps; the same single run with XLA's
-      # gradient and with the kernel differ as much. A wrong data order moves the parameters
-      # themselves by tens of percent (the classifier's biases), caught below.
+      # 0.5 % of a leaf's largest moment after 4 steps, and their parameters as much as the
+      # same single run's with XLA's gradient and with the kernel. A wrong data order moves
+      # the parameters themselves by tens of percent (the classifier's biases), caught below.
       atol = 1e-2 * float(np.max(np.abs(y))) + 1e-12
     else:
       # Adam divides by the gradient's own scale, so where a gradient is tiny the round-off

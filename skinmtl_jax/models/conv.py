@@ -2,10 +2,10 @@
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's
 `nn.Conv(..., conv_general_dilated=...)`). Its forward and input gradient are XLA's. Its kernel
-gradient is XLA's on GPUs and TPUs; on the CPU, for the models' 3x3 convolutions, it is the
-compiled kernel in `skinmtl_jax.kernels` (one GEMM per kernel tap over the activations in
-place), which XLA:CPU lacks: XLA writes that gradient as a convolution with a window as large
-as the feature map and runs it at a few GFLOP/s. The values are the same up to float32
+gradient is XLA's on GPUs and TPUs; on the CPU it is the compiled kernel in
+`skinmtl_jax.kernels` (one GEMM per kernel tap over the activations in place), which XLA:CPU
+lacks: XLA writes that gradient as a convolution with a window as large as the feature map, at
+up to 9.5x the forward's cost (benchmarks/RESULTS.md). The values are the same up to float32
 summation order (tests/test_conv.py checks against `jax.grad` of the plain convolution).
 
 A strided convolution is first rewritten as a stride-1 one by space-to-depth: with stride s,
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from skinmtl_jax import kernels
 from skinmtl_jax.config_base import WEIGHT_GRADS
+
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -72,8 +73,12 @@ def _space_to_depth(x, sh, sw):
 def _varying_like(out, *arrays):
   """`out`, marked as varying over the shard_map mesh axes any of `arrays` varies over (as
   XLA's gradient is): the FFI call does not carry that type itself."""
-  axes = frozenset().union(*(_varying_axes(a) for a in arrays))
-  return lax.pcast(out, tuple(sorted(axes)), to='varying') if axes else out
+  axes = tuple(sorted(frozenset().union(*(_varying_axes(a) for a in arrays))))
+  if not axes:
+    return out
+  if hasattr(lax, 'pcast'):
+    return lax.pcast(out, axes, to='varying')
+  return lax.pvary(out, axes)  # jax < 0.8
 
 
 def _varying_axes(a) -> frozenset:
