@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.conv_variants import _rel  # largest |a - b| over the largest |a|
 from skinmtl_jax import kernels, models
 from skinmtl_jax.config_base import ConfigError, get_config, validate_config
 from skinmtl_jax.models import conv
@@ -20,12 +21,6 @@ KERNEL = 'skinmtl_conv_weight_grad'
 
 needs_kernel = pytest.mark.skipif(not kernels.available(),
                                   reason=f'CPU kernel: {kernels.status()}')
-
-
-def _rel(a, b):
-  """Largest |a - b| over the largest |a|."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
 
 
 def _random(shape, seed):

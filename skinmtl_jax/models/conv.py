@@ -51,8 +51,10 @@ def kernel_grad_by_gemm(x, g, kernel_hw: tuple[int, int], strides: tuple[int, in
   qh, qw = -(-kh // sh), -(-kw // sw)          # taps per axis after space-to-depth
   hp, wp = (ho + qh - 1) * sh, (wo + qw - 1) * sw
   (pt, _), (pl, _) = pads
-  x = jnp.pad(x, ((0, 0), (pt, 0), (pl, 0), (0, 0)))[:, :hp, :wp]
-  x = jnp.pad(x, ((0, 0), (0, hp - x.shape[1]), (0, wp - x.shape[2]), (0, 0)))
+  # One pad: the leading padding, then zeros or a crop (negative) to exactly hp x wp.
+  _, h, w, _ = x.shape
+  x = lax.pad(x, jnp.zeros((), x.dtype),
+              ((0, 0, 0), (pt, hp - h - pt, 0), (pl, wp - w - pl, 0), (0, 0, 0)))
   if (sh, sw) == (1, 1):
     return kernels.conv_weight_grad(x, g, (kh, kw))
   d = kernels.conv_weight_grad(_space_to_depth(x, sh, sw), g, (qh, qw))
