@@ -1,7 +1,7 @@
 """Builds the one compiled part: the CPU kernel for a convolution's weight gradient.
 
 Everything else is in pyproject.toml. The kernel is an XLA FFI handler
-(skinmtl_jax/kernels/conv_weight_grad.cc): it needs jaxlib's FFI headers and scipy-openblas32's
+(skinmtl_jax/kernels/conv2d.cc): it needs jaxlib's FFI headers and scipy-openblas32's
 CBLAS header at build time (pyproject.toml's [build-system] requires both) and a C++17
 compiler. The extension is optional: without a compiler the install still succeeds and the
 models use XLA's weight gradient (slower on CPUs, the same values up to float rounding);
@@ -19,8 +19,8 @@ def _extensions():
   includes = [os.path.join(os.path.dirname(jaxlib.__file__), 'include'),
               scipy_openblas32.get_include_dir()]
   return [setuptools.Extension(
-      'skinmtl_jax.kernels._conv_weight_grad',
-      sources=['skinmtl_jax/kernels/conv_weight_grad.cc'],
+      'skinmtl_jax.kernels._conv2d',
+      sources=['skinmtl_jax/kernels/conv2d.cc'],
       language='c++',
       # -isystem: the headers' own warnings are not ours. Nothing is linked: the loader
       # (skinmtl_jax/kernels/__init__.py) hands the kernel scipy-openblas32's sgemm.

@@ -1,7 +1,7 @@
 """Where one CPU training step's time goes, by kind of XLA operation.
 
     python benchmarks/step_profile.py [--config=configs/unet.py] [--batch=10]
-        [--image_size=192,256] [--top=10] [--config.model.weight_grad=xla]
+        [--image_size=192,256] [--top=10] [--config.model.conv_impl=xla]
 
 Compiles the training step exactly as training does (`steps.make_train_step`, K = 1), runs it
 twice, then traces a third call with `jax.profiler` (a Perfetto trace) and adds up the time of
@@ -31,7 +31,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from skinmtl_jax import losses, models, steps
+from skinmtl_jax import kernels, losses, models, steps
 from dynunet import random_batch  # pylint: disable=g-import-not-at-top
 
 config_flags.DEFINE_config_file('config', 'configs/unet.py', 'Model config.')
@@ -59,8 +59,10 @@ def _kind(name: str, hlo: str) -> tuple[str, str]:
     return 'convolution: forward or input gradient', what
   if ' dot(' in body:
     return 'dot', ''
-  if 'custom_call_target="skinmtl_conv_weight_grad"' in body:
-    return 'our CPU kernel gradient (skinmtl_jax/kernels)', ''
+  for target, what in ((kernels.CONV, 'forward'), (kernels.INPUT_GRAD, 'input gradient'),
+                       (kernels.WEIGHT_GRAD, 'kernel gradient')):
+    if f'custom_call_target="{target}"' in body:
+      return f'our CPU kernel: {what} (skinmtl_jax/kernels)', ''
   return re.sub(r'[.\d]+$', '', name), ''
 
 

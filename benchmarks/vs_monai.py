@@ -4,7 +4,7 @@ inference latency, on the same machine in the same run.
     pip install torch==2.13.0 && pip install -e '.[bench]'   # torch first: the CPU wheel
     python benchmarks/vs_monai.py [--models=unet,mtl4,dynunet] [--steps=3] [--warmup=1]
         [--infer_runs=5] [--infer_batches=1,32] [--flax_upconv=none|also]
-        [--torch_threads=1,2] [--weight_grad=auto,xla]
+        [--torch_threads=1,2] [--conv_impl=auto,xla]
 
 Ours go through the code path training runs: `models.create_model(config.model)`,
 `steps.create_optimizer`, `steps.create_train_state` and `steps.make_train_step` (jit of the
@@ -28,10 +28,11 @@ there, or run on an idle machine.
 
 Runs on a GPU when there is one (torch on cuda, JAX on its default device).
 
-`--weight_grad=auto,xla` gives each of our models one row per `model.weight_grad`: 'auto' (as
-the configs are: on a CPU, the U-Net's kernel gradients by the compiled GEMM kernel of
-`skinmtl_jax/models/conv.py`) and 'xla' (XLA's own, as before that kernel; the same values up
-to float32 summation order). The row names say which ran.
+`--conv_impl=auto,xla` gives each of our models one row per `model.conv_impl`: 'auto' (as the
+configs are: on a CPU, the U-Net's convolutions routed to the compiled kernels of
+`skinmtl_jax/kernels` where XLA's are slow, `skinmtl_jax/models/conv.py`) and 'xla' (XLA's
+convolutions everywhere; the same values up to float32 summation order). The row names say
+which ran.
 
 `--flax_upconv=also` adds rows for our models with the decoder's former up-convolution,
 flax's `nn.ConvTranspose`, in place of `UpConv2x2` (the same parameters and outputs; see
@@ -69,9 +70,9 @@ flags.DEFINE_integer('infer_runs', 5, 'Timed inference calls per batch size (med
 flags.DEFINE_enum('flax_upconv', 'none', ['none', 'also'],
                   "'also': add our models with flax's nn.ConvTranspose as the decoder's "
                   "up-convolution, as before UpConv2x2 (benchmarks/conv_variants.py).")
-flags.DEFINE_list('weight_grad', ['auto'],
-                  'model.weight_grad of our rows, one row each: auto (the CPU kernel on CPUs) '
-                  'and/or xla (XLA\'s kernel gradient).')
+flags.DEFINE_list('conv_impl', ['auto'],
+                  'model.conv_impl of our rows, one row each: auto (the CPU kernels on CPUs) '
+                  'and/or xla (XLA\'s convolutions).')
 flags.DEFINE_list('torch_threads', [],
                   'DynUNet rows, one per torch thread count (default: one, torch\'s default). '
                   'On a shared machine torch\'s OpenMP threads slow down badly when another job '
@@ -80,22 +81,22 @@ flags.DEFINE_integer('seed', 0, 'Seed of the random data and of the models.')
 FLAGS = flags.FLAGS
 
 
-def weight_grad_name(weight_grad: str) -> str:
-  """What `model.weight_grad` runs on the default device."""
-  if weight_grad == 'auto' and jax.default_backend() == 'cpu':
-    return 'CPU kernel' if kernels.available() else f'XLA; CPU kernel {kernels.status()}'
+def conv_impl_name(conv_impl: str) -> str:
+  """What `model.conv_impl` runs on the default device."""
+  if conv_impl == 'auto' and jax.default_backend() == 'cpu':
+    return 'CPU kernels' if kernels.available() else f'XLA; CPU kernels {kernels.status()}'
   return 'XLA'
 
 
 class Ours:
   """One of our configs through the training code path."""
 
-  def __init__(self, name, size, batch, rng, flax_upconv=False, weight_grad='auto'):
+  def __init__(self, name, size, batch, rng, flax_upconv=False, conv_impl='auto'):
     import conv_variants  # pylint: disable=g-import-not-at-top
     cfg = importlib.import_module(f'configs.{name}').get_config()
-    cfg.model.weight_grad = weight_grad
+    cfg.model.conv_impl = conv_impl
     self.name = name + (' (flax ConvTranspose)' if flax_upconv else '') + (
-        f' (weight grad: {weight_grad_name(weight_grad)})')
+        f' (convolutions: {conv_impl_name(conv_impl)})')
     self._variant = functools.partial(conv_variants.flax_upconv, flax_upconv)
     self.model = models.create_model(cfg.model)
     tx = steps.create_optimizer(cfg, 1000)
@@ -147,10 +148,10 @@ def main(argv):
         entries.append(DynUNet(size, FLAGS.batch, rng, int(threads) if threads else None,
                                seed=FLAGS.seed))
     else:
-      for weight_grad in FLAGS.weight_grad:
-        entries.append(Ours(name, size, FLAGS.batch, rng, weight_grad=weight_grad))
+      for conv_impl in FLAGS.conv_impl:
+        entries.append(Ours(name, size, FLAGS.batch, rng, conv_impl=conv_impl))
         if FLAGS.flax_upconv == 'also':
-          entries.append(Ours(name, size, FLAGS.batch, rng, True, weight_grad))
+          entries.append(Ours(name, size, FLAGS.batch, rng, True, conv_impl))
   print(f'training: {size[0]}x{size[1]}, batch {FLAGS.batch}, {FLAGS.warmup} warm-up + '
         f'{FLAGS.steps} timed steps x {FLAGS.rounds} round(s); inference: batches '
         f'{",".join(FLAGS.infer_batches)}, 1 warm-up + median of {FLAGS.infer_runs}', flush=True)

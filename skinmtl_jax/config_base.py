@@ -16,7 +16,7 @@ class ConfigError(ValueError):
 # The allowed values of the config's choice fields; the modules that act on them import these.
 ARCHITECTURES = ('mtl', 'resnet50')            # model.arch
 REVERSE_MODES = ('params', 'activations')      # model.reverse_mode
-WEIGHT_GRADS = ('auto', 'xla')                 # model.weight_grad
+CONV_IMPLS = ('auto', 'xla')                   # model.conv_impl
 SEED_DATA_ORDERS = ('shared', 'per_member')    # seed_data_order
 MEMBER_LOOPS = ('auto', 'vmap', 'unroll')      # member_loop
 SHARDINGS = ('data', 'members')                # sharding
@@ -63,10 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   # bfloat16; parameters, BatchNorm statistics, the classifier, the losses and the optimizer in
   # float32.
   m.dtype = 'float32'
-  # Kernel gradient of the U-Net's convolutions: 'auto' is XLA's on GPUs and a compiled GEMM
-  # kernel on CPUs (2.5-3.5x faster per layer than XLA:CPU's; skinmtl_jax/models/conv.py);
+  # The U-Net's 3x3 convolutions: 'auto' is XLA's on GPUs; on CPUs it takes the compiled
+  # kernels of skinmtl_jax/kernels for the kernel gradient, and for the forward and input
+  # gradient where XLA:CPU's are slow (short windows, strides; skinmtl_jax/models/conv.py).
   # 'xla' is XLA's everywhere. The same values up to float32 rounding.
-  m.weight_grad = 'auto'
+  m.conv_impl = 'auto'
 
   # Loss (Eq. 3): lambda_1 Dice + lambda_2 cross-entropy.
   c.loss = ml_collections.ConfigDict()
@@ -175,8 +176,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.arch={m.arch!r}: expected one of {ARCHITECTURES}.')
   if m.reverse_mode not in REVERSE_MODES:
     raise ConfigError(f'model.reverse_mode={m.reverse_mode!r}: expected one of {REVERSE_MODES}.')
-  if m.get('weight_grad', 'auto') not in WEIGHT_GRADS:
-    raise ConfigError(f'model.weight_grad={m.weight_grad!r}: expected one of {WEIGHT_GRADS}.')
+  if m.get('conv_impl', 'auto') not in CONV_IMPLS:
+    raise ConfigError(f'model.conv_impl={m.conv_impl!r}: expected one of {CONV_IMPLS}.')
   if config.data.extra_melanomas not in ('', 'isic2017'):
     raise ConfigError(f'data.extra_melanomas={config.data.extra_melanomas!r}: expected "" or '
                       '"isic2017".')

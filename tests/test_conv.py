@@ -1,5 +1,5 @@
-"""The CPU kernel gradient of skinmtl_jax/models/conv.py (the compiled GEMM kernel of
-skinmtl_jax/kernels) against jax.grad of the plain convolution."""
+"""The CPU convolution kernels (skinmtl_jax/kernels) and their routing in
+skinmtl_jax/models/conv.py, against XLA's convolution and jax.grad of it."""
 
 import os
 import platform
@@ -17,10 +17,18 @@ from skinmtl_jax.config_base import ConfigError, get_config, validate_config
 from skinmtl_jax.models import conv
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
-KERNEL = 'skinmtl_conv_weight_grad'
+TARGETS = {'forward': kernels.CONV, 'input_grad': kernels.INPUT_GRAD,
+           'kernel_grad': kernels.WEIGHT_GRAD}
+
+
+
+def _calls(hlo: str, target: str) -> bool:
+  """Whether the lowered program calls the FFI target (names are prefixes of one another)."""
+  return f'@{target}(' in hlo
+
 
 needs_kernel = pytest.mark.skipif(not kernels.available(),
-                                  reason=f'CPU kernel: {kernels.status()}')
+                                  reason=f'CPU kernels: {kernels.status()}')
 
 
 def _random(shape, seed):
@@ -51,8 +59,7 @@ def _pads(shape, kernel, strides, padding):
   return tuple(tuple(p) for p in padding)
 
 
-@needs_kernel
-@pytest.mark.parametrize('shape,kernel,strides,padding', [
+SHAPES = [  # input, kernel, strides, padding
     ((2, 7, 9, 1), (3, 3, 1, 3), (2, 2), 'SAME'),       # stride 2, one channel, odd sizes
     ((3, 8, 6, 5), (3, 3, 5, 4), (1, 1), 'SAME'),
     ((1, 9, 11, 3), (3, 3, 3, 2), (2, 2), 'VALID'),
@@ -61,70 +68,106 @@ def _pads(shape, kernel, strides, padding):
     ((2, 13, 11, 2), (7, 7, 2, 1), (1, 1), 'SAME'),      # 7x7, one output channel
     ((1, 8, 8, 3), (7, 7, 3, 2), (2, 2), ((3, 3), (3, 3))),
     ((2, 6, 5, 4), (1, 1, 4, 3), (1, 1), 'SAME'),        # 1x1
-    ((2, 16, 12, 24), (3, 3, 24, 8), (1, 1), 'SAME'),    # the size the models dispatch
-])
-def test_kernel_gradient_matches_jax_grad(shape, kernel, strides, padding):
-  """`conv._conv` (the custom VJP): the forward and input gradient are XLA's, the kernel
-  gradient within 1e-5."""
+    ((2, 9, 8, 3), (3, 3, 3, 2), (1, 1), ((-1, 2), (0, -2))),  # negative pads crop
+    ((2, 16, 12, 40), (3, 3, 40, 8), (1, 1), 'SAME'),    # forward XLA's, input gradient ours
+    ((1, 30, 20, 6), (3, 3, 6, 5), (2, 2), 'SAME'),      # more than one block per image
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape,kernel,strides,padding', SHAPES)
+def test_the_kernels_match_xla(shape, kernel, strides, padding):
+  """Each kernel alone, whatever the routing would choose: within 1e-5 of XLA's."""
+  x, k = _random(shape, 0), _random(kernel, 1)
+  pads = _pads(shape, kernel, strides, padding)
+  y, vjp = jax.vjp(lambda x, k: _plain(x, k, strides, pads), x, k)
+  g = _random(y.shape, 2)
+  dx, dk = vjp(g)
+  lead = (pads[0][0], pads[1][0])
+  assert _rel(y, kernels.conv2d(x, k, strides, lead, y.shape[1:3])) <= 1e-5
+  assert _rel(dx, kernels.conv2d_input_grad(g, k, strides, lead, shape[1:3])) <= 1e-5
+  assert _rel(dk, kernels.conv2d_weight_grad(x, g, strides, lead, kernel[:2])) <= 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape,kernel,strides,padding', SHAPES)
+def test_gradients_match_jax_grad(shape, kernel, strides, padding):
+  """`conv._conv` (the custom VJP, routed by shape) within 1e-5 of jax.grad of the plain
+  convolution, with the routed kernels really in the program."""
   x, k = _random(shape, 0), _random(kernel, 1)
   pads = _pads(shape, kernel, strides, padding)
   ours = lambda x, k, strides, padding: conv._conv(x, k, strides, pads)
   (dx0, dk0), (dx1, dk1) = (_grads(_plain, x, k, strides, padding),
                             _grads(ours, x, k, strides, padding))
-  np.testing.assert_array_equal(ours(x, k, strides, pads), _plain(x, k, strides, padding))
-  np.testing.assert_array_equal(dx1, dx0)
+  assert _rel(_plain(x, k, strides, padding), ours(x, k, strides, pads)) <= 1e-5
+  assert _rel(dx0, dx1) <= 1e-5
   assert _rel(dk0, dk1) <= 1e-5
-  # And the kernel really computed it (XLA's would pass the comparison too).
-  hlo = jax.jit(lambda x, k: _grads(ours, x, k, strides, padding)[1]).lower(x, k).as_text()
-  assert KERNEL in hlo
+  hlo = jax.jit(lambda x, k: _grads(ours, x, k, strides, padding)).lower(x, k).as_text()
+  for part, routed in conv.routes(kernel, strides).items():
+    assert _calls(hlo, TARGETS[part]) == routed, part
+
+
+def test_routing_by_window_and_stride():
+  """Ours where XLA:CPU is slow (windows up to 3x3x32, strides), XLA's otherwise."""
+  assert conv.routes((3, 3, 3, 32), (1, 1)) == dict(forward=True, input_grad=True,
+                                                     kernel_grad=True)
+  assert conv.routes((3, 3, 64, 32), (1, 1)) == dict(forward=False, input_grad=True,
+                                                      kernel_grad=True)
+  assert conv.routes((3, 3, 64, 64), (1, 1)) == dict(forward=False, input_grad=False,
+                                                      kernel_grad=True)
+  assert conv.routes((3, 3, 64, 128), (2, 2)) == dict(forward=True, input_grad=True,
+                                                       kernel_grad=True)
 
 
 @needs_kernel
 def test_the_result_does_not_depend_on_the_thread_count(monkeypatch):
-  x, g = _random((3, 40, 38, 16), 2), _random((3, 38, 36, 8), 3)  # 3 row chunks
+  x, w = _random((3, 40, 38, 16), 2), _random((3, 3, 16, 8), 3)   # 3 chunks, blocks
+  g = _random((3, 38, 36, 8), 4)
   results = []
   for threads in (1, 2, 5):
     monkeypatch.setattr(kernels, '_threads', lambda t=threads: t)
-    results.append(np.asarray(kernels.conv_weight_grad(x, g, (3, 3))))
-  np.testing.assert_array_equal(results[0], results[1])
-  np.testing.assert_array_equal(results[0], results[2])
+    results.append([np.asarray(f) for f in (
+        kernels.conv2d(x, w, (1, 1), (0, 0), (38, 36)),
+        kernels.conv2d_input_grad(g, w, (1, 1), (0, 0), (40, 38)),
+        kernels.conv2d_weight_grad(x, g, (1, 1), (0, 0), (3, 3)))])
+  for other in results[1:]:
+    for a, b in zip(results[0], other):
+      np.testing.assert_array_equal(a, b)
 
 
 @needs_kernel
 def test_under_vmap_over_members():
-  """vmapped seed ensembles run the kernel once per member."""
+  """vmapped seed ensembles run the kernels once per member."""
   x, k = _random((3, 2, 9, 7, 16), 4), _random((3, 3, 3, 16, 4), 5)
   ours = lambda x, k, strides, padding: conv.conv_general_dilated(
       x, k, strides, padding, dimension_numbers=NHWC)
   batched = jax.vmap(lambda x, k: _grads(ours, x, k, (2, 2), 'SAME'))(x, k)
   for i in range(3):
     dx, dk = _grads(_plain, x[i], k[i], (2, 2), 'SAME')
-    assert _rel(dx, batched[0][i]) <= 1e-5  # XLA's, batched as a grouped convolution
+    assert _rel(dx, batched[0][i]) <= 1e-5
     assert _rel(dk, batched[1][i]) <= 1e-5
   hlo = jax.jit(jax.vmap(lambda x, k: _grads(ours, x, k, (2, 2), 'SAME'))).lower(x, k).as_text()
-  assert KERNEL in hlo
+  assert all(_calls(hlo, t) for t in TARGETS.values())
 
 
 @needs_kernel
 def test_dispatch_covers_the_models_convolutions_only():
-  """Float32 NHWC convolutions take the kernel, the RGB input layer's too; bfloat16, groups,
+  """Float32 NHWC convolutions take the kernels, the RGB input layer's too; bfloat16, groups,
   dilation and other layouts are lax's, unchanged."""
-  def kernel_grad_hlo(x, k, **kw):
+  def takes_kernel(x, k, **kw):
     f = lambda k: jnp.sum(conv.conv_general_dilated(x, k, (1, 1), 'SAME', **kw))
-    return jax.jit(jax.grad(f)).lower(k).as_text()
+    return _calls(jax.jit(jax.grad(f)).lower(k).as_text(), kernels.WEIGHT_GRAD)
 
   c = 3
-  assert KERNEL in kernel_grad_hlo(jnp.ones((1, 8, 8, c)), jnp.ones((3, 3, c, 4)),
-                                   dimension_numbers=NHWC)
-  assert KERNEL not in kernel_grad_hlo(jnp.ones((1, 8, 8, c)), jnp.ones((3, 3, c, 4)),
-                                       dimension_numbers=NHWC, rhs_dilation=(2, 2))
-  assert KERNEL not in kernel_grad_hlo(
-      jnp.ones((1, 8, 8, c), jnp.bfloat16), jnp.ones((3, 3, c, 4), jnp.bfloat16),
-      dimension_numbers=NHWC)
-  assert KERNEL not in kernel_grad_hlo(jnp.ones((1, 8, 8, 2 * c)), jnp.ones((3, 3, c, 4)),
-                                       dimension_numbers=NHWC, feature_group_count=2)
-  assert KERNEL not in kernel_grad_hlo(jnp.ones((1, c, 8, 8)), jnp.ones((4, c, 3, 3)),
-                                       dimension_numbers=('NCHW', 'OIHW', 'NCHW'))
+  assert takes_kernel(jnp.ones((1, 8, 8, c)), jnp.ones((3, 3, c, 4)), dimension_numbers=NHWC)
+  assert not takes_kernel(jnp.ones((1, 8, 8, c)), jnp.ones((3, 3, c, 4)),
+                          dimension_numbers=NHWC, rhs_dilation=(2, 2))
+  assert not takes_kernel(jnp.ones((1, 8, 8, c), jnp.bfloat16),
+                          jnp.ones((3, 3, c, 4), jnp.bfloat16), dimension_numbers=NHWC)
+  assert not takes_kernel(jnp.ones((1, 8, 8, 2 * c)), jnp.ones((3, 3, c, 4)),
+                          dimension_numbers=NHWC, feature_group_count=2)
+  assert not takes_kernel(jnp.ones((1, c, 8, 8)), jnp.ones((4, c, 3, 3)),
+                          dimension_numbers=('NCHW', 'OIHW', 'NCHW'))
 
 
 def test_flax_conv_takes_it_with_the_same_parameters():
@@ -138,37 +181,39 @@ def test_flax_conv_takes_it_with_the_same_parameters():
   assert _rel(grad(plain)['params']['kernel'], grad(ours)['params']['kernel']) <= 1e-5
 
 
-def test_weight_grad_config_changes_only_the_kernel_gradients():
-  """mtl0 with model.weight_grad 'auto' (the kernel, where built) and 'xla': the same
-  parameters, the same outputs, gradients within rounding."""
+def test_conv_impl_config_changes_values_by_rounding_only():
+  """mtl0 with model.conv_impl 'auto' (the kernels, where built) and 'xla': the same
+  parameters, outputs and gradients within rounding."""
   cfg = get_config().model
   cfg.features, cfg.cls_hidden = (8, 16, 32), 8
   x = jnp.asarray(np.random.default_rng(7).uniform(size=(2, 16, 16, 3)), jnp.float32)
 
-  def run(weight_grad):
-    cfg.weight_grad = weight_grad
+  def run(conv_impl):
+    cfg.conv_impl = conv_impl
     model = models.create_model(cfg)
     variables = model.init(jax.random.key(0), x)
 
     def loss(params):
       out, _ = model.apply({**variables, 'params': params}, x, train=True,
                            mutable=['batch_stats'])
-      return jnp.sum(jnp.sin(out['seg_logits'])) + jnp.sum(out['cls_logits'] ** 2)
-    hlo = jax.jit(jax.grad(loss)).lower(variables['params']).as_text()
-    return variables, jax.grad(loss)(variables['params']), hlo
+      return jnp.sum(jnp.sin(out['seg_logits'])) + jnp.sum(out['cls_logits'] ** 2), out
+    hlo = jax.jit(jax.grad(loss, has_aux=True)).lower(variables['params']).as_text()
+    return (variables, *jax.grad(loss, has_aux=True)(variables['params']), hlo)
 
-  v0, g0, hlo0 = run('xla')
-  v1, g1, hlo1 = run('auto')
+  v0, g0, out0, hlo0 = run('xla')
+  v1, g1, out1, hlo1 = run('auto')
   jax.tree.map(np.testing.assert_array_equal, v0, v1)
-  assert KERNEL not in hlo0
-  assert (KERNEL in hlo1) == kernels.available()
+  for a, b in zip(jax.tree.leaves(out0), jax.tree.leaves(out1)):
+    assert _rel(a, b) <= 1e-5
+  assert not any(_calls(hlo0, t) for t in TARGETS.values())
+  assert all(_calls(hlo1, t) == kernels.available() for t in TARGETS.values())
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
     if np.max(np.abs(a)) > 1e-3:  # conv biases before BatchNorm: rounding noise only
       assert _rel(a, b) <= 1e-4, jax.tree_util.keystr(path)
 
 
-def test_an_unknown_weight_grad_is_a_config_error():
+def test_an_unknown_conv_impl_is_a_config_error():
   c = get_config()
-  c.model.weight_grad = 'blas'
-  with pytest.raises(ConfigError, match='model.weight_grad'):
+  c.model.conv_impl = 'blas'
+  with pytest.raises(ConfigError, match='model.conv_impl'):
     validate_config(c)

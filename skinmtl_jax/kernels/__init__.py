@@ -1,9 +1,11 @@
-"""The CPU kernel for a convolution's weight gradient, registered as an XLA FFI target.
+"""CPU kernels for the 2-D convolution and its two gradients, registered as XLA FFI targets.
 
-`conv_weight_grad(x, g, kernel_hw)` is the kernel gradient of a stride-1 NHWC/HWIO convolution
-from its padded input and its output gradient (conv_weight_grad.cc says how). The models reach
-it through `skinmtl_jax.models.conv`, never directly. It is built by `pip install` (setup.py)
-where a C++ compiler is present; `available()` says whether it loaded, `status()` why not.
+`conv2d`, `conv2d_input_grad` and `conv2d_weight_grad` are an NHWC/HWIO float32 convolution
+(any strides, leading padding of any sign) and its gradients, each computed as GEMMs over
+blocks of gathered windows (conv2d.cc says how). The models reach them through
+`skinmtl_jax.models.conv`, never directly. They are built by `pip install` (setup.py) where a
+C++ compiler is present; `available()` says whether they loaded, `status()` why not. Their
+results do not depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TARGET = 'skinmtl_conv_weight_grad'
+CONV = 'skinmtl_conv2d'
+INPUT_GRAD = 'skinmtl_conv2d_input_grad'
+WEIGHT_GRAD = 'skinmtl_conv2d_weight_grad'
 
 
 @functools.cache
 def _load() -> str | None:
-  """Loads and registers the kernel once. Returns None, or why it is not available."""
-  spec = importlib.util.find_spec('skinmtl_jax.kernels._conv_weight_grad')
+  """Loads and registers the kernels once. Returns None, or why they are not available."""
+  spec = importlib.util.find_spec('skinmtl_jax.kernels._conv2d')
   if spec is None or not spec.origin:
     return ('not built (no C++ compiler when the package was installed? reinstall with one: '
             "pip install -e .)")
@@ -31,20 +35,22 @@ def _load() -> str | None:
     import scipy_openblas32  # pylint: disable=g-import-not-at-top
     blas = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(),
                                     f'lib{scipy_openblas32.get_library()}.so'))
-    # One BLAS thread per GEMM: the kernel spreads its GEMMs over threads itself.
+    # One BLAS thread per GEMM: the kernels spread their GEMMs over threads themselves.
     blas.scipy_openblas_set_num_threads(1)
     lib = ctypes.CDLL(spec.origin)
     # This copy's GEMM, by address: numpy and scipy bring OpenBLAS copies with the same names.
     lib.SkinmtlSetSgemm(ctypes.cast(blas.scipy_cblas_sgemm, ctypes.c_void_p))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SkinmtlConvWeightGrad),
-                                platform='cpu')
+    for target, handler in ((CONV, lib.SkinmtlConv2d),
+                            (INPUT_GRAD, lib.SkinmtlConv2dInputGrad),
+                            (WEIGHT_GRAD, lib.SkinmtlConv2dWeightGrad)):
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
   except (ImportError, OSError, AttributeError) as e:
     return f'failed to load {spec.origin}: {e}'
   return None
 
 
 def available() -> bool:
-  """Whether the kernel is built and loaded (loading it on the first call)."""
+  """Whether the kernels are built and loaded (loading them on the first call)."""
   return _load() is None
 
 
@@ -60,21 +66,36 @@ def _threads() -> int:
     return os.cpu_count() or 1
 
 
-def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int]) -> jax.Array:
-  """The (kh, kw, C, O) kernel gradient of a stride-1 convolution, float32.
-
-  x: the padded input (N, Hp, Wp, C); g: the output gradient (N, Hp - kh + 1, Wp - kw + 1, O).
-  The result does not depend on the number of threads.
-  """
+def _call(target: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array,
+          strides: tuple[int, int], lead_pads: tuple[int, int]) -> jax.Array:
   if not available():
-    raise RuntimeError(f'The CPU kernel skinmtl_jax.kernels is {status()}')
-  kh, kw = kernel_hw
-  n, hp, wp, c = x.shape
-  if g.shape[:3] != (n, hp - kh + 1, wp - kw + 1):
-    raise ValueError(f'conv_weight_grad: output gradient {g.shape} does not fit input {x.shape} '
-                     f'and kernel {kernel_hw} (stride 1).')
-  grid = jnp.pad(g, ((0, 0), (0, kh - 1), (0, kw - 1), (0, 0)))
-  return jax.ffi.ffi_call(
-      TARGET, jax.ShapeDtypeStruct((kh, kw, c, g.shape[-1]), jnp.float32),
-      vmap_method='sequential')(x.astype(jnp.float32), grid.astype(jnp.float32),
-                                threads=np.int64(_threads()))
+    raise RuntimeError(f'The CPU kernels skinmtl_jax.kernels are {status()}')
+  if a.dtype != jnp.float32 or b.dtype != jnp.float32:
+    raise TypeError(f'{target}: float32 only, got {a.dtype} and {b.dtype}.')
+  (sh, sw), (pt, pl) = strides, lead_pads
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method='sequential')(
+                              a, b, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt),
+                              pl=np.int64(pl), threads=np.int64(_threads()))
+
+
+def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], lead_pads: tuple[int, int],
+           out_hw: tuple[int, int]) -> jax.Array:
+  """The convolution y (N, Ho, Wo, O) of x (N, H, W, C) with w (kh, kw, C, O).
+
+  Output pixel (i, j) reads input rows strides[0]*i - lead_pads[0] + (0..kh-1) and columns
+  likewise; (Ho, Wo) = `out_hw` fixes the trailing padding.
+  """
+  return _call(CONV, (x.shape[0], *out_hw, w.shape[-1]), x, w, strides, lead_pads)
+
+
+def conv2d_input_grad(g: jax.Array, w: jax.Array, strides: tuple[int, int],
+                      lead_pads: tuple[int, int], in_hw: tuple[int, int]) -> jax.Array:
+  """The input gradient (N, H, W, C), (H, W) = `in_hw`, of `conv2d` from its output gradient."""
+  return _call(INPUT_GRAD, (g.shape[0], *in_hw, w.shape[2]), g, w, strides, lead_pads)
+
+
+def conv2d_weight_grad(x: jax.Array, g: jax.Array, strides: tuple[int, int],
+                       lead_pads: tuple[int, int], kernel_hw: tuple[int, int]) -> jax.Array:
+  """The kernel gradient (kh, kw, C, O) of `conv2d` from its input and its output gradient."""
+  return _call(WEIGHT_GRAD, (*kernel_hw, x.shape[-1], g.shape[-1]), x, g, strides, lead_pads)

@@ -23,7 +23,7 @@ def create_model(cfg: ml_collections.ConfigDict):
         reverse_stop_gradient=cfg.reverse_stop_gradient,
         encoder_pool_levels=cfg.encoder_pool_levels, cbam=cfg.cbam,
         cbam_reduction=cfg.cbam_reduction, dtype=dtype,
-        weight_grad=cfg.get('weight_grad', 'auto'))
+        conv_impl=cfg.get('conv_impl', 'auto'))
   raise ValueError(f'model.arch={cfg.arch!r} is unknown; expected one of {ARCHITECTURES}.')
 
 

@@ -116,7 +116,7 @@ class SkinMTL(nn.Module):
   num_seg_classes: int = 2
   num_cls_classes: int = 2
   dtype: Any = jnp.float32
-  weight_grad: str = 'auto'      # model.weight_grad: see skinmtl_jax/models/conv.py
+  conv_impl: str = 'auto'      # model.conv_impl: see skinmtl_jax/models/conv.py
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
@@ -134,10 +134,10 @@ class SkinMTL(nn.Module):
       raise ValueError(f'Input size {x.shape[1:3]} must be divisible by {factor} '
                        f'for {len(feats)} levels (set data.image_size accordingly).')
 
-    skips = Encoder(feats, self.dtype, self.weight_grad, name='encoder')(
+    skips = Encoder(feats, self.dtype, self.conv_impl, name='encoder')(
         x.astype(self.dtype), train)
     # Decoder levels from deep to shallow; level j reads skip skips[-2 - j].
-    levels = [DecoderLevel(f, self.dtype, self.weight_grad, name=f'decoder{i + 1}')
+    levels = [DecoderLevel(f, self.dtype, self.conv_impl, name=f'decoder{i + 1}')
               for i, f in reversed(list(enumerate(feats[:-1])))]
     seg_head = SegHead(self.num_seg_classes, self.dtype, name='seg_head')
     h = skips[-1]

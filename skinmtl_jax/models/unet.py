@@ -70,13 +70,13 @@ class ConvBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: Any = jnp.float32
-  weight_grad: str = 'auto'      # model.weight_grad: see skinmtl_jax/models/conv.py
+  conv_impl: str = 'auto'      # model.conv_impl: see skinmtl_jax/models/conv.py
 
   @nn.compact
   def __call__(self, x: Array, train: bool, stats: str = '') -> Array:
     x = nn.Conv(self.features, (3, 3), strides=(self.strides, self.strides),
                 padding='SAME', dtype=self.dtype, name='conv',
-                conv_general_dilated=conv.for_weight_grad(self.weight_grad))(x)
+                conv_general_dilated=conv.for_impl(self.conv_impl))(x)
     x = BatchNorm(dtype=self.dtype, name='bn')(x, train, stats)
     return nn.relu(x)
 
@@ -87,11 +87,11 @@ class EncoderStage(nn.Module):
   features: int
   strides: int
   dtype: Any = jnp.float32
-  weight_grad: str = 'auto'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    block = functools.partial(ConvBlock, dtype=self.dtype, weight_grad=self.weight_grad)
+    block = functools.partial(ConvBlock, dtype=self.dtype, conv_impl=self.conv_impl)
     x = block(self.features, self.strides, name='block1')(x, train)
     return block(self.features, 1, name='block2')(x, train)
 
@@ -101,13 +101,13 @@ class Encoder(nn.Module):
 
   features: Sequence[int]
   dtype: Any = jnp.float32
-  weight_grad: str = 'auto'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> list[Array]:
     skips = []
     for i, f in enumerate(self.features):
-      x = EncoderStage(f, 1 if i == 0 else 2, self.dtype, self.weight_grad,
+      x = EncoderStage(f, 1 if i == 0 else 2, self.dtype, self.conv_impl,
                        name=f'stage{i + 1}')(x, train)
       skips.append(x)
     return skips
@@ -148,7 +148,7 @@ class DecoderLevel(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
-  weight_grad: str = 'auto'
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, skip: Array, train: bool, gate: Array | None = None) -> Array:
@@ -164,7 +164,7 @@ class DecoderLevel(nn.Module):
       # the gradient at the channel-scaled feature maps. Both are no-ops in training.
       self.sow('intermediates', 'gate', gate)
       x = self.perturb('gated_input', x)
-    block = functools.partial(ConvBlock, dtype=self.dtype, weight_grad=self.weight_grad)
+    block = functools.partial(ConvBlock, dtype=self.dtype, conv_impl=self.conv_impl)
     x = block(self.features, 1, name='block1')(x, train, stats)
     return block(self.features, 1, name='block2')(x, train, stats)
 

@@ -1,0 +1,99 @@
+"""The U-Net's 3x3 convolutions on a CPU, per layer: XLA's against our compiled kernels.
+
+    python benchmarks/conv_layers.py [--steps=5] [--batch=10]
+
+For each layer at 192x256 (batch 10) it times the forward, the input gradient and the kernel
+gradient, each as XLA's (`lax.conv_general_dilated` and its VJP) and as ours
+(`skinmtl_jax.kernels`: GEMMs over gathered windows), and prints which of the three
+`model.conv_impl='auto'` routes to ours (`skinmtl_jax.models.conv.routes`), the time of the
+routed choice, and the largest difference of ours relative to XLA's largest value. The whole
+training step with either is `benchmarks/vs_monai.py --conv_impl=auto,xla`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # pylint: disable=g-import-not-at-top
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from conv_variants import _median_ms, _rel  # pylint: disable=g-import-not-at-top
+from skinmtl_jax import kernels
+from skinmtl_jax.models import conv
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+# (H, W, C_in, C_out, stride): the U-Net's 3x3 convolutions at 192x256 (configs/unet.py).
+LAYERS = ((192, 256, 3, 32, 1), (192, 256, 32, 32, 1), (192, 256, 64, 32, 1),
+          (192, 256, 32, 64, 2), (96, 128, 64, 64, 1), (96, 128, 128, 64, 1),
+          (96, 128, 64, 128, 2), (48, 64, 128, 128, 1), (24, 32, 256, 256, 1),
+          (12, 16, 320, 320, 1))
+PARTS = ('forward', 'input_grad', 'kernel_grad')
+
+
+def _plain(x, kernel, strides, pads):
+  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
+
+
+def _functions(h, w, s, pads, out_hw):
+  """{part: (XLA's, ours)}, each a jitted function of (x, k, g)."""
+  lead = (pads[0][0], pads[1][0])
+  plain = lambda x, k: _plain(x, k, (s, s), pads)
+  return {
+      'forward': (jax.jit(lambda x, k, g: plain(x, k)),
+                  jax.jit(lambda x, k, g: kernels.conv2d(x, k, (s, s), lead, out_hw))),
+      'input_grad': (jax.jit(lambda x, k, g: jax.vjp(lambda x: plain(x, k), x)[1](g)[0]),
+                     jax.jit(lambda x, k, g: kernels.conv2d_input_grad(
+                         g, k, (s, s), lead, (h, w)))),
+      'kernel_grad': (jax.jit(lambda x, k, g: jax.vjp(lambda k: plain(x, k), k)[1](g)[0]),
+                      jax.jit(lambda x, k, g: kernels.conv2d_weight_grad(
+                          x, g, (s, s), lead, (3, 3)))),
+  }
+
+
+def main(steps: int, batch: int):
+  if not kernels.available():
+    raise SystemExit(f'The CPU kernels are not available: {kernels.status()}')
+  print(f'JAX {jax.__version__}, {jax.devices()[0].device_kind}, {kernels._threads()} threads, '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; batch {batch}, median of {steps} '
+        'calls after one warm-up; ms as XLA / ours, * where auto routes to ours\n')
+  print('| input | out ch | stride | forward | input grad | kernel grad | routed total | '
+        'XLA total | max rel diff |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+  rng = np.random.default_rng(0)
+  sums = np.zeros(2)
+  for h, w, cin, cout, s in LAYERS:
+    x = jnp.asarray(rng.standard_normal((batch, h, w, cin)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.1, jnp.float32)
+    pads = tuple(tuple(p) for p in lax.padtype_to_pads((h, w), (3, 3), (s, s), 'SAME'))
+    out_shape = _plain(x, k, (s, s), pads).shape
+    g = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    route = conv.routes(k.shape, (s, s))
+    cells, routed, xla_total, diff = [], 0.0, 0.0, 0.0
+    for part, (xla, ours) in _functions(h, w, s, pads, out_shape[1:3]).items():
+      if part == 'input_grad' and cin == 3:  # the image needs none: not part of the step
+        cells.append('-')
+        continue
+      t_xla, t_ours = _median_ms(xla, (x, k, g), steps), _median_ms(ours, (x, k, g), steps)
+      cells.append(f'{t_xla:.0f} / {t_ours:.0f}' + ('*' if route[part] else ''))
+      routed += t_ours if route[part] else t_xla
+      xla_total += t_xla
+      diff = max(diff, _rel(xla(x, k, g), ours(x, k, g)))
+    sums += (routed, xla_total)
+    print(f'| {h}x{w}x{cin} | {cout} | {s} | ' + ' | '.join(cells) +
+          f' | {routed:.0f} | {xla_total:.0f} | {diff:.0e} |', flush=True)
+  print(f'\nAll layers: XLA {sums[1]:.0f} ms, routed (model.conv_impl=auto) {sums[0]:.0f} ms '
+        f'({sums[1] / sums[0]:.2f}x).')
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_integer('steps', 5, 'Timed calls per measurement (after one warm-up call).')
+  flags.DEFINE_integer('batch', 10, 'Batch size.')
+  app.run(lambda argv: main(flags.FLAGS.steps, flags.FLAGS.batch))

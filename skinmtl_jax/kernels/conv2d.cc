@@ -1,0 +1,275 @@
+// A 2-D convolution and its two gradients on the CPU (NHWC input, HWIO kernel, float32), each
+// as GEMMs over blocks of output pixels whose windows are gathered in cache (im2col).
+//
+// XLA:CPU computes the kernel gradient as a convolution whose window is the whole feature map,
+// which runs at a few GFLOP/s and costs up to 9x the forward; its forward and input gradient
+// (YNNPACK) are fast where the window holds many channels but slow on the RGB layer, on
+// narrow layers and on strided ones (benchmarks/RESULTS.md). Here every output pixel's window,
+// kh x kw taps of C channels each, is copied into one row of a block matrix `col` with zeros
+// where the window leaves the input (padding, of any sign, costs no copy of the input), and:
+// - the forward is y[block] = col @ w, w read as a (kh*kw*C x O) matrix: one GEMM per block,
+//   written straight into y;
+// - the input gradient is col = g[block] @ w^T, added back where the windows lie (col2im);
+// - the kernel gradient is dw += col^T @ g[block].
+//
+// Results do not depend on the thread count: blocks and chunks are sized by the shapes only,
+// each block's GEMM writes its own part of the result, and sums that span blocks are taken in
+// a fixed order. Each GEMM is single-threaded (the loader sets OpenBLAS to one thread); the
+// blocks are spread over `threads` threads (an attribute set by the caller). The BLAS is
+// scipy-openblas32's (a runtime dependency): the loader hands its `scipy_cblas_sgemm` to
+// `SkinmtlSetSgemm` before the first call, so no other copy of OpenBLAS in the process
+// (numpy's, scipy's) can stand in for it.
+//
+// All three take attributes sh, sw (strides, >= 1), pt, pl (leading padding of the input, top
+// and left, any sign; the trailing padding follows from the shapes) and threads.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+#include "cblas.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using Sgemm = decltype(&scipy_cblas_sgemm);
+std::atomic<Sgemm> sgemm{nullptr};
+
+// Rows of col per block (forward, input gradient): at least 256 rows, so that each GEMM is
+// long enough to run near the BLAS's peak, else about 512 KB (a quarter of an L2).
+constexpr int64_t kBlockBytes = 512 << 10;
+constexpr int64_t kMinBlockRows = 256;
+// Kernel gradient: blocks of col and g of about 256 KB, summed into one of up to 8 chunks of
+// at least 4096 pixels each.
+constexpr int64_t kGradBlockBytes = 256 << 10;
+constexpr int64_t kMaxChunks = 8;
+constexpr int64_t kMinChunkRows = 4096;
+
+int64_t BlockRows(int64_t rows, int64_t row_floats, int64_t bytes, int64_t min_rows) {
+  return std::min(rows, std::max(min_rows, bytes / (4 * row_floats) / 16 * 16));
+}
+
+// Runs `body(item)` for items 0..items-1 on up to `threads` threads, the caller's among them.
+// Which thread takes which item is not fixed: every item writes its own part of the result.
+// Denormals are flushed to zero (FTZ) and read as zero (DAZ) in each, as in XLA's own CPU code,
+// whichever thread XLA made the call on.
+template <typename Body>
+void ParallelFor(int64_t items, int64_t threads, Body body) {
+  std::atomic<int64_t> next{0};
+#if defined(__SSE__)
+  const unsigned int caller_csr = _mm_getcsr();
+  const unsigned int csr = caller_csr | 0x8040;  // FTZ | DAZ
+#endif
+  auto run = [&] {
+#if defined(__SSE__)
+    _mm_setcsr(csr);
+#endif
+    for (int64_t i; (i = next.fetch_add(1)) < items;) body(i);
+  };
+  std::vector<std::thread> pool;
+  try {
+    for (int64_t j = 1; j < std::min(threads, items); ++j) pool.emplace_back(run);
+  } catch (const std::system_error&) {
+    // Fewer threads than asked for: the ones running take the remaining items.
+  }
+  run();
+  for (auto& th : pool) th.join();
+#if defined(__SSE__)
+  _mm_setcsr(caller_csr);
+#endif
+}
+
+struct Geometry {
+  int64_t n, h, w, c;      // input
+  int64_t ho, wo, o;       // output
+  int64_t kh, kw;          // kernel
+  int64_t sh, sw, pt, pl;  // strides, leading padding
+  int64_t taps() const { return kh * kw; }
+  int64_t window() const { return kh * kw * c; }
+  int64_t pixels() const { return ho * wo; }
+};
+
+// Checks x (N, H, W, C), w (kh, kw, C, O), y (N, Ho, Wo, O) and the strides.
+ffi::Error Check(const char* name, ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                 ffi::Span<const int64_t> y, int64_t sh, int64_t sw) {
+  if (x.size() != 4 || w.size() != 4 || y.size() != 4 || w[2] != x[3] || y[0] != x[0] ||
+      y[3] != w[3] || sh < 1 || sw < 1) {
+    return ffi::Error::InvalidArgument(
+        std::string(name) + ": expected an input (N, H, W, C), a kernel (kh, kw, C, O), an "
+        "output (N, Ho, Wo, O) and positive strides");
+  }
+  if (sgemm.load() == nullptr) {
+    return ffi::Error::Internal(std::string(name) + ": SkinmtlSetSgemm was not called");
+  }
+  return ffi::Error::Success();
+}
+
+Geometry Make(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+              ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  return {x[0], x[1], x[2], x[3], y[1], y[2], w[3], w[0], w[1], sh, sw, pt, pl};
+}
+
+// The windows of output pixels p0..p0+m-1 (numbered over N, Ho, Wo), taps t0..t1-1 only, into
+// col (m x (t1-t0)*C), zeros where a window leaves the input.
+void Im2col(const Geometry& d, const float* x, int64_t p0, int64_t m, int64_t t0, int64_t t1,
+            float* col) {
+  for (int64_t p = p0; p < p0 + m; ++p) {
+    const int64_t img = p / d.pixels(), i = p % d.pixels() / d.wo, j = p % d.wo;
+    const float* xi = x + img * d.h * d.w * d.c;
+    for (int64_t t = t0; t < t1; ++t, col += d.c) {
+      const int64_t r = i * d.sh + t / d.kw - d.pt, s = j * d.sw + t % d.kw - d.pl;
+      if (r < 0 || r >= d.h || s < 0 || s >= d.w) {
+        std::fill(col, col + d.c, 0.0f);
+      } else {
+        std::copy(xi + (r * d.w + s) * d.c, xi + (r * d.w + s + 1) * d.c, col);
+      }
+    }
+  }
+}
+
+// y = conv(x, w). Work items are blocks of one image's output pixels.
+ffi::Error Conv2d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                  int64_t pl, int64_t threads) {
+  if (auto e = Check("skinmtl_conv2d", x.dimensions(), w.dimensions(), y->dimensions(), sh, sw);
+      e.failure()) {
+    return e;
+  }
+  const Geometry d = Make(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl);
+  const int64_t k = d.window(), pixels = d.pixels();
+  float* yp = y->typed_data();
+  if (d.n * pixels * d.o == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::fill(yp, yp + d.n * pixels * d.o, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t block = BlockRows(pixels, k, kBlockBytes, kMinBlockRows);
+  const int64_t blocks = (pixels + block - 1) / block;
+  const Sgemm gemm = sgemm.load();
+  ParallelFor(d.n * blocks, threads, [&](int64_t item) {
+    thread_local std::vector<float> col;
+    col.resize(block * k);
+    const int64_t p = (item / blocks) * pixels + (item % blocks) * block;
+    const int64_t m = std::min(block, pixels - (item % blocks) * block);
+    Im2col(d, x.typed_data(), p, m, 0, d.taps(), col.data());
+    gemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, d.o, k, 1.0f, col.data(), k,
+         w.typed_data(), d.o, 0.0f, yp + p * d.o, d.o);
+  });
+  return ffi::Error::Success();
+}
+
+// dx from g (N, Ho, Wo, O). Windows of one image overlap, so an image is one work item and adds
+// its blocks in order.
+ffi::Error Conv2dInputGrad(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
+                           int64_t pl, int64_t threads) {
+  if (auto e = Check("skinmtl_conv2d_input_grad", dx->dimensions(), w.dimensions(),
+                     g.dimensions(), sh, sw);
+      e.failure()) {
+    return e;
+  }
+  const Geometry d = Make(dx->dimensions(), w.dimensions(), g.dimensions(), sh, sw, pt, pl);
+  const int64_t k = d.window(), pixels = d.pixels();
+  float* xp = dx->typed_data();
+  std::fill(xp, xp + d.n * d.h * d.w * d.c, 0.0f);
+  if (d.n * pixels * d.o * k == 0) return ffi::Error::Success();
+  const int64_t block = BlockRows(pixels, k, kBlockBytes, kMinBlockRows);
+  const Sgemm gemm = sgemm.load();
+  ParallelFor(d.n, threads, [&](int64_t img) {
+    thread_local std::vector<float> col;
+    col.resize(block * k);
+    float* xi = xp + img * d.h * d.w * d.c;
+    for (int64_t p0 = 0; p0 < pixels; p0 += block) {
+      const int64_t m = std::min(block, pixels - p0);
+      gemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, k, d.o, 1.0f,
+           g.typed_data() + (img * pixels + p0) * d.o, d.o, w.typed_data(), d.o, 0.0f,
+           col.data(), k);
+      const float* src = col.data();
+      for (int64_t p = p0; p < p0 + m; ++p) {
+        const int64_t i = p / d.wo, j = p % d.wo;
+        for (int64_t t = 0; t < d.taps(); ++t, src += d.c) {
+          const int64_t r = i * d.sh + t / d.kw - d.pt, s = j * d.sw + t % d.kw - d.pl;
+          if (r < 0 || r >= d.h || s < 0 || s >= d.w) continue;
+          float* dst = xi + (r * d.w + s) * d.c;
+          for (int64_t q = 0; q < d.c; ++q) dst[q] += src[q];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// dw from x and g. The batch's pixels are cut into chunks (their number set by the shapes);
+// each chunk sums its blocks in order into its own buffer, and the chunks are added in order.
+// A work item is a chunk and a group of taps: its columns of col, its rows of dw.
+ffi::Error Conv2dWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                            ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
+                            int64_t pt, int64_t pl, int64_t threads) {
+  if (auto e = Check("skinmtl_conv2d_weight_grad", x.dimensions(), dw->dimensions(),
+                     g.dimensions(), sh, sw);
+      e.failure()) {
+    return e;
+  }
+  const Geometry d = Make(x.dimensions(), dw->dimensions(), g.dimensions(), sh, sw, pt, pl);
+  const int64_t k = d.window(), total = d.n * d.pixels();
+  float* out = dw->typed_data();
+  if (total == 0 || k * d.o == 0) {
+    std::fill(out, out + k * d.o, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t chunks = std::clamp<int64_t>(total / kMinChunkRows, 1, kMaxChunks);
+  const int64_t block = BlockRows(total, k + d.o, kGradBlockBytes, 16);
+  const int64_t groups = std::clamp<int64_t>((threads + chunks - 1) / chunks, 1, d.taps());
+  std::vector<float> parts((chunks - 1) * k * d.o);
+  const Sgemm gemm = sgemm.load();
+  ParallelFor(chunks * groups, threads, [&](int64_t item) {
+    thread_local std::vector<float> col;
+    const int64_t ch = item / groups, group = item % groups;
+    const int64_t lo = total * ch / chunks, hi = total * (ch + 1) / chunks;
+    const int64_t t0 = d.taps() * group / groups, t1 = d.taps() * (group + 1) / groups;
+    const int64_t kg = (t1 - t0) * d.c;
+    col.resize(block * kg);
+    float* dst = (ch == 0 ? out : parts.data() + (ch - 1) * k * d.o) + t0 * d.c * d.o;
+    for (int64_t p = lo; p < hi; p += block) {
+      const int64_t m = std::min(block, hi - p);
+      Im2col(d, x.typed_data(), p, m, t0, t1, col.data());
+      gemm(CblasRowMajor, CblasTrans, CblasNoTrans, kg, d.o, m, 1.0f, col.data(), kg,
+           g.typed_data() + p * d.o, d.o, p == lo ? 0.0f : 1.0f, dst, d.o);
+    }
+  });
+  for (int64_t ch = 1; ch < chunks; ++ch) {
+    const float* q = parts.data() + (ch - 1) * k * d.o;
+    for (int64_t j = 0; j < k * d.o; ++j) out[j] += q[j];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" void SkinmtlSetSgemm(void* fn) { sgemm.store(reinterpret_cast<Sgemm>(fn)); }
+
+#define SKINMTL_CONV(name, fn)                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                          \
+                                ffi::Ffi::Bind()                   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()  \
+                                    .Arg<ffi::Buffer<ffi::F32>>()  \
+                                    .Ret<ffi::Buffer<ffi::F32>>()  \
+                                    .Attr<int64_t>("sh")           \
+                                    .Attr<int64_t>("sw")           \
+                                    .Attr<int64_t>("pt")           \
+                                    .Attr<int64_t>("pl")           \
+                                    .Attr<int64_t>("threads"));
+
+SKINMTL_CONV(SkinmtlConv2d, Conv2d)                      // (x, w) -> y
+SKINMTL_CONV(SkinmtlConv2dInputGrad, Conv2dInputGrad)    // (g, w) -> dx
+SKINMTL_CONV(SkinmtlConv2dWeightGrad, Conv2dWeightGrad)  // (x, g) -> dw
