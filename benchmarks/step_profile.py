@@ -1,9 +1,10 @@
-"""Where one CPU training step's time goes, by kind of XLA operation.
+"""Where one CPU training step's (or inference call's) time goes, by kind of XLA operation.
 
     python benchmarks/step_profile.py [--config=configs/unet.py] [--batch=10]
-        [--image_size=192,256] [--top=10] [--config.model.conv_impl=xla]
+        [--image_size=192,256] [--top=10] [--config.model.conv_impl=xla] [--infer]
 
-Compiles the training step exactly as training does (`steps.make_train_step`, K = 1), runs it
+Compiles the training step exactly as training does (`steps.make_train_step`, K = 1), or with
+`--infer` the inference call (`steps.predict`, jitted, eval mode), runs it
 twice, then traces a third call with `jax.profiler` (a Perfetto trace) and adds up the time of
 every operation the step ran, summed over threads. Each operation is named by the compiled
 HLO (`compiled.as_text()`); convolutions are sorted into weight gradients (a window as large
@@ -13,6 +14,7 @@ convolutions (a 3x3 window). On a CPU the convolutions run as YNNPACK fusions
 """
 
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -38,6 +40,7 @@ config_flags.DEFINE_config_file('config', 'configs/unet.py', 'Model config.')
 flags.DEFINE_integer('batch', 10, 'Batch size.')
 flags.DEFINE_list('image_size', ['192', '256'], 'H,W.')
 flags.DEFINE_integer('top', 10, 'Slowest operations listed.')
+flags.DEFINE_bool('infer', False, 'Profile inference (steps.predict) instead of a training step.')
 FLAGS = flags.FLAGS
 
 
@@ -59,7 +62,8 @@ def _kind(name: str, hlo: str) -> tuple[str, str]:
     return 'convolution: forward or input gradient', what
   if ' dot(' in body:
     return 'dot', ''
-  for target, what in ((kernels.CONV, 'forward'), (kernels.INPUT_GRAD, 'input gradient'),
+  for target, what in ((kernels.CONV, 'GEMM convolution'), (kernels.WINOGRAD, 'Winograd'),
+                       (kernels.INPUT_GRAD, 'input gradient'),
                        (kernels.WEIGHT_GRAD, 'kernel gradient')):
     if f'custom_call_target="{target}"' in body:
       return f'our CPU kernel: {what} (skinmtl_jax/kernels)', ''
@@ -74,20 +78,30 @@ def main(argv):
   tx = steps.create_optimizer(cfg, 1000)
   state = steps.create_train_state(model, tx, steps.member_keys(0, 1), size)
   batch = jax.device_put(random_batch(FLAGS.batch, size, np.random.default_rng(0)))
-  step = steps.make_train_step(model, tx, shared_batch=True,
-                               loss=losses.LossConfig.from_config(cfg.loss))
-  compiled = step.lower(state, batch).compile()
+  if FLAGS.infer:
+    variables = {'params': steps.member(state.params, 0),
+                 'batch_stats': steps.member(state.batch_stats, 0)}
+    compiled = jax.jit(functools.partial(steps.predict, model=model)).lower(
+        variables, batch['image']).compile()
+    run = lambda: jax.block_until_ready(compiled(variables, batch['image']))
+  else:
+    step = steps.make_train_step(model, tx, shared_batch=True,
+                                 loss=losses.LossConfig.from_config(cfg.loss))
+    compiled = step.lower(state, batch).compile()
+    inputs = step.inputs_for(batch)
+
+    def run():
+      nonlocal state
+      state, metrics = compiled(state, batch, inputs)
+      jax.block_until_ready(metrics)
   hlo = compiled.as_text()
-  inputs = step.inputs_for(batch)
   for _ in range(2):
     t = time.perf_counter()
-    state, metrics = compiled(state, batch, inputs)
-    jax.block_until_ready(metrics)
+    run()
   wall = time.perf_counter() - t
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
-      state, metrics = compiled(state, batch, inputs)
-      jax.block_until_ready(metrics)
+      run()
     trace = json.load(gzip.open(glob.glob(f'{tmp}/**/*.trace.json.gz', recursive=True)[0]))
   per_op = collections.Counter()
   for e in trace['traceEvents']:
@@ -101,7 +115,8 @@ def main(argv):
     counts[kind] += 1
   total = sum(per_op.values())
   print(f'{cfg.experiment}, {size[0]}x{size[1]}, batch {FLAGS.batch}, JAX {jax.__version__}, '
-        f'{jax.devices()[0].device_kind}: step {1000 * wall:.0f} ms wall (untraced); '
+        f'{jax.devices()[0].device_kind}: {"inference" if FLAGS.infer else "step"} '
+        f'{1000 * wall:.0f} ms wall (untraced); '
         f'operations {total:.0f} ms summed over threads\n')
   print('| kind | ms | share | operations |\n| --- | --- | --- | --- |')
   rest = [0.0, 0]

@@ -17,8 +17,6 @@ from skinmtl_jax.config_base import ConfigError, get_config, validate_config
 from skinmtl_jax.models import conv
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
-TARGETS = {'forward': kernels.CONV, 'input_grad': kernels.INPUT_GRAD,
-           'kernel_grad': kernels.WEIGHT_GRAD}
 
 
 
@@ -71,6 +69,11 @@ SHAPES = [  # input, kernel, strides, padding
     ((2, 9, 8, 3), (3, 3, 3, 2), (1, 1), ((-1, 2), (0, -2))),  # negative pads crop
     ((2, 16, 12, 40), (3, 3, 40, 8), (1, 1), 'SAME'),    # forward XLA's, input gradient ours
     ((1, 30, 20, 6), (3, 3, 6, 5), (2, 2), 'SAME'),      # more than one block per image
+    # Winograd's (3x3, stride 1, >= 256 output pixels): odd sizes, edge tiles, cropping pads
+    ((2, 17, 19, 5), (3, 3, 5, 4), (1, 1), 'SAME'),
+    ((1, 20, 18, 3), (3, 3, 3, 2), (1, 1), ((0, 1), (2, -1))),
+    ((1, 18, 18, 6), (3, 3, 6, 40), (1, 1), 'VALID'),
+    ((1, 70, 66, 64), (3, 3, 64, 3), (1, 1), 'SAME'),    # more than one block per image
 ]
 
 
@@ -87,6 +90,8 @@ def test_the_kernels_match_xla(shape, kernel, strides, padding):
   assert _rel(y, kernels.conv2d(x, k, strides, lead, y.shape[1:3])) <= 1e-5
   assert _rel(dx, kernels.conv2d_input_grad(g, k, strides, lead, shape[1:3])) <= 1e-5
   assert _rel(dk, kernels.conv2d_weight_grad(x, g, strides, lead, kernel[:2])) <= 1e-5
+  if kernel[:2] == (3, 3) and strides == (1, 1):
+    assert _rel(y, kernels.winograd_conv3x3(x, k, lead, y.shape[1:3])) <= 1e-5
 
 
 @needs_kernel
@@ -103,20 +108,30 @@ def test_gradients_match_jax_grad(shape, kernel, strides, padding):
   assert _rel(dx0, dx1) <= 1e-5
   assert _rel(dk0, dk1) <= 1e-5
   hlo = jax.jit(lambda x, k: _grads(ours, x, k, strides, padding)).lower(x, k).as_text()
-  for part, routed in conv.routes(kernel, strides).items():
-    assert _calls(hlo, TARGETS[part]) == routed, part
+  route = conv.routes(kernel, strides, shape[1:3], _plain(x, k, strides, padding).shape[1:3])
+  parts = ('forward', 'input_grad')
+  # Stride 1: the input gradient is a convolution of g with the flipped kernel.
+  stride1 = tuple(strides) == (1, 1)
+  assert hlo.count(f'@{kernels.WINOGRAD}(') == sum(route[p] == 'winograd' for p in parts)
+  assert hlo.count(f'@{kernels.CONV}(') == (
+      (route['forward'] == 'gemm') + (route['input_grad'] == 'gemm' and stride1))
+  assert _calls(hlo, kernels.INPUT_GRAD) == (route['input_grad'] == 'gemm' and not stride1)
+  assert _calls(hlo, kernels.WEIGHT_GRAD)
 
 
-def test_routing_by_window_and_stride():
-  """Ours where XLA:CPU is slow (windows up to 3x3x32, strides), XLA's otherwise."""
-  assert conv.routes((3, 3, 3, 32), (1, 1)) == dict(forward=True, input_grad=True,
-                                                     kernel_grad=True)
-  assert conv.routes((3, 3, 64, 32), (1, 1)) == dict(forward=False, input_grad=True,
-                                                      kernel_grad=True)
-  assert conv.routes((3, 3, 64, 64), (1, 1)) == dict(forward=False, input_grad=False,
-                                                      kernel_grad=True)
-  assert conv.routes((3, 3, 64, 128), (2, 2)) == dict(forward=True, input_grad=True,
-                                                       kernel_grad=True)
+def test_routing_by_shape():
+  """Winograd's for 3x3 stride-1 convolutions but tiny ones; our GEMM kernels for strided
+  ones and short windows (up to 3x3x32); XLA's otherwise."""
+  big, small = (96, 128), (6, 8)
+  r = lambda kernel, strides, in_hw, out_hw: tuple(
+      conv.routes(kernel, strides, in_hw, out_hw).values())
+  assert r((3, 3, 64, 64), (1, 1), big, big) == ('winograd', 'winograd', 'gemm')
+  assert r((3, 3, 64, 64), (1, 1), small, small) == ('xla', 'xla', 'gemm')
+  assert r((3, 3, 32, 32), (1, 1), small, small) == ('gemm', 'gemm', 'gemm')
+  assert r((3, 3, 64, 32), (1, 1), small, small) == ('xla', 'gemm', 'gemm')
+  assert r((3, 3, 64, 128), (2, 2), big, (48, 64)) == ('gemm', 'gemm', 'gemm')
+  assert r((1, 1, 64, 64), (1, 1), big, big) == ('gemm', 'gemm', 'gemm')
+  assert r((1, 1, 512, 512), (1, 1), big, big) == ('xla', 'xla', 'gemm')
 
 
 @needs_kernel
@@ -129,7 +144,8 @@ def test_the_result_does_not_depend_on_the_thread_count(monkeypatch):
     results.append([np.asarray(f) for f in (
         kernels.conv2d(x, w, (1, 1), (0, 0), (38, 36)),
         kernels.conv2d_input_grad(g, w, (1, 1), (0, 0), (40, 38)),
-        kernels.conv2d_weight_grad(x, g, (1, 1), (0, 0), (3, 3)))])
+        kernels.conv2d_weight_grad(x, g, (1, 1), (0, 0), (3, 3)),
+        kernels.winograd_conv3x3(x, w, (0, 0), (38, 36)))])
   for other in results[1:]:
     for a, b in zip(results[0], other):
       np.testing.assert_array_equal(a, b)
@@ -147,7 +163,7 @@ def test_under_vmap_over_members():
     assert _rel(dx, batched[0][i]) <= 1e-5
     assert _rel(dk, batched[1][i]) <= 1e-5
   hlo = jax.jit(jax.vmap(lambda x, k: _grads(ours, x, k, (2, 2), 'SAME'))).lower(x, k).as_text()
-  assert all(_calls(hlo, t) for t in TARGETS.values())
+  assert all(_calls(hlo, t) for t in (kernels.CONV, kernels.INPUT_GRAD, kernels.WEIGHT_GRAD))
 
 
 @needs_kernel
@@ -205,8 +221,9 @@ def test_conv_impl_config_changes_values_by_rounding_only():
   jax.tree.map(np.testing.assert_array_equal, v0, v1)
   for a, b in zip(jax.tree.leaves(out0), jax.tree.leaves(out1)):
     assert _rel(a, b) <= 1e-5
-  assert not any(_calls(hlo0, t) for t in TARGETS.values())
-  assert all(_calls(hlo1, t) == kernels.available() for t in TARGETS.values())
+  targets = (kernels.CONV, kernels.INPUT_GRAD, kernels.WEIGHT_GRAD, kernels.WINOGRAD)
+  assert not any(_calls(hlo0, t) for t in targets)
+  assert all(_calls(hlo1, t) == kernels.available() for t in targets)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
     if np.max(np.abs(a)) > 1e-3:  # conv biases before BatchNorm: rounding noise only
       assert _rel(a, b) <= 1e-4, jax.tree_util.keystr(path)

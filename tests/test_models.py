@@ -220,11 +220,14 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
   assert 1e-5 < diff < 0.1, diff
 
 
-def test_upconv_is_flax_conv_transpose_with_the_same_parameters():
+@pytest.mark.parametrize('conv_impl', ['auto', 'xla'])
+def test_upconv_is_flax_conv_transpose_with_the_same_parameters(conv_impl):
+  """Both paths: our CPU kernels ('auto', where built) and the matmul ('xla')."""
+  from skinmtl_jax import kernels  # pylint: disable=import-outside-toplevel
   from skinmtl_jax.models.unet import UpConv2x2  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   x = jax.random.normal(jax.random.key(1), (2, 3, 5, 6))
-  ours, ref = UpConv2x2(4), nn.ConvTranspose(4, (2, 2), strides=(2, 2))
+  ours, ref = UpConv2x2(4, conv_impl=conv_impl), nn.ConvTranspose(4, (2, 2), strides=(2, 2))
   v_ours, v_ref = ours.init(jax.random.key(0), x), ref.init(jax.random.key(0), x)
   # Same names, shapes and initial values: checkpoints of either load into the other.
   assert jax.tree.map(jnp.shape, v_ours) == jax.tree.map(jnp.shape, v_ref)
@@ -238,3 +241,7 @@ def test_upconv_is_flax_conv_transpose_with_the_same_parameters():
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(v, x)
   for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(jax.grad(loss(ours), argnums=(0, 1))).lower(v, x).as_text()
+  uses = conv_impl == 'auto' and kernels.available()
+  for target in (kernels.CONV, kernels.INPUT_GRAD, kernels.WEIGHT_GRAD):
+    assert (f'@{target}(' in hlo) == uses, target

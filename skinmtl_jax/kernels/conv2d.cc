@@ -168,8 +168,8 @@ ffi::Error Conv2d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
-// dx from g (N, Ho, Wo, O). Windows of one image overlap, so an image is one work item and adds
-// its blocks in order.
+// dx from g (N, Ho, Wo, O). Where the windows of one image overlap, an image is one work item and
+// adds its blocks in order.
 ffi::Error Conv2dInputGrad(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                            int64_t pl, int64_t threads) {
@@ -184,12 +184,18 @@ ffi::Error Conv2dInputGrad(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
   std::fill(xp, xp + d.n * d.h * d.w * d.c, 0.0f);
   if (d.n * pixels * d.o * k == 0) return ffi::Error::Success();
   const int64_t block = BlockRows(pixels, k, kBlockBytes, kMinBlockRows);
+  // Windows that do not overlap (kernel within the stride, as in a 2x2 stride-2 up-convolution)
+  // write disjoint pixels: their blocks can run in parallel too.
+  const bool disjoint = d.kh <= d.sh && d.kw <= d.sw;
+  const int64_t per_item = disjoint ? block : pixels;
+  const int64_t items = (pixels + per_item - 1) / per_item;
   const Sgemm gemm = sgemm.load();
-  ParallelFor(d.n, threads, [&](int64_t img) {
+  ParallelFor(d.n * items, threads, [&](int64_t item) {
     thread_local std::vector<float> col;
     col.resize(block * k);
+    const int64_t img = item / items, first = (item % items) * per_item;
     float* xi = xp + img * d.h * d.w * d.c;
-    for (int64_t p0 = 0; p0 < pixels; p0 += block) {
+    for (int64_t p0 = first; p0 < std::min(pixels, first + per_item); p0 += block) {
       const int64_t m = std::min(block, pixels - p0);
       gemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, k, d.o, 1.0f,
            g.typed_data() + (img * pixels + p0) * d.o, d.o, w.typed_data(), d.o, 0.0f,
@@ -254,6 +260,175 @@ ffi::Error Conv2dWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
   return ffi::Error::Success();
 }
 
+// The transforms of one tile, over channels q (contiguous: vectorised, in clones for AVX-512,
+// AVX2 and the baseline picked at load time). Input: v[e] = (B^T d B)[e] for the 16 pixels d[e]
+// of a 4x4 input tile, v[e] at vt + e*stride.
+#define SKINMTL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+SKINMTL_CLONES void InputTile(const float* const* d, float* __restrict vt, int64_t stride,
+                              int64_t c) {
+  const float *d0 = d[0], *d1 = d[1], *d2 = d[2], *d3 = d[3], *d4 = d[4], *d5 = d[5];
+  const float *d6 = d[6], *d7 = d[7], *d8 = d[8], *d9 = d[9], *d10 = d[10], *d11 = d[11];
+  const float *d12 = d[12], *d13 = d[13], *d14 = d[14], *d15 = d[15];
+  float* __restrict v[16];
+  for (int e = 0; e < 16; ++e) v[e] = vt + e * stride;
+#pragma GCC ivdep
+  for (int64_t q = 0; q < c; ++q) {
+    // B^T d (rows r0..r3 of 4), then (B^T d) B.
+    const float r00 = d0[q] - d8[q], r01 = d1[q] - d9[q], r02 = d2[q] - d10[q],
+                r03 = d3[q] - d11[q];
+    const float r10 = d4[q] + d8[q], r11 = d5[q] + d9[q], r12 = d6[q] + d10[q],
+                r13 = d7[q] + d11[q];
+    const float r20 = d8[q] - d4[q], r21 = d9[q] - d5[q], r22 = d10[q] - d6[q],
+                r23 = d11[q] - d7[q];
+    const float r30 = d4[q] - d12[q], r31 = d5[q] - d13[q], r32 = d6[q] - d14[q],
+                r33 = d7[q] - d15[q];
+    v[0][q] = r00 - r02; v[1][q] = r01 + r02; v[2][q] = r02 - r01; v[3][q] = r01 - r03;
+    v[4][q] = r10 - r12; v[5][q] = r11 + r12; v[6][q] = r12 - r11; v[7][q] = r11 - r13;
+    v[8][q] = r20 - r22; v[9][q] = r21 + r22; v[10][q] = r22 - r21; v[11][q] = r21 - r23;
+    v[12][q] = r30 - r32; v[13][q] = r31 + r32; v[14][q] = r32 - r31; v[15][q] = r31 - r33;
+  }
+}
+
+// Output: the 2x2 pixels A^T m A from the 16 products m[e] at mt + e*stride; out[e] is null
+// for a pixel past the output's edge.
+SKINMTL_CLONES void OutputTile(const float* __restrict mt, int64_t stride, int64_t o,
+                               float* const* out) {
+  const float* m[16];
+  for (int e = 0; e < 16; ++e) m[e] = mt + e * stride;
+  float* __restrict y[4];
+  float spare[4][64];
+  for (int64_t q0 = 0; q0 < o; q0 += 64) {
+    const int64_t n = std::min<int64_t>(64, o - q0);
+    for (int e = 0; e < 4; ++e) y[e] = out[e] ? out[e] + q0 : spare[e];
+#pragma GCC ivdep
+    for (int64_t q = q0; q < q0 + n; ++q) {
+      // A^T m (rows a0, a1 of 4), then (A^T m) A.
+      const float a00 = m[0][q] + m[4][q] + m[8][q], a01 = m[1][q] + m[5][q] + m[9][q];
+      const float a02 = m[2][q] + m[6][q] + m[10][q], a03 = m[3][q] + m[7][q] + m[11][q];
+      const float a10 = m[4][q] - m[8][q] - m[12][q], a11 = m[5][q] - m[9][q] - m[13][q];
+      const float a12 = m[6][q] - m[10][q] - m[14][q], a13 = m[7][q] - m[11][q] - m[15][q];
+      y[0][q - q0] = a00 + a01 + a02;
+      y[1][q - q0] = a01 - a02 - a03;
+      y[2][q - q0] = a10 + a11 + a12;
+      y[3][q - q0] = a11 - a12 - a13;
+    }
+  }
+}
+
+// The kernel transform u = G w G^T for input channel c: w[t] at w + t*step (taps t of the 3x3
+// kernel, O values each), u[e] at u + e*step.
+SKINMTL_CLONES void KernelTransform(const float* w, float* __restrict u, int64_t step,
+                                    int64_t o) {
+  const float* g[9];
+  for (int t = 0; t < 9; ++t) g[t] = w + t * step;
+  float* __restrict v[16];
+  for (int e = 0; e < 16; ++e) v[e] = u + e * step;
+#pragma GCC ivdep
+  for (int64_t q = 0; q < o; ++q) {
+    float t[4][3];  // G g: rows g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2
+    for (int j = 0; j < 3; ++j) {
+      const float a = g[j][q], b = g[3 + j][q], c = g[6 + j][q];
+      t[0][j] = a;
+      t[1][j] = 0.5f * (a + b + c);
+      t[2][j] = 0.5f * (a - b + c);
+      t[3][j] = c;
+    }
+    for (int i = 0; i < 4; ++i) {  // (G g) G^T
+      v[4 * i][q] = t[i][0];
+      v[4 * i + 1][q] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
+      v[4 * i + 2][q] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
+      v[4 * i + 3][q] = t[i][2];
+    }
+  }
+}
+
+// A 3x3 stride-1 convolution by Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray,
+// 2016): each 2x2 tile of the output comes from a 4x4 tile of the input, d, as
+// A^T [(G w G^T) . (B^T d B)] A. The kernel is transformed first, u = G w G^T (16, C, O); per
+// block of tiles the input tiles are transformed (16 x tiles x C), multiplied by u (16 GEMMs
+// of (tiles x C) @ (C x O)) and transformed back into y. 16 products per 4 outputs instead of 36:
+// 2.25x fewer multiplications than the direct convolution.
+ffi::Error Winograd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                    ffi::ResultBuffer<ffi::F32> y, int64_t pt, int64_t pl, int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto ud = w.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 4 || ud.size() != 4 || yd.size() != 4 || ud[0] != 3 || ud[1] != 3 ||
+      ud[2] != xd[3] || yd[0] != xd[0] || yd[3] != ud[3]) {
+    return ffi::Error::InvalidArgument(
+        "skinmtl_winograd: expected an input (N, H, W, C), a kernel (3, 3, C, O) and an output "
+        "(N, Ho, Wo, O)");
+  }
+  if (sgemm.load() == nullptr) {
+    return ffi::Error::Internal("skinmtl_winograd: SkinmtlSetSgemm was not called");
+  }
+  const int64_t n = xd[0], h = xd[1], wi = xd[2], c = xd[3], o = ud[3], ho = yd[1], wo = yd[2];
+  const int64_t tw = (wo + 1) / 2, tiles = ((ho + 1) / 2) * tw;
+  float* yp = y->typed_data();
+  if (n * ho * wo * o == 0) return ffi::Error::Success();
+  if (c == 0) {
+    std::fill(yp, yp + n * ho * wo * o, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t block = BlockRows(tiles, 16 * std::max(c, o), 2 * kBlockBytes, 32);
+  const int64_t blocks = (tiles + block - 1) / block;
+  const Sgemm gemm = sgemm.load();
+  const float* xp = x.typed_data();
+  std::vector<float> u(16 * c * o);
+  const int64_t rows = std::max<int64_t>(1, 4096 / o);  // input channels per item
+  ParallelFor((c + rows - 1) / rows, threads, [&](int64_t item) {
+    for (int64_t q = item * rows; q < std::min(c, (item + 1) * rows); ++q) {
+      KernelTransform(w.typed_data() + q * o, u.data() + q * o, c * o, o);
+    }
+  });
+  const float* up = u.data();
+  ParallelFor(n * blocks, threads, [&](int64_t item) {
+    thread_local std::vector<float> v, m, patch;
+    v.resize(16 * block * c);
+    m.resize(16 * block * o);
+    patch.resize(16 * c);
+    const int64_t img = item / blocks, t0 = (item % blocks) * block;
+    const int64_t count = std::min(block, tiles - t0);
+    const float* xi = xp + img * h * wi * c;
+    for (int64_t t = 0; t < count; ++t) {
+      const int64_t r0 = (t0 + t) / tw * 2 - pt, s0 = (t0 + t) % tw * 2 - pl;
+      const float* d[16];
+      if (r0 >= 0 && r0 + 4 <= h && s0 >= 0 && s0 + 4 <= wi) {
+        for (int e = 0; e < 16; ++e) d[e] = xi + ((r0 + e / 4) * wi + s0 + e % 4) * c;
+      } else {  // an edge tile: its pixels, zeros outside the input
+        for (int e = 0; e < 16; ++e) {
+          const int64_t r = r0 + e / 4, s = s0 + e % 4;
+          float* dst = patch.data() + e * c;
+          if (r < 0 || r >= h || s < 0 || s >= wi) {
+            std::fill(dst, dst + c, 0.0f);
+          } else {
+            std::copy(xi + (r * wi + s) * c, xi + (r * wi + s + 1) * c, dst);
+          }
+          d[e] = dst;
+        }
+      }
+      InputTile(d, v.data() + t * c, block * c, c);
+    }
+    for (int e = 0; e < 16; ++e) {
+      gemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, count, o, c, 1.0f,
+           v.data() + e * block * c, c, up + e * c * o, o, 0.0f, m.data() + e * block * o, o);
+    }
+    float* yi = yp + img * ho * wo * o;
+    for (int64_t t = 0; t < count; ++t) {
+      const int64_t r0 = (t0 + t) / tw * 2, s0 = (t0 + t) % tw * 2;
+      const float* mt = m.data() + t * o;
+      float* out[4];
+      for (int e = 0; e < 4; ++e) {
+        const int64_t r = r0 + e / 2, s = s0 + e % 2;
+        out[e] = (r < ho && s < wo) ? yi + (r * wo + s) * o : nullptr;
+      }
+      OutputTile(mt, block * o, o, out);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 extern "C" void SkinmtlSetSgemm(void* fn) { sgemm.store(reinterpret_cast<Sgemm>(fn)); }
@@ -273,3 +448,12 @@ extern "C" void SkinmtlSetSgemm(void* fn) { sgemm.store(reinterpret_cast<Sgemm>(
 SKINMTL_CONV(SkinmtlConv2d, Conv2d)                      // (x, w) -> y
 SKINMTL_CONV(SkinmtlConv2dInputGrad, Conv2dInputGrad)    // (g, w) -> dx
 SKINMTL_CONV(SkinmtlConv2dWeightGrad, Conv2dWeightGrad)  // (x, g) -> dw
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SkinmtlWinograd, Winograd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (N, H, W, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w (3, 3, C, O)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y (N, Ho, Wo, O)
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("threads"));

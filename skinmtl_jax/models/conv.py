@@ -31,7 +31,10 @@ from skinmtl_jax import kernels
 from skinmtl_jax.config_base import CONV_IMPLS
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
-# Windows up to this many values (kh*kw*channels) go to our kernels on a CPU; see above.
+# On a CPU, 3x3 stride-1 convolutions with at least this many output pixels per image take
+# Winograd's algorithm; other convolutions take our GEMM kernels when strided or when their
+# window holds at most SHORT_WINDOW values (kh*kw*channels), else XLA's. See above.
+MIN_WINOGRAD_PIXELS = 256
 SHORT_WINDOW = 288
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -41,13 +44,23 @@ def _plain(x, kernel, strides, pads):
   return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
 
 
-def routes(kernel_shape, strides) -> dict[str, bool]:
-  """Which of forward, input gradient and kernel gradient take our kernels on a CPU."""
+def routes(kernel_shape, strides, in_hw, out_hw) -> dict[str, str]:
+  """How the forward, input gradient and kernel gradient are computed on a CPU: 'winograd'
+  (`kernels.winograd_conv3x3`), 'gemm' (the other kernels of `skinmtl_jax.kernels`) or 'xla'.
+
+  The input gradient of a stride-1 convolution is a stride-1 convolution of the output
+  gradient with the flipped kernel, so it routes like a forward from out_hw to in_hw.
+  """
   kh, kw, cin, cout = kernel_shape
   strided = tuple(strides) != (1, 1)
-  return {'forward': strided or kh * kw * cin <= SHORT_WINDOW,
-          'input_grad': strided or kh * kw * cout <= SHORT_WINDOW,
-          'kernel_grad': True}
+
+  def conv(window, out_pixels):
+    if (kh, kw) == (3, 3) and not strided and out_pixels >= MIN_WINOGRAD_PIXELS:
+      return 'winograd'
+    return 'gemm' if strided or window <= SHORT_WINDOW else 'xla'
+  return {'forward': conv(kh * kw * cin, out_hw[0] * out_hw[1]),
+          'input_grad': conv(kh * kw * cout, in_hw[0] * in_hw[1]),
+          'kernel_grad': 'gemm'}
 
 
 def _varying_like(out, *arrays):
@@ -74,14 +87,38 @@ def _on_cpu(ours, xla, *args):
       *args, cpu=lambda *a: _varying_like(ours(*a), *a), default=xla)
 
 
+def _forward(route, x, kernel, strides, lead, out_hw):
+  """The convolution by our kernels, as `route` says."""
+  if route == 'winograd':
+    return kernels.winograd_conv3x3(x, kernel, lead, out_hw)
+  return kernels.conv2d(x, kernel, strides, lead, out_hw)
+
+
+def _input_grad(route, g, kernel, strides, lead, in_hw):
+  """The input gradient by our kernels. Stride 1: the convolution of g with the kernel flipped
+  and transposed (a gather, parallel over blocks of pixels); strided:
+  `kernels.conv2d_input_grad` (col2im)."""
+  kh, kw = kernel.shape[:2]
+  if tuple(strides) == (1, 1):
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    return _forward(route, g, flipped, (1, 1), (kh - 1 - lead[0], kw - 1 - lead[1]), in_hw)
+  return kernels.conv2d_input_grad(g, kernel, strides, lead, in_hw)
+
+
+def _routes(x, kernel, strides, pads):
+  out_hw = jax.eval_shape(lambda x, k: _plain(x, k, strides, pads), x, kernel).shape[1:3]
+  return routes(kernel.shape, strides, x.shape[1:3], out_hw), out_hw
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, kernel, strides, pads):
-  if not routes(kernel.shape, strides)['forward']:
+  route, out_hw = _routes(x, kernel, strides, pads)
+  if route['forward'] == 'xla':
     return _plain(x, kernel, strides, pads)
-  out_hw = jax.eval_shape(lambda x, k: _plain(x, k, strides, pads), x, kernel).shape[1:3]
   lead = (pads[0][0], pads[1][0])
-  return _on_cpu(lambda x, k: kernels.conv2d(x, k, strides, lead, out_hw),
-                 lambda x, k: _plain(x, k, strides, pads), x, kernel)
+  return _on_cpu(
+      functools.partial(_forward, route['forward'], strides=strides, lead=lead, out_hw=out_hw),
+      lambda x, k: _plain(x, k, strides, pads), x, kernel)
 
 
 def _conv_fwd(x, kernel, strides, pads):
@@ -91,13 +128,13 @@ def _conv_fwd(x, kernel, strides, pads):
 def _conv_bwd(strides, pads, residuals, g):
   x, kernel = residuals
   lead = (pads[0][0], pads[1][0])
-  route = routes(kernel.shape, strides)
+  route, _ = _routes(x, kernel, strides, pads)
   xla_dx = lambda g, k: jax.vjp(lambda x: _plain(x, k, strides, pads), x)[1](g)[0]
-  if route['input_grad']:
-    dx = _on_cpu(lambda g, k: kernels.conv2d_input_grad(g, k, strides, lead, x.shape[1:3]),
-                 xla_dx, g, kernel)
-  else:
+  if route['input_grad'] == 'xla':
     dx = xla_dx(g, kernel)
+  else:
+    dx = _on_cpu(functools.partial(_input_grad, route['input_grad'], strides=strides,
+                                   lead=lead, in_hw=x.shape[1:3]), xla_dx, g, kernel)
   dk = _on_cpu(lambda x, g: kernels.conv2d_weight_grad(x, g, strides, lead, kernel.shape[:2]),
                lambda x, g: jax.vjp(lambda k: _plain(x, k, strides, pads), kernel)[1](g)[0],
                x, g)
@@ -133,6 +170,63 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
       feature_group_count, batch_group_count, precision, preferred_element_type)
+
+
+def _upconv_einsum(x, kernel):
+  b, h, w, _ = x.shape
+  y = jnp.einsum('bhwi,acio->bhawco', x, kernel[::-1, ::-1])
+  return y.reshape(b, 2 * h, 2 * w, kernel.shape[-1])
+
+
+def _upconv_as_transpose(x, kernel):
+  """x, kernel -> (x, the kernel of the strided convolution whose transpose the up-convolution
+  is): out[2i + a, 2j + c] = x[i, j] @ kernel[1 - a, 1 - c] is the input gradient of a 2x2
+  stride-2 convolution with kernel w[a, c] = kernel[1 - a, 1 - c]^T."""
+  return jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+
+
+@jax.custom_vjp
+def _upconv(x, kernel):
+  b, h, w, _ = x.shape
+  ours = lambda x, k: kernels.conv2d_input_grad(
+      x, _upconv_as_transpose(x, k), (2, 2), (0, 0), (2 * h, 2 * w))
+  return _on_cpu(ours, _upconv_einsum, x, kernel)
+
+
+def _upconv_fwd(x, kernel):
+  return _upconv(x, kernel), (x, kernel)
+
+
+def _upconv_bwd(residuals, g):
+  x, kernel = residuals
+
+  def ours(x, kernel, g):
+    w = _upconv_as_transpose(x, kernel)
+    dx = kernels.conv2d(g, w, (2, 2), (0, 0), x.shape[1:3])
+    dw = kernels.conv2d_weight_grad(g, x, (2, 2), (0, 0), (2, 2))
+    return dx, jnp.flip(dw.transpose(0, 1, 3, 2), (0, 1))
+
+  def xla(x, kernel, g):
+    return jax.vjp(_upconv_einsum, x, kernel)[1](g)
+  return lax.platform_dependent(
+      x, kernel, g, cpu=lambda *a: tuple(_varying_like(v, *a) for v in ours(*a)),
+      default=xla)
+
+
+_upconv.defvjp(_upconv_fwd, _upconv_bwd)
+
+
+def upconv2x2(x, kernel, conv_impl: str = 'auto'):
+  """`nn.ConvTranspose(features, (2, 2), strides=(2, 2))` without its bias: out[2i + a, 2j + c]
+  = x[i, j] @ kernel[1 - a, 1 - c]. On a CPU (`conv_impl='auto'`, float32) by our kernels as
+  the transpose of a 2x2 stride-2 convolution, whose three parts then need no transposed
+  copies (XLA:CPU spent 0.2 s a unet step on them); else one matmul and a depth-to-space."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f'model.conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}.')
+  if (conv_impl == 'auto' and kernels.available() and x.dtype == jnp.float32
+      and kernel.dtype == jnp.float32):
+    return _upconv(x, kernel)
+  return _upconv_einsum(x, kernel)
 
 
 def for_impl(conv_impl: str):

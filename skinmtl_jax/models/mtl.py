@@ -139,7 +139,7 @@ class SkinMTL(nn.Module):
     # Decoder levels from deep to shallow; level j reads skip skips[-2 - j].
     levels = [DecoderLevel(f, self.dtype, self.conv_impl, name=f'decoder{i + 1}')
               for i, f in reversed(list(enumerate(feats[:-1])))]
-    seg_head = SegHead(self.num_seg_classes, self.dtype, name='seg_head')
+    seg_head = SegHead(self.num_seg_classes, self.dtype, self.conv_impl, name='seg_head')
     h = skips[-1]
     for j, level in enumerate(levels[:-2]):
       h = level(h, skips[-2 - j], train)

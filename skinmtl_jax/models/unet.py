@@ -121,11 +121,13 @@ class UpConv2x2(nn.Module):
   out[2i + a, 2j + c] = x[i, j] @ kernel[1 - a, 1 - c] + bias (lax.conv_transpose without
   transpose_kernel flips the kernel). Its gradients are matmuls, whereas flax's kernel gradient
   is a dilated convolution with a huge window that XLA's CPU backend runs 20-70x slower: it
-  took 22 of the 36 s of a full-size U-Net step (benchmarks/conv_variants.py).
+  took 22 of the 36 s of a full-size U-Net step (benchmarks/conv_variants.py). On a CPU
+  (`conv_impl='auto'`) the matmul and its gradients are our kernels (`conv.upconv2x2`).
   """
 
   features: int
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'        # model.conv_impl: see skinmtl_jax/models/conv.py
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -133,9 +135,7 @@ class UpConv2x2(nn.Module):
                         (2, 2, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    b, h, w, _ = x.shape
-    y = jnp.einsum('bhwi,acio->bhawco', x, kernel[::-1, ::-1])
-    return y.reshape(b, 2 * h, 2 * w, self.features) + bias
+    return conv.upconv2x2(x, kernel, self.conv_impl) + bias
 
 
 class DecoderLevel(nn.Module):
@@ -152,7 +152,7 @@ class DecoderLevel(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, skip: Array, train: bool, gate: Array | None = None) -> Array:
-    up = UpConv2x2(self.features, self.dtype, name='upconv')(x)
+    up = UpConv2x2(self.features, self.dtype, self.conv_impl, name='upconv')(x)
     stats = ''
     if gate is not None:
       g = gate.reshape(gate.shape[:-1] + (1, 1, gate.shape[-1])) if gate.ndim == 2 else gate
@@ -174,7 +174,9 @@ class SegHead(nn.Module):
 
   num_classes: int = 2
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'        # model.conv_impl: see skinmtl_jax/models/conv.py
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='conv')(x).astype(jnp.float32)
+    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='conv',
+                   conv_general_dilated=conv.for_impl(self.conv_impl))(x).astype(jnp.float32)
