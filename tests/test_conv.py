@@ -92,6 +92,7 @@ def test_the_kernels_match_xla(shape, kernel, strides, padding):
   assert _rel(dk, kernels.conv2d_weight_grad(x, g, strides, lead, kernel[:2])) <= 1e-5
   if kernel[:2] == (3, 3) and strides == (1, 1):
     assert _rel(y, kernels.winograd_conv3x3(x, k, lead, y.shape[1:3])) <= 1e-5
+    assert _rel(dk, kernels.winograd_conv3x3_weight_grad(x, g, lead)) <= 1e-5
 
 
 @needs_kernel
@@ -116,7 +117,8 @@ def test_gradients_match_jax_grad(shape, kernel, strides, padding):
   assert hlo.count(f'@{kernels.CONV}(') == (
       (route['forward'] == 'gemm') + (route['input_grad'] == 'gemm' and stride1))
   assert _calls(hlo, kernels.INPUT_GRAD) == (route['input_grad'] == 'gemm' and not stride1)
-  assert _calls(hlo, kernels.WEIGHT_GRAD)
+  assert _calls(hlo, kernels.WEIGHT_GRAD) == (route['kernel_grad'] == 'gemm')
+  assert _calls(hlo, kernels.WINOGRAD_WEIGHT_GRAD) == (route['kernel_grad'] == 'winograd')
 
 
 def test_routing_by_shape():
@@ -125,7 +127,7 @@ def test_routing_by_shape():
   big, small = (96, 128), (6, 8)
   r = lambda kernel, strides, in_hw, out_hw: tuple(
       conv.routes(kernel, strides, in_hw, out_hw).values())
-  assert r((3, 3, 64, 64), (1, 1), big, big) == ('winograd', 'winograd', 'gemm')
+  assert r((3, 3, 64, 64), (1, 1), big, big) == ('winograd', 'winograd', 'winograd')
   assert r((3, 3, 64, 64), (1, 1), small, small) == ('xla', 'xla', 'gemm')
   assert r((3, 3, 32, 32), (1, 1), small, small) == ('gemm', 'gemm', 'gemm')
   assert r((3, 3, 64, 32), (1, 1), small, small) == ('xla', 'gemm', 'gemm')
@@ -138,6 +140,7 @@ def test_routing_by_shape():
 def test_the_result_does_not_depend_on_the_thread_count(monkeypatch):
   x, w = _random((3, 40, 38, 16), 2), _random((3, 3, 16, 8), 3)   # 3 chunks, blocks
   g = _random((3, 38, 36, 8), 4)
+  big = _random((4, 64, 64, 5), 5)
   results = []
   for threads in (1, 2, 5):
     monkeypatch.setattr(kernels, '_threads', lambda t=threads: t)
@@ -145,7 +148,9 @@ def test_the_result_does_not_depend_on_the_thread_count(monkeypatch):
         kernels.conv2d(x, w, (1, 1), (0, 0), (38, 36)),
         kernels.conv2d_input_grad(g, w, (1, 1), (0, 0), (40, 38)),
         kernels.conv2d_weight_grad(x, g, (1, 1), (0, 0), (3, 3)),
-        kernels.winograd_conv3x3(x, w, (0, 0), (38, 36)))])
+        kernels.winograd_conv3x3(x, w, (0, 0), (38, 36)),
+        # 4 chunks of 1024 tiles
+        kernels.winograd_conv3x3_weight_grad(big, _random((4, 64, 64, 8), 6), (1, 1)))])
   for other in results[1:]:
     for a, b in zip(results[0], other):
       np.testing.assert_array_equal(a, b)
@@ -221,7 +226,8 @@ def test_conv_impl_config_changes_values_by_rounding_only():
   jax.tree.map(np.testing.assert_array_equal, v0, v1)
   for a, b in zip(jax.tree.leaves(out0), jax.tree.leaves(out1)):
     assert _rel(a, b) <= 1e-5
-  targets = (kernels.CONV, kernels.INPUT_GRAD, kernels.WEIGHT_GRAD, kernels.WINOGRAD)
+  targets = (kernels.CONV, kernels.INPUT_GRAD, kernels.WEIGHT_GRAD, kernels.WINOGRAD,
+             kernels.WINOGRAD_WEIGHT_GRAD)
   assert not any(_calls(hlo0, t) for t in targets)
   assert all(_calls(hlo1, t) == kernels.available() for t in targets)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):

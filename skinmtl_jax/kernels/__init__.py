@@ -23,6 +23,7 @@ CONV = 'skinmtl_conv2d'
 INPUT_GRAD = 'skinmtl_conv2d_input_grad'
 WEIGHT_GRAD = 'skinmtl_conv2d_weight_grad'
 WINOGRAD = 'skinmtl_winograd'
+WINOGRAD_WEIGHT_GRAD = 'skinmtl_winograd_weight_grad'
 
 
 @functools.cache
@@ -44,7 +45,8 @@ def _load() -> str | None:
     for target, handler in ((CONV, lib.SkinmtlConv2d),
                             (INPUT_GRAD, lib.SkinmtlConv2dInputGrad),
                             (WEIGHT_GRAD, lib.SkinmtlConv2dWeightGrad),
-                            (WINOGRAD, lib.SkinmtlWinograd)):
+                            (WINOGRAD, lib.SkinmtlWinograd),
+                            (WINOGRAD_WEIGHT_GRAD, lib.SkinmtlWinogradWeightGrad)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
   except (ImportError, OSError, AttributeError) as e:
     return f'failed to load {spec.origin}: {e}'
@@ -115,4 +117,19 @@ def winograd_conv3x3(x: jax.Array, w: jax.Array, lead_pads: tuple[int, int],
   return jax.ffi.ffi_call(
       WINOGRAD, jax.ShapeDtypeStruct((x.shape[0], *out_hw, w.shape[-1]), jnp.float32),
       vmap_method='sequential')(x, w, pt=np.int64(pt), pl=np.int64(pl),
+                                threads=np.int64(_threads()))
+
+
+def winograd_conv3x3_weight_grad(x: jax.Array, g: jax.Array,
+                                 lead_pads: tuple[int, int]) -> jax.Array:
+  """The kernel gradient (3, 3, C, O) of `winograd_conv3x3` from its input and output gradient,
+  by Winograd's F(3x3, 2x2)."""
+  if not available():
+    raise RuntimeError(f'The CPU kernels skinmtl_jax.kernels are {status()}')
+  if x.dtype != jnp.float32 or g.dtype != jnp.float32:
+    raise TypeError(f'winograd_conv3x3_weight_grad: float32 only, got {x.dtype}, {g.dtype}.')
+  pt, pl = lead_pads
+  return jax.ffi.ffi_call(
+      WINOGRAD_WEIGHT_GRAD, jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]), jnp.float32),
+      vmap_method='sequential')(x, g, pt=np.int64(pt), pl=np.int64(pl),
                                 threads=np.int64(_threads()))

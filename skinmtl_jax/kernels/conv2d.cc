@@ -429,6 +429,138 @@ ffi::Error Winograd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
+// The output-gradient transform of one 2x2 tile for the kernel gradient: m[e] = (A g A^T)[e]
+// for the tile's pixels g[0..3] (null: past the output's edge, zero), m[e] at mt + e*stride.
+SKINMTL_CLONES void GradTile(const float* const* g, float* __restrict mt, int64_t stride,
+                             int64_t o, const float* zeros) {
+  const float* g0 = g[0] ? g[0] : zeros;
+  const float* g1 = g[1] ? g[1] : zeros;
+  const float* g2 = g[2] ? g[2] : zeros;
+  const float* g3 = g[3] ? g[3] : zeros;
+  float* __restrict m[16];
+  for (int e = 0; e < 16; ++e) m[e] = mt + e * stride;
+#pragma GCC ivdep
+  for (int64_t q = 0; q < o; ++q) {
+    // A g: rows g_0, g_0 + g_1, g_0 - g_1, -g_1 (of two), then (A g) A^T likewise.
+    const float r[4][2] = {{g0[q], g1[q]}, {g0[q] + g2[q], g1[q] + g3[q]},
+                           {g0[q] - g2[q], g1[q] - g3[q]}, {-g2[q], -g3[q]}};
+    for (int k = 0; k < 4; ++k) {
+      m[4 * k][q] = r[k][0];
+      m[4 * k + 1][q] = r[k][0] + r[k][1];
+      m[4 * k + 2][q] = r[k][0] - r[k][1];
+      m[4 * k + 3][q] = -r[k][1];
+    }
+  }
+}
+
+// dw (3x3 taps at w + t*step) = G^T z G for the 16 sums z[e] at z + e*step, over q < o.
+SKINMTL_CLONES void KernelGradTransform(const float* z, float* __restrict w, int64_t step,
+                                        int64_t o) {
+#pragma GCC ivdep
+  for (int64_t q = 0; q < o; ++q) {
+    float s[3][4];  // G^T z: rows z0 + (z1 + z2) / 2, (z1 - z2) / 2, (z1 + z2) / 2 + z3
+    for (int l = 0; l < 4; ++l) {
+      const float z0 = z[l * step + q], z1 = z[(4 + l) * step + q];
+      const float z2 = z[(8 + l) * step + q], z3 = z[(12 + l) * step + q];
+      s[0][l] = z0 + 0.5f * (z1 + z2);
+      s[1][l] = 0.5f * (z1 - z2);
+      s[2][l] = 0.5f * (z1 + z2) + z3;
+    }
+    for (int a = 0; a < 3; ++a) {  // (G^T z) G
+      w[(3 * a) * step + q] = s[a][0] + 0.5f * (s[a][1] + s[a][2]);
+      w[(3 * a + 1) * step + q] = 0.5f * (s[a][1] - s[a][2]);
+      w[(3 * a + 2) * step + q] = 0.5f * (s[a][1] + s[a][2]) + s[a][3];
+    }
+  }
+}
+
+// The kernel gradient of the 3x3 stride-1 convolution by Winograd's F(3x3, 2x2), the adjoint
+// of the forward's F(2x2, 3x3): dw = G^T [sum over tiles (A g A^T) . (B^T d B)] G, with d an
+// input tile (4x4 x C) and g its output-gradient tile (2x2 x O). The sum over tiles is 16
+// GEMMs (C x tiles) @ (tiles x O) per block. As in Conv2dWeightGrad, the batch's tiles are cut
+// into chunks by the shapes only, each summed in order into its own buffer, the chunks added
+// in order: the result does not depend on the thread count.
+ffi::Error WinogradWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                              ffi::ResultBuffer<ffi::F32> dw, int64_t pt, int64_t pl,
+                              int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto gd = g.dimensions();
+  const auto wd = dw->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || wd[0] != 3 || wd[1] != 3 ||
+      wd[2] != xd[3] || gd[0] != xd[0] || gd[3] != wd[3]) {
+    return ffi::Error::InvalidArgument(
+        "skinmtl_winograd_weight_grad: expected an input (N, H, W, C), an output gradient "
+        "(N, Ho, Wo, O) and a result (3, 3, C, O)");
+  }
+  if (sgemm.load() == nullptr) {
+    return ffi::Error::Internal("skinmtl_winograd_weight_grad: SkinmtlSetSgemm was not called");
+  }
+  const int64_t h = xd[1], wi = xd[2], c = xd[3], ho = gd[1], wo = gd[2], o = gd[3];
+  const int64_t tw = (wo + 1) / 2, per_image = ((ho + 1) / 2) * tw, total = xd[0] * per_image;
+  float* out = dw->typed_data();
+  if (total == 0 || c * o == 0) {
+    std::fill(out, out + 9 * c * o, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t chunks = std::clamp<int64_t>(total / (kMinChunkRows / 4), 1, kMaxChunks);
+  const int64_t block = BlockRows(total, 16 * (c + o), 2 * kBlockBytes, 32);
+  std::vector<float> z(chunks * 16 * c * o);
+  const Sgemm gemm = sgemm.load();
+  const float* xp = x.typed_data();
+  const float* gp = g.typed_data();
+  ParallelFor(chunks, threads, [&](int64_t ch) {
+    thread_local std::vector<float> v, m, patch, zeros;
+    v.resize(16 * block * c);
+    m.resize(16 * block * o);
+    patch.resize(16 * c);
+    zeros.assign(o, 0.0f);
+    const int64_t lo = total * ch / chunks, hi = total * (ch + 1) / chunks;
+    float* zc = z.data() + ch * 16 * c * o;
+    for (int64_t b0 = lo; b0 < hi; b0 += block) {
+      const int64_t count = std::min(block, hi - b0);
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t img = (b0 + t) / per_image, tile = (b0 + t) % per_image;
+        const int64_t i0 = tile / tw * 2, j0 = tile % tw * 2;
+        const float* xi = xp + img * h * wi * c;
+        const int64_t r0 = i0 - pt, s0 = j0 - pl;
+        const float* d[16];
+        if (r0 >= 0 && r0 + 4 <= h && s0 >= 0 && s0 + 4 <= wi) {
+          for (int e = 0; e < 16; ++e) d[e] = xi + ((r0 + e / 4) * wi + s0 + e % 4) * c;
+        } else {
+          for (int e = 0; e < 16; ++e) {
+            const int64_t r = r0 + e / 4, s = s0 + e % 4;
+            float* dst = patch.data() + e * c;
+            if (r < 0 || r >= h || s < 0 || s >= wi) {
+              std::fill(dst, dst + c, 0.0f);
+            } else {
+              std::copy(xi + (r * wi + s) * c, xi + (r * wi + s + 1) * c, dst);
+            }
+            d[e] = dst;
+          }
+        }
+        InputTile(d, v.data() + t * c, block * c, c);
+        const float* gt[4];
+        for (int e = 0; e < 4; ++e) {
+          const int64_t r = i0 + e / 2, s = j0 + e % 2;
+          gt[e] = (r < ho && s < wo) ? gp + ((img * ho + r) * wo + s) * o : nullptr;
+        }
+        GradTile(gt, m.data() + t * o, block * o, o, zeros.data());
+      }
+      for (int e = 0; e < 16; ++e) {
+        gemm(CblasRowMajor, CblasTrans, CblasNoTrans, c, o, count, 1.0f,
+             v.data() + e * block * c, c, m.data() + e * block * o, o, b0 == lo ? 0.0f : 1.0f,
+             zc + e * c * o, o);
+      }
+    }
+  });
+  for (int64_t ch = 1; ch < chunks; ++ch) {
+    const float* q = z.data() + ch * 16 * c * o;
+    for (int64_t j = 0; j < 16 * c * o; ++j) z[j] += q[j];
+  }
+  for (int64_t q = 0; q < c; ++q) KernelGradTransform(z.data() + q * o, out + q * o, c * o, o);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 extern "C" void SkinmtlSetSgemm(void* fn) { sgemm.store(reinterpret_cast<Sgemm>(fn)); }
@@ -454,6 +586,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SkinmtlWinograd, Winograd,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x (N, H, W, C)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w (3, 3, C, O)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // y (N, Ho, Wo, O)
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SkinmtlWinogradWeightGrad, WinogradWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (N, H, W, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g (N, Ho, Wo, O)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw (3, 3, C, O)
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl")
                                   .Attr<int64_t>("threads"));

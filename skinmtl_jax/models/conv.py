@@ -54,13 +54,16 @@ def routes(kernel_shape, strides, in_hw, out_hw) -> dict[str, str]:
   kh, kw, cin, cout = kernel_shape
   strided = tuple(strides) != (1, 1)
 
+  winograd = lambda pixels: ((kh, kw) == (3, 3) and not strided
+                             and pixels >= MIN_WINOGRAD_PIXELS)
+
   def conv(window, out_pixels):
-    if (kh, kw) == (3, 3) and not strided and out_pixels >= MIN_WINOGRAD_PIXELS:
+    if winograd(out_pixels):
       return 'winograd'
     return 'gemm' if strided or window <= SHORT_WINDOW else 'xla'
   return {'forward': conv(kh * kw * cin, out_hw[0] * out_hw[1]),
           'input_grad': conv(kh * kw * cout, in_hw[0] * in_hw[1]),
-          'kernel_grad': 'gemm'}
+          'kernel_grad': 'winograd' if winograd(out_hw[0] * out_hw[1]) else 'gemm'}
 
 
 def _varying_like(out, *arrays):
@@ -135,7 +138,11 @@ def _conv_bwd(strides, pads, residuals, g):
   else:
     dx = _on_cpu(functools.partial(_input_grad, route['input_grad'], strides=strides,
                                    lead=lead, in_hw=x.shape[1:3]), xla_dx, g, kernel)
-  dk = _on_cpu(lambda x, g: kernels.conv2d_weight_grad(x, g, strides, lead, kernel.shape[:2]),
+  if route['kernel_grad'] == 'winograd':
+    ours_dk = lambda x, g: kernels.winograd_conv3x3_weight_grad(x, g, lead)
+  else:
+    ours_dk = lambda x, g: kernels.conv2d_weight_grad(x, g, strides, lead, kernel.shape[:2])
+  dk = _on_cpu(ours_dk,
                lambda x, g: jax.vjp(lambda k: _plain(x, k, strides, pads), kernel)[1](g)[0],
                x, g)
   return dx, dk
