@@ -64,7 +64,8 @@ def _kind(name: str, hlo: str) -> tuple[str, str]:
     return 'dot', ''
   for target, what in ((kernels.CONV, 'GEMM convolution'), (kernels.WINOGRAD, 'Winograd'),
                        (kernels.INPUT_GRAD, 'input gradient'),
-                       (kernels.WEIGHT_GRAD, 'kernel gradient')):
+                       (kernels.WEIGHT_GRAD, 'GEMM kernel gradient'),
+                       (kernels.WINOGRAD_WEIGHT_GRAD, 'Winograd kernel gradient')):
     if f'custom_call_target="{target}"' in body:
       return f'our CPU kernel: {what} (skinmtl_jax/kernels)', ''
   return re.sub(r'[.\d]+$', '', name), ''

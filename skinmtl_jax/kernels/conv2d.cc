@@ -54,6 +54,10 @@ constexpr int64_t kMinBlockRows = 256;
 constexpr int64_t kGradBlockBytes = 256 << 10;
 constexpr int64_t kMaxChunks = 8;
 constexpr int64_t kMinChunkRows = 4096;
+// Winograd forward: tiles per block such that the transformed tiles of one block (16 x tiles x
+// channels) take about 128 KB, but at least 64 tiles (benchmarks/RESULTS.md: smaller blocks
+// are faster at batch 1, larger ones for wide layers).
+constexpr int64_t kWinogradBlockBytes = 128 << 10;
 
 int64_t BlockRows(int64_t rows, int64_t row_floats, int64_t bytes, int64_t min_rows) {
   return std::min(rows, std::max(min_rows, bytes / (4 * row_floats) / 16 * 16));
@@ -371,7 +375,7 @@ ffi::Error Winograd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     std::fill(yp, yp + n * ho * wo * o, 0.0f);
     return ffi::Error::Success();
   }
-  const int64_t block = BlockRows(tiles, 16 * std::max(c, o), 2 * kBlockBytes, 32);
+  const int64_t block = BlockRows(tiles, 16 * std::max(c, o), kWinogradBlockBytes, 64);
   const int64_t blocks = (tiles + block - 1) / block;
   const Sgemm gemm = sgemm.load();
   const float* xp = x.typed_data();
