@@ -1,10 +1,10 @@
-"""Builds the one compiled part: the CPU kernel for a convolution's weight gradient.
+"""Builds the one compiled part: the CPU kernels of the convolutions and their gradients.
 
-Everything else is in pyproject.toml. The kernel is an XLA FFI handler
-(skinmtl_jax/kernels/conv2d.cc): it needs jaxlib's FFI headers and scipy-openblas32's
+Everything else is in pyproject.toml. The kernels are XLA FFI handlers
+(skinmtl_jax/kernels/conv2d.cc): they need jaxlib's FFI headers and scipy-openblas32's
 CBLAS header at build time (pyproject.toml's [build-system] requires both) and a C++17
 compiler. The extension is optional: without a compiler the install still succeeds and the
-models use XLA's weight gradient (slower on CPUs, the same values up to float rounding);
+models use XLA's convolutions (slower on CPUs, the same values up to float rounding);
 `python -c "import skinmtl_jax.kernels as k; print(k.status())"` says which.
 """
 

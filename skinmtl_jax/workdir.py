@@ -31,12 +31,14 @@ from skinmtl_jax.config_base import ConfigError
 LOCK_NAME = '.lock'
 
 # Fields a rerun may change: they do not touch the trained state, the order of the data or
-# what the numbers mean.
+# what the numbers mean (member_loop and model.conv_impl change how the step computes, not
+# what: the same values up to float32 rounding).
 CHANGEABLE = frozenset({
     'experiment', 'num_epochs', 'num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
     'max_checkpoints_to_keep', 'eval_batch_size', 'threshold', 'grad_study_every_steps',
     'sharding', 'data.eval_sets', 'data.manual_dir', 'data.data_dir', 'data.num_workers',
     'data.on_device', 'data.on_device_fraction', 'data.prefetch_batches', 'member_loop',
+    'model.conv_impl',
 })
 
 

@@ -1,11 +1,12 @@
-"""CPU kernels for the 2-D convolution and its two gradients, registered as XLA FFI targets.
+"""CPU kernels for the 2-D convolution and its gradients, registered as XLA FFI targets.
 
 `conv2d`, `conv2d_input_grad` and `conv2d_weight_grad` are an NHWC/HWIO float32 convolution
 (any strides, leading padding of any sign) and its gradients, each computed as GEMMs over
-blocks of gathered windows (conv2d.cc says how). The models reach them through
-`skinmtl_jax.models.conv`, never directly. They are built by `pip install` (setup.py) where a
-C++ compiler is present; `available()` says whether they loaded, `status()` why not. Their
-results do not depend on the number of threads.
+blocks of gathered windows; `winograd_conv3x3` and `winograd_conv3x3_weight_grad` are the 3x3
+stride-1 convolution and its kernel gradient by Winograd's minimal filtering (conv2d.cc says
+how). The models reach them through `skinmtl_jax.models.conv`, never directly. They are built
+by `pip install` (setup.py) where a C++ compiler is present; `available()` says whether they
+loaded, `status()` why not. Their results do not depend on the number of threads.
 """
 
 from __future__ import annotations

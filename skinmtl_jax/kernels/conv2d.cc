@@ -1,27 +1,30 @@
-// A 2-D convolution and its two gradients on the CPU (NHWC input, HWIO kernel, float32), each
-// as GEMMs over blocks of output pixels whose windows are gathered in cache (im2col).
+// A 2-D convolution and its two gradients on the CPU (NHWC input, HWIO kernel, float32), as
+// GEMMs over blocks of output pixels whose windows are gathered in cache (im2col), and the 3x3
+// stride-1 convolution and its kernel gradient by Winograd's minimal filtering.
 //
 // XLA:CPU computes the kernel gradient as a convolution whose window is the whole feature map,
 // which runs at a few GFLOP/s and costs up to 9x the forward; its forward and input gradient
-// (YNNPACK) are fast where the window holds many channels but slow on the RGB layer, on
-// narrow layers and on strided ones (benchmarks/RESULTS.md). Here every output pixel's window,
-// kh x kw taps of C channels each, is copied into one row of a block matrix `col` with zeros
-// where the window leaves the input (padding, of any sign, costs no copy of the input), and:
-// - the forward is y[block] = col @ w, w read as a (kh*kw*C x O) matrix: one GEMM per block,
-//   written straight into y;
-// - the input gradient is col = g[block] @ w^T, added back where the windows lie (col2im);
-// - the kernel gradient is dw += col^T @ g[block].
+// (YNNPACK) run near the GEMM's rate where the window holds many channels, but well below it
+// on the RGB layer, on narrow layers and on strided ones (benchmarks/RESULTS.md). Here:
+// - im2col: every output pixel's window, kh x kw taps of C channels each, is copied into one
+//   row of a block matrix `col`, zeros where the window leaves the input (padding, of any
+//   sign, costs no copy of the input). The forward is y[block] = col @ w, w read as a
+//   (kh*kw*C x O) matrix, written straight into y; the input gradient is col = g[block] @ w^T,
+//   added back where the windows lie (col2im); the kernel gradient is dw += col^T @ g[block].
+// - Winograd F(2x2, 3x3) for the 3x3 stride-1 forward, F(3x3, 2x2) (its adjoint) for the
+//   kernel gradient: 16 GEMMs per block of 2x2 output tiles, 2.25x fewer multiplications.
 //
 // Results do not depend on the thread count: blocks and chunks are sized by the shapes only,
-// each block's GEMM writes its own part of the result, and sums that span blocks are taken in
-// a fixed order. Each GEMM is single-threaded (the loader sets OpenBLAS to one thread); the
+// each block's GEMMs write their own part of the result, and sums that span blocks are taken
+// in a fixed order. Each GEMM is single-threaded (the loader sets OpenBLAS to one thread); the
 // blocks are spread over `threads` threads (an attribute set by the caller). The BLAS is
 // scipy-openblas32's (a runtime dependency): the loader hands its `scipy_cblas_sgemm` to
 // `SkinmtlSetSgemm` before the first call, so no other copy of OpenBLAS in the process
 // (numpy's, scipy's) can stand in for it.
 //
-// All three take attributes sh, sw (strides, >= 1), pt, pl (leading padding of the input, top
-// and left, any sign; the trailing padding follows from the shapes) and threads.
+// The im2col kernels take attributes sh, sw (strides, >= 1), pt, pl (leading padding of the
+// input, top and left, any sign; the trailing padding follows from the shapes) and threads;
+// the Winograd ones pt, pl and threads.
 
 #include <algorithm>
 #include <atomic>
@@ -267,7 +270,11 @@ ffi::Error Conv2dWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
 // The transforms of one tile, over channels q (contiguous: vectorised, in clones for AVX-512,
 // AVX2 and the baseline picked at load time). Input: v[e] = (B^T d B)[e] for the 16 pixels d[e]
 // of a 4x4 input tile, v[e] at vt + e*stride.
+#if defined(__x86_64__) && defined(__linux__)
 #define SKINMTL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SKINMTL_CLONES
+#endif
 
 SKINMTL_CLONES void InputTile(const float* const* d, float* __restrict vt, int64_t stride,
                               int64_t c) {

@@ -2,20 +2,25 @@
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's
 `nn.Conv(..., conv_general_dilated=...)`). On GPUs and TPUs it is XLA's convolution. On a CPU
-it routes, by shape, to the compiled kernels in `skinmtl_jax.kernels` (GEMMs over gathered
-windows, conv2d.cc):
-- the kernel gradient always: XLA:CPU writes it as a convolution with a window as large as the
-  feature map, at up to 9.5x the forward's cost;
-- the forward when the window is short (kh*kw*C_in <= 288, 3x3x32) or the convolution strided,
-  and the input gradient likewise (kh*kw*C_out <= 288, or strided). There XLA:CPU's
-  convolutions (YNNPACK) run well below the GEMM's rate; with longer windows they run at it,
-  and faster than ours, which pays for the gather. `benchmarks/conv_layers.py` measures both
-  per layer (benchmarks/RESULTS.md).
-The values are the same up to float32 summation order (tests/test_conv.py checks against
-`jax.grad` of the plain convolution).
+its forward, input gradient and kernel gradient are routed by shape (`routes`) to the
+compiled kernels of `skinmtl_jax.kernels` (kernels/conv2d.cc):
+- 'winograd': 3x3 stride-1 convolutions with at least MIN_WINOGRAD_PIXELS output pixels per
+  image, all three parts, by Winograd's F(2x2, 3x3) (2.25x fewer multiplications) and its
+  adjoint F(3x3, 2x2) for the kernel gradient. The input gradient of a stride-1 convolution
+  is a stride-1 convolution of the output gradient with the flipped kernel.
+- 'gemm': GEMMs over gathered windows (im2col), for strided convolutions, for windows of at
+  most SHORT_WINDOW values (kh*kw*channels: the RGB layer, the 1x1 head) and for every other
+  kernel gradient. XLA:CPU writes a kernel gradient as a convolution with a window as large
+  as the feature map, at up to 9.5x the forward's cost.
+- 'xla': the rest (long windows on small feature maps), where XLA's YNNPACK convolutions run
+  at the GEMM's rate.
+`benchmarks/conv_layers.py` measures each choice per layer (benchmarks/RESULTS.md). The values
+are the same up to float32 rounding (tests/test_conv.py checks against `jax.grad` of the plain
+convolution at 1e-5; Winograd's differ from XLA's by about 1e-6 relative).
 
 Covered: float32, 2-D NHWC/HWIO, no dilation or groups (every convolution of the U-Net
 family, the RGB input layer's too). Everything else is `lax.conv_general_dilated` unchanged.
+`upconv2x2` is the decoder's 2x2 stride-2 up-convolution with our kernels as its gradients.
 `conv_impl='xla'` (the config's `model.conv_impl`) keeps XLA's everywhere.
 """
 
@@ -66,12 +71,10 @@ def routes(kernel_shape, strides, in_hw, out_hw) -> dict[str, str]:
           'kernel_grad': 'winograd' if winograd(out_hw[0] * out_hw[1]) else 'gemm'}
 
 
-def _varying_like(out, *arrays):
-  """`out`, marked as varying over the shard_map mesh axes any of `arrays` varies over (as
-  XLA's result is): an FFI call does not carry that type itself."""
-  axes = tuple(sorted(frozenset().union(*(_varying_axes(a) for a in arrays))))
+def _pvary(out, axes):
   if not axes:
     return out
+  axes = tuple(sorted(axes))
   if hasattr(lax, 'pcast'):
     return lax.pcast(out, axes, to='varying')
   return lax.pvary(out, axes)  # jax < 0.8
@@ -83,11 +86,31 @@ def _varying_axes(a) -> frozenset:
   return frozenset(mat.varying if mat is not None else getattr(aval, 'vma', ()))
 
 
+def _result_axes(leaf) -> frozenset:
+  """The mesh axes an abstract result (`jax.eval_shape`'s) varies over."""
+  mat = getattr(leaf, 'manual_axis_type', None)  # jax >= 0.10
+  return frozenset(mat.varying if mat is not None else (getattr(leaf, 'vma', None) or ()))
+
+
+def _typed_like(out, args, expected: frozenset):
+  """An FFI result computed from `args` inside shard_map, typed as XLA's would be: an FFI call
+  carries no varying type, so it is first marked varying over every axis its arguments vary
+  over (what it is), then summed over the axes XLA's result does not vary over (what the
+  gradient of an argument that is the same on every device is: the sum of the devices')."""
+  inputs = frozenset().union(*(_varying_axes(a) for a in args))
+  out = _pvary(out, inputs)
+  if inputs - expected:
+    out = lax.psum(out, tuple(sorted(inputs - expected)))
+  return _pvary(out, expected - inputs)
+
+
 def _on_cpu(ours, xla, *args):
-  """`ours(*args)` on a CPU, `xla(*args)` elsewhere; each platform lowers only its own branch
-  (the kernels are registered for the CPU alone)."""
-  return lax.platform_dependent(
-      *args, cpu=lambda *a: _varying_like(ours(*a), *a), default=xla)
+  """`ours(*args)` on a CPU, `xla(*args)` elsewhere, with the same types inside shard_map;
+  each platform lowers only its own branch (the kernels are registered for the CPU alone)."""
+  def cpu(*a):
+    expected = jax.tree.map(_result_axes, jax.eval_shape(xla, *a))
+    return jax.tree.map(lambda out, axes: _typed_like(out, a, axes), ours(*a), expected)
+  return lax.platform_dependent(*args, cpu=cpu, default=xla)
 
 
 def _forward(route, x, kernel, strides, lead, out_hw):
@@ -212,9 +235,7 @@ def _upconv_bwd(residuals, g):
 
   def xla(x, kernel, g):
     return jax.vjp(_upconv_einsum, x, kernel)[1](g)
-  return lax.platform_dependent(
-      x, kernel, g, cpu=lambda *a: tuple(_varying_like(v, *a) for v in ours(*a)),
-      default=xla)
+  return _on_cpu(ours, xla, x, kernel, g)
 
 
 _upconv.defvjp(_upconv_fwd, _upconv_bwd)
