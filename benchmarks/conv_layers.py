@@ -4,14 +4,16 @@
 
 For each layer at 192x256 (batch 10) it times the forward, the input gradient and the kernel
 gradient, each as XLA's (`lax.conv_general_dilated` and its VJP) and as ours
-(`skinmtl_jax.kernels`: GEMMs over gathered windows), and prints which of the three
-`model.conv_impl='auto'` routes to ours (`skinmtl_jax.models.conv.routes`), the time of the
-routed choice, and the largest difference of ours relative to XLA's largest value. The whole
+(`skinmtl_jax.kernels`: GEMMs over gathered windows, and Winograd's F(2x2, 3x3) for stride 1),
+marks what `model.conv_impl='auto'` routes each to (`skinmtl_jax.models.conv.routes`), adds up
+the routed choices, and prints the largest difference of ours relative to XLA's largest
+value. The whole
 training step with either is `benchmarks/vs_monai.py --conv_impl=auto,xla`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -42,19 +44,24 @@ def _plain(x, kernel, strides, pads):
 
 
 def _functions(h, w, s, pads, out_hw):
-  """{part: (XLA's, ours)}, each a jitted function of (x, k, g)."""
+  """{part: {choice: jitted function of (x, k, g)}}, the choices `conv.routes` picks from."""
   lead = (pads[0][0], pads[1][0])
   plain = lambda x, k: _plain(x, k, (s, s), pads)
-  return {
-      'forward': (jax.jit(lambda x, k, g: plain(x, k)),
-                  jax.jit(lambda x, k, g: kernels.conv2d(x, k, (s, s), lead, out_hw))),
-      'input_grad': (jax.jit(lambda x, k, g: jax.vjp(lambda x: plain(x, k), x)[1](g)[0]),
-                     jax.jit(lambda x, k, g: kernels.conv2d_input_grad(
-                         g, k, (s, s), lead, (h, w)))),
-      'kernel_grad': (jax.jit(lambda x, k, g: jax.vjp(lambda k: plain(x, k), k)[1](g)[0]),
-                      jax.jit(lambda x, k, g: kernels.conv2d_weight_grad(
-                          x, g, (s, s), lead, (3, 3)))),
-  }
+  out = {'forward': {'xla': lambda x, k, g: plain(x, k)},
+         'input_grad': {'xla': lambda x, k, g: jax.vjp(lambda x: plain(x, k), x)[1](g)[0]},
+         'kernel_grad': {'xla': lambda x, k, g: jax.vjp(lambda k: plain(x, k), k)[1](g)[0],
+                         'gemm': lambda x, k, g: kernels.conv2d_weight_grad(
+                             x, g, (s, s), lead, (3, 3))}}
+  choices = ('gemm', 'winograd') if s == 1 else ('gemm',)
+  for choice in choices:
+    out['forward'][choice] = functools.partial(
+        lambda c, x, k, g: conv._forward(c, x, k, (s, s), lead, out_hw), choice)
+    out['input_grad'][choice] = functools.partial(
+        lambda c, x, k, g: conv._input_grad(c, g, k, (s, s), lead, (h, w)), choice)
+  if s == 1:
+    out['kernel_grad']['winograd'] = lambda x, k, g: kernels.winograd_conv3x3_weight_grad(
+        x, g, lead)
+  return {part: {c: jax.jit(f) for c, f in fs.items()} for part, fs in out.items()}
 
 
 def main(steps: int, batch: int):
@@ -62,7 +69,8 @@ def main(steps: int, batch: int):
     raise SystemExit(f'The CPU kernels are not available: {kernels.status()}')
   print(f'JAX {jax.__version__}, {jax.devices()[0].device_kind}, {kernels._threads()} threads, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; batch {batch}, median of {steps} '
-        'calls after one warm-up; ms as XLA / ours, * where auto routes to ours\n')
+        'calls after one warm-up. ms as XLA / GEMM / Winograd (- where not applicable); * marks '
+        "what model.conv_impl='auto' routes to\n")
   print('| input | out ch | stride | forward | input grad | kernel grad | routed total | '
         'XLA total | max rel diff |')
   print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
@@ -74,17 +82,20 @@ def main(steps: int, batch: int):
     pads = tuple(tuple(p) for p in lax.padtype_to_pads((h, w), (3, 3), (s, s), 'SAME'))
     out_shape = _plain(x, k, (s, s), pads).shape
     g = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
-    route = conv.routes(k.shape, (s, s))
+    route = conv.routes(k.shape, (s, s), (h, w), out_shape[1:3])
     cells, routed, xla_total, diff = [], 0.0, 0.0, 0.0
-    for part, (xla, ours) in _functions(h, w, s, pads, out_shape[1:3]).items():
+    for part, fs in _functions(h, w, s, pads, out_shape[1:3]).items():
       if part == 'input_grad' and cin == 3:  # the image needs none: not part of the step
         cells.append('-')
         continue
-      t_xla, t_ours = _median_ms(xla, (x, k, g), steps), _median_ms(ours, (x, k, g), steps)
-      cells.append(f'{t_xla:.0f} / {t_ours:.0f}' + ('*' if route[part] else ''))
-      routed += t_ours if route[part] else t_xla
-      xla_total += t_xla
-      diff = max(diff, _rel(xla(x, k, g), ours(x, k, g)))
+      times = {c: _median_ms(f, (x, k, g), steps) for c, f in fs.items()}
+      cells.append(' / '.join(
+          '-' if c not in times else f'{times[c]:.0f}' + ('*' if route[part] == c else '')
+          for c in ('xla', 'gemm', 'winograd')))
+      routed += times[route[part]]
+      xla_total += times['xla']
+      ref = fs['xla'](x, k, g)
+      diff = max([diff] + [_rel(ref, f(x, k, g)) for c, f in fs.items() if c != 'xla'])
     sums += (routed, xla_total)
     print(f'| {h}x{w}x{cin} | {cout} | {s} | ' + ' | '.join(cells) +
           f' | {routed:.0f} | {xla_total:.0f} | {diff:.0e} |', flush=True)

@@ -67,9 +67,9 @@ SHAPES = [  # input, kernel, strides, padding
     ((1, 8, 8, 3), (7, 7, 3, 2), (2, 2), ((3, 3), (3, 3))),
     ((2, 6, 5, 4), (1, 1, 4, 3), (1, 1), 'SAME'),        # 1x1
     ((2, 9, 8, 3), (3, 3, 3, 2), (1, 1), ((-1, 2), (0, -2))),  # negative pads crop
-    ((2, 16, 12, 40), (3, 3, 40, 8), (1, 1), 'SAME'),    # forward XLA's, input gradient ours
+    ((2, 10, 12, 40), (3, 3, 40, 8), (1, 1), 'SAME'),    # forward XLA's, input gradient GEMM
     ((1, 30, 20, 6), (3, 3, 6, 5), (2, 2), 'SAME'),      # more than one block per image
-    # Winograd's (3x3, stride 1, >= 256 output pixels): odd sizes, edge tiles, cropping pads
+    # Winograd's (3x3, stride 1, >= 128 output pixels): odd sizes, edge tiles, cropping pads
     ((2, 17, 19, 5), (3, 3, 5, 4), (1, 1), 'SAME'),
     ((1, 20, 18, 3), (3, 3, 3, 2), (1, 1), ((0, 1), (2, -1))),
     ((1, 18, 18, 6), (3, 3, 6, 40), (1, 1), 'VALID'),

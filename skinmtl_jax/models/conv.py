@@ -39,7 +39,7 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # On a CPU, 3x3 stride-1 convolutions with at least this many output pixels per image take
 # Winograd's algorithm; other convolutions take our GEMM kernels when strided or when their
 # window holds at most SHORT_WINDOW values (kh*kw*channels), else XLA's. See above.
-MIN_WINOGRAD_PIXELS = 256
+MIN_WINOGRAD_PIXELS = 128
 SHORT_WINDOW = 288
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
