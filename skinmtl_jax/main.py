@@ -41,6 +41,10 @@ def _config_fields(path: str) -> list[str]:
   return out
 
 
+# Fields renamed since a release: an old command line names the new field.
+RENAMED_FIELDS = {'model.weight_grad': 'model.conv_impl'}
+
+
 def unknown_field_message(argv: list[str]) -> str | None:
   """'--config.X: no such field; did you mean ...' for the first unknown override, or None."""
   config_path = None
@@ -61,6 +65,8 @@ def unknown_field_message(argv: list[str]) -> str | None:
       if name not in fields:
         close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
         hint = f'; did you mean {" or ".join(close)}?' if close else '.'
+        if name in RENAMED_FIELDS:
+          hint = f'; it is {RENAMED_FIELDS[name]!r} now.'
         return (f'--config.{name}: {config_path} has no field {name!r}{hint} '
                 f'(config fields are listed in skinmtl_jax/config_base.py)')
   return None

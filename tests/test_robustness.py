@@ -89,6 +89,7 @@ def test_which_config_changes_a_rerun_may_make(trained, tmp_path):
   cfg = tiny_config()
   cfg.num_train_steps, cfg.log_every_steps, cfg.data.eval_sets = 60, 5, ('test', 'test')
   cfg.data.manual_dir, cfg.threshold = '/elsewhere', 0.4
+  cfg.model.conv_impl = 'xla'   # how the convolutions compute, not what
   workdir.check_and_save_config(cfg, str(run))
   assert json.loads((run / 'config.json').read_text())['num_train_steps'] == 60
   # A field that the saved config lacks (added to the code since) is not a change.
@@ -259,6 +260,8 @@ def test_config_values_that_make_no_sense_are_refused(field, value, match):
 def test_config_mistakes_on_the_command_line_end_in_one_line(tmp_path):
   r = _run('skinmtl_jax.main', *_main(tmp_path / 'x', '--config.model.widht=3'))
   _assert_refused(r, '--config.model.widht', 'model.resnet_width')
+  r = _run('skinmtl_jax.main', *_main(tmp_path / 'x', '--config.model.weight_grad=xla'))
+  _assert_refused(r, '--config.model.weight_grad', "it is 'model.conv_impl' now")
   r = _run('skinmtl_jax.main', *_main(tmp_path / 'x', '--config.num_train_steps=-1',
                                       '--config.num_epochs=-3'))
   _assert_refused(r, 'num_epochs=-3')
