@@ -74,6 +74,7 @@ SHAPES = [  # input, kernel, strides, padding
     ((1, 20, 18, 3), (3, 3, 3, 2), (1, 1), ((0, 1), (2, -1))),
     ((1, 18, 18, 6), (3, 3, 6, 40), (1, 1), 'VALID'),
     ((1, 70, 66, 64), (3, 3, 64, 3), (1, 1), 'SAME'),    # more than one block per image
+    ((1, 12, 14, 8), (3, 3, 8, 97), (1, 1), 'SAME'),     # one block: output channels split
 ]
 
 
@@ -141,6 +142,7 @@ def test_the_result_does_not_depend_on_the_thread_count(monkeypatch):
   x, w = _random((3, 40, 38, 16), 2), _random((3, 3, 16, 8), 3)   # 3 chunks, blocks
   g = _random((3, 38, 36, 8), 4)
   big = _random((4, 64, 64, 5), 5)
+  w97 = _random((3, 3, 16, 97), 7)
   results = []
   for threads in (1, 2, 5):
     monkeypatch.setattr(kernels, '_threads', lambda t=threads: t)
@@ -149,6 +151,7 @@ def test_the_result_does_not_depend_on_the_thread_count(monkeypatch):
         kernels.conv2d_input_grad(g, w, (1, 1), (0, 0), (40, 38)),
         kernels.conv2d_weight_grad(x, g, (1, 1), (0, 0), (3, 3)),
         kernels.winograd_conv3x3(x, w, (0, 0), (38, 36)),
+        kernels.winograd_conv3x3(x[:1, :12, :14], w97, (1, 1), (12, 14)),  # channel groups
         # 4 chunks of 1024 tiles
         kernels.winograd_conv3x3_weight_grad(big, _random((4, 64, 64, 8), 6), (1, 1)))])
   for other in results[1:]:

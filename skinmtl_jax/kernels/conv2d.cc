@@ -61,6 +61,9 @@ constexpr int64_t kMinChunkRows = 4096;
 // channels) take about 128 KB, but at least 64 tiles (benchmarks/RESULTS.md: smaller blocks
 // are faster at batch 1, larger ones for wide layers).
 constexpr int64_t kWinogradBlockBytes = 128 << 10;
+// Work items a Winograd forward aims at, at least, splitting output channels when the image
+// has fewer blocks (a core count the shapes do not know: enough for the small machines).
+constexpr int64_t kMinItems = 4;
 
 int64_t BlockRows(int64_t rows, int64_t row_floats, int64_t bytes, int64_t min_rows) {
   return std::min(rows, std::max(min_rows, bytes / (4 * row_floats) / 16 * 16));
@@ -394,10 +397,17 @@ ffi::Error Winograd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     }
   });
   const float* up = u.data();
-  ParallelFor(n * blocks, threads, [&](int64_t item) {
+  // Few blocks (one small image): the output channels are split into groups too, so that the
+  // cores share the GEMMs; each group transforms the block's input again. The groups follow
+  // from the shapes only, and a group's outputs are the same dot products either way.
+  const int64_t groups = std::clamp<int64_t>((kMinItems + n * blocks - 1) / (n * blocks), 1,
+                                             std::max<int64_t>(1, o / 32));
+  ParallelFor(n * blocks * groups, threads, [&](int64_t job) {
     thread_local std::vector<float> v, m, patch;
+    const int64_t item = job / groups, group = job % groups;
+    const int64_t o0 = o * group / groups, ow = o * (group + 1) / groups - o0;
     v.resize(16 * block * c);
-    m.resize(16 * block * o);
+    m.resize(16 * block * ow);
     patch.resize(16 * c);
     const int64_t img = item / blocks, t0 = (item % blocks) * block;
     const int64_t count = std::min(block, tiles - t0);
@@ -422,19 +432,20 @@ ffi::Error Winograd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
       InputTile(d, v.data() + t * c, block * c, c);
     }
     for (int e = 0; e < 16; ++e) {
-      gemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, count, o, c, 1.0f,
-           v.data() + e * block * c, c, up + e * c * o, o, 0.0f, m.data() + e * block * o, o);
+      gemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, count, ow, c, 1.0f,
+           v.data() + e * block * c, c, up + e * c * o + o0, o, 0.0f,
+           m.data() + e * block * ow, ow);
     }
-    float* yi = yp + img * ho * wo * o;
+    float* yi = yp + img * ho * wo * o + o0;
     for (int64_t t = 0; t < count; ++t) {
       const int64_t r0 = (t0 + t) / tw * 2, s0 = (t0 + t) % tw * 2;
-      const float* mt = m.data() + t * o;
+      const float* mt = m.data() + t * ow;
       float* out[4];
       for (int e = 0; e < 4; ++e) {
         const int64_t r = r0 + e / 2, s = s0 + e % 2;
         out[e] = (r < ho && s < wo) ? yi + (r * wo + s) * o : nullptr;
       }
-      OutputTile(mt, block * o, o, out);
+      OutputTile(mt, block * ow, ow, out);
     }
   });
   return ffi::Error::Success();
