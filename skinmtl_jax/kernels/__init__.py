@@ -72,16 +72,19 @@ def _threads() -> int:
 
 
 def _call(target: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array,
-          strides: tuple[int, int], lead_pads: tuple[int, int]) -> jax.Array:
+          lead_pads: tuple[int, int], strides: tuple[int, int] | None = None) -> jax.Array:
+  """The FFI call of `target` on (a, b), float32 (N)HW(C) arrays; the Winograd targets take no
+  strides."""
   if not available():
     raise RuntimeError(f'The CPU kernels skinmtl_jax.kernels are {status()}')
   if a.dtype != jnp.float32 or b.dtype != jnp.float32:
     raise TypeError(f'{target}: float32 only, got {a.dtype} and {b.dtype}.')
-  (sh, sw), (pt, pl) = strides, lead_pads
+  attrs = dict(pt=np.int64(lead_pads[0]), pl=np.int64(lead_pads[1]),
+               threads=np.int64(_threads()))
+  if strides is not None:
+    attrs.update(sh=np.int64(strides[0]), sw=np.int64(strides[1]))
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
-                          vmap_method='sequential')(
-                              a, b, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt),
-                              pl=np.int64(pl), threads=np.int64(_threads()))
+                          vmap_method='sequential')(a, b, **attrs)
 
 
 def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], lead_pads: tuple[int, int],
@@ -91,46 +94,33 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], lead_pads: tupl
   Output pixel (i, j) reads input rows strides[0]*i - lead_pads[0] + (0..kh-1) and columns
   likewise; (Ho, Wo) = `out_hw` fixes the trailing padding.
   """
-  return _call(CONV, (x.shape[0], *out_hw, w.shape[-1]), x, w, strides, lead_pads)
+  return _call(CONV, (x.shape[0], *out_hw, w.shape[-1]), x, w, lead_pads, strides)
 
 
 def conv2d_input_grad(g: jax.Array, w: jax.Array, strides: tuple[int, int],
                       lead_pads: tuple[int, int], in_hw: tuple[int, int]) -> jax.Array:
   """The input gradient (N, H, W, C), (H, W) = `in_hw`, of `conv2d` from its output gradient."""
-  return _call(INPUT_GRAD, (g.shape[0], *in_hw, w.shape[2]), g, w, strides, lead_pads)
+  return _call(INPUT_GRAD, (g.shape[0], *in_hw, w.shape[2]), g, w, lead_pads, strides)
 
 
 def conv2d_weight_grad(x: jax.Array, g: jax.Array, strides: tuple[int, int],
                        lead_pads: tuple[int, int], kernel_hw: tuple[int, int]) -> jax.Array:
   """The kernel gradient (kh, kw, C, O) of `conv2d` from its input and its output gradient."""
-  return _call(WEIGHT_GRAD, (*kernel_hw, x.shape[-1], g.shape[-1]), x, g, strides, lead_pads)
+  return _call(WEIGHT_GRAD, (*kernel_hw, x.shape[-1], g.shape[-1]), x, g, lead_pads,
+               strides)
 
 
 def winograd_conv3x3(x: jax.Array, w: jax.Array, lead_pads: tuple[int, int],
                      out_hw: tuple[int, int]) -> jax.Array:
   """`conv2d` of a 3x3 kernel w (3, 3, C, O) at stride 1, by Winograd's F(2x2, 3x3): 2.25x
   fewer multiplications, the same values up to float32 rounding."""
-  if not available():
-    raise RuntimeError(f'The CPU kernels skinmtl_jax.kernels are {status()}')
-  if w.shape[:2] != (3, 3) or x.dtype != jnp.float32 or w.dtype != jnp.float32:
-    raise ValueError(f'winograd_conv3x3: a float32 3x3 kernel, got {w.shape} {w.dtype}.')
-  pt, pl = lead_pads
-  return jax.ffi.ffi_call(
-      WINOGRAD, jax.ShapeDtypeStruct((x.shape[0], *out_hw, w.shape[-1]), jnp.float32),
-      vmap_method='sequential')(x, w, pt=np.int64(pt), pl=np.int64(pl),
-                                threads=np.int64(_threads()))
+  if w.shape[:2] != (3, 3):
+    raise ValueError(f'winograd_conv3x3: a 3x3 kernel, got {w.shape}.')
+  return _call(WINOGRAD, (x.shape[0], *out_hw, w.shape[-1]), x, w, lead_pads)
 
 
 def winograd_conv3x3_weight_grad(x: jax.Array, g: jax.Array,
                                  lead_pads: tuple[int, int]) -> jax.Array:
   """The kernel gradient (3, 3, C, O) of `winograd_conv3x3` from its input and output gradient,
   by Winograd's F(3x3, 2x2)."""
-  if not available():
-    raise RuntimeError(f'The CPU kernels skinmtl_jax.kernels are {status()}')
-  if x.dtype != jnp.float32 or g.dtype != jnp.float32:
-    raise TypeError(f'winograd_conv3x3_weight_grad: float32 only, got {x.dtype}, {g.dtype}.')
-  pt, pl = lead_pads
-  return jax.ffi.ffi_call(
-      WINOGRAD_WEIGHT_GRAD, jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]), jnp.float32),
-      vmap_method='sequential')(x, g, pt=np.int64(pt), pl=np.int64(pl),
-                                threads=np.int64(_threads()))
+  return _call(WINOGRAD_WEIGHT_GRAD, (3, 3, x.shape[-1], g.shape[-1]), x, g, lead_pads)

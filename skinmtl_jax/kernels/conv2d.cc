@@ -129,6 +129,16 @@ Geometry Make(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
   return {x[0], x[1], x[2], x[3], y[1], y[2], w[3], w[0], w[1], sh, sw, pt, pl};
 }
 
+// The C channels of pixel (r, s) of one image xi (h x w x C) into dst; zeros outside the image.
+inline void CopyPixel(const float* xi, int64_t h, int64_t w, int64_t c, int64_t r, int64_t s,
+                      float* dst) {
+  if (r < 0 || r >= h || s < 0 || s >= w) {
+    std::fill(dst, dst + c, 0.0f);
+  } else {
+    std::copy(xi + (r * w + s) * c, xi + (r * w + s + 1) * c, dst);
+  }
+}
+
 // The windows of output pixels p0..p0+m-1 (numbered over N, Ho, Wo), taps t0..t1-1 only, into
 // col (m x (t1-t0)*C), zeros where a window leaves the input.
 void Im2col(const Geometry& d, const float* x, int64_t p0, int64_t m, int64_t t0, int64_t t1,
@@ -137,12 +147,7 @@ void Im2col(const Geometry& d, const float* x, int64_t p0, int64_t m, int64_t t0
     const int64_t img = p / d.pixels(), i = p % d.pixels() / d.wo, j = p % d.wo;
     const float* xi = x + img * d.h * d.w * d.c;
     for (int64_t t = t0; t < t1; ++t, col += d.c) {
-      const int64_t r = i * d.sh + t / d.kw - d.pt, s = j * d.sw + t % d.kw - d.pl;
-      if (r < 0 || r >= d.h || s < 0 || s >= d.w) {
-        std::fill(col, col + d.c, 0.0f);
-      } else {
-        std::copy(xi + (r * d.w + s) * d.c, xi + (r * d.w + s + 1) * d.c, col);
-      }
+      CopyPixel(xi, d.h, d.w, d.c, i * d.sh + t / d.kw - d.pt, j * d.sw + t % d.kw - d.pl, col);
     }
   }
 }
@@ -330,6 +335,22 @@ SKINMTL_CLONES void OutputTile(const float* __restrict mt, int64_t stride, int64
   }
 }
 
+// The input transform of the 4x4 tile at (r0, s0) of one image xi (h x w x C) into vt (as
+// InputTile), read in place, or for an edge tile through patch (16 x C) with zeros outside.
+void WinogradInput(const float* xi, int64_t h, int64_t w, int64_t c, int64_t r0, int64_t s0,
+                   float* patch, float* vt, int64_t stride) {
+  const float* d[16];
+  if (r0 >= 0 && r0 + 4 <= h && s0 >= 0 && s0 + 4 <= w) {
+    for (int e = 0; e < 16; ++e) d[e] = xi + ((r0 + e / 4) * w + s0 + e % 4) * c;
+  } else {
+    for (int e = 0; e < 16; ++e) {
+      CopyPixel(xi, h, w, c, r0 + e / 4, s0 + e % 4, patch + e * c);
+      d[e] = patch + e * c;
+    }
+  }
+  InputTile(d, vt, stride, c);
+}
+
 // The kernel transform u = G w G^T for input channel c: w[t] at w + t*step (taps t of the 3x3
 // kernel, O values each), u[e] at u + e*step.
 SKINMTL_CLONES void KernelTransform(const float* w, float* __restrict u, int64_t step,
@@ -413,23 +434,8 @@ ffi::Error Winograd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     const int64_t count = std::min(block, tiles - t0);
     const float* xi = xp + img * h * wi * c;
     for (int64_t t = 0; t < count; ++t) {
-      const int64_t r0 = (t0 + t) / tw * 2 - pt, s0 = (t0 + t) % tw * 2 - pl;
-      const float* d[16];
-      if (r0 >= 0 && r0 + 4 <= h && s0 >= 0 && s0 + 4 <= wi) {
-        for (int e = 0; e < 16; ++e) d[e] = xi + ((r0 + e / 4) * wi + s0 + e % 4) * c;
-      } else {  // an edge tile: its pixels, zeros outside the input
-        for (int e = 0; e < 16; ++e) {
-          const int64_t r = r0 + e / 4, s = s0 + e % 4;
-          float* dst = patch.data() + e * c;
-          if (r < 0 || r >= h || s < 0 || s >= wi) {
-            std::fill(dst, dst + c, 0.0f);
-          } else {
-            std::copy(xi + (r * wi + s) * c, xi + (r * wi + s + 1) * c, dst);
-          }
-          d[e] = dst;
-        }
-      }
-      InputTile(d, v.data() + t * c, block * c, c);
+      WinogradInput(xi, h, wi, c, (t0 + t) / tw * 2 - pt, (t0 + t) % tw * 2 - pl,
+                    patch.data(), v.data() + t * c, block * c);
     }
     for (int e = 0; e < 16; ++e) {
       gemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, count, ow, c, 1.0f,
@@ -544,23 +550,8 @@ ffi::Error WinogradWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
         const int64_t img = (b0 + t) / per_image, tile = (b0 + t) % per_image;
         const int64_t i0 = tile / tw * 2, j0 = tile % tw * 2;
         const float* xi = xp + img * h * wi * c;
-        const int64_t r0 = i0 - pt, s0 = j0 - pl;
-        const float* d[16];
-        if (r0 >= 0 && r0 + 4 <= h && s0 >= 0 && s0 + 4 <= wi) {
-          for (int e = 0; e < 16; ++e) d[e] = xi + ((r0 + e / 4) * wi + s0 + e % 4) * c;
-        } else {
-          for (int e = 0; e < 16; ++e) {
-            const int64_t r = r0 + e / 4, s = s0 + e % 4;
-            float* dst = patch.data() + e * c;
-            if (r < 0 || r >= h || s < 0 || s >= wi) {
-              std::fill(dst, dst + c, 0.0f);
-            } else {
-              std::copy(xi + (r * wi + s) * c, xi + (r * wi + s + 1) * c, dst);
-            }
-            d[e] = dst;
-          }
-        }
-        InputTile(d, v.data() + t * c, block * c, c);
+        WinogradInput(xi, h, wi, c, i0 - pt, j0 - pl, patch.data(), v.data() + t * c,
+                      block * c);
         const float* gt[4];
         for (int e = 0; e < 4; ++e) {
           const int64_t r = i0 + e / 2, s = j0 + e % 2;

@@ -208,10 +208,10 @@ def _upconv_einsum(x, kernel):
   return y.reshape(b, 2 * h, 2 * w, kernel.shape[-1])
 
 
-def _upconv_as_transpose(x, kernel):
-  """x, kernel -> (x, the kernel of the strided convolution whose transpose the up-convolution
-  is): out[2i + a, 2j + c] = x[i, j] @ kernel[1 - a, 1 - c] is the input gradient of a 2x2
-  stride-2 convolution with kernel w[a, c] = kernel[1 - a, 1 - c]^T."""
+def _upconv_as_transpose(kernel):
+  """The kernel of the strided convolution whose transpose the up-convolution is:
+  out[2i + a, 2j + c] = x[i, j] @ kernel[1 - a, 1 - c] is the input gradient of a 2x2 stride-2
+  convolution with kernel w[a, c] = kernel[1 - a, 1 - c]^T."""
   return jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
 
 
@@ -228,7 +228,7 @@ def _upconv_bwd(residuals, g):
   x, kernel = residuals
 
   def ours(x, kernel, g):
-    w = _upconv_as_transpose(x, kernel)
+    w = _upconv_as_transpose(kernel)
     dx = kernels.conv2d(g, w, (2, 2), (0, 0), x.shape[1:3])
     dw = kernels.conv2d_weight_grad(g, x, (2, 2), (0, 0), (2, 2))
     return dx, jnp.flip(dw.transpose(0, 1, 3, 2), (0, 1))
