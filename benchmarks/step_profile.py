@@ -65,7 +65,9 @@ def _kind(name: str, hlo: str) -> tuple[str, str]:
   for target, what in ((kernels.CONV, 'GEMM convolution'), (kernels.WINOGRAD, 'Winograd'),
                        (kernels.INPUT_GRAD, 'input gradient'),
                        (kernels.WEIGHT_GRAD, 'GEMM kernel gradient'),
-                       (kernels.WINOGRAD_WEIGHT_GRAD, 'Winograd kernel gradient')):
+                       (kernels.WINOGRAD_WEIGHT_GRAD, 'Winograd kernel gradient'),
+                       (kernels.CONV_BF16, 'AMX bfloat16 convolution'),
+                       (kernels.CONV_BF16_F32, 'AMX bfloat16 convolution')):
     if f'custom_call_target="{target}"' in body:
       return f'our CPU kernel: {what} (skinmtl_jax/kernels)', ''
   return re.sub(r'[.\d]+$', '', name), ''

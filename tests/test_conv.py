@@ -174,10 +174,128 @@ def test_under_vmap_over_members():
   assert all(_calls(hlo, t) for t in (kernels.CONV, kernels.INPUT_GRAD, kernels.WEIGHT_GRAD))
 
 
+# ---- bfloat16: the AMX kernel, and the float32 kernels on bfloat16 values ----
+
+needs_amx = pytest.mark.skipif(
+    not kernels.amx_available(),
+    reason='this CPU has no AMX-BF16 (or the kernels are not built): kernels.amx_available()')
+
+
+def _bf16(shape, seed):
+  return _random(shape, seed).astype(jnp.bfloat16)
+
+
+def _f32(a):
+  return a.astype(jnp.float32)
+
+
+AMX_SHAPES = [  # input, kernel, strides, padding
+    ((2, 7, 9, 1), (3, 3, 1, 3), (2, 2), 'SAME'),        # stride 2, one channel, odd sizes
+    ((2, 13, 33, 32), (3, 3, 32, 20), (1, 1), 'SAME'),   # 2 full tiles and 1 partial; 20 outputs
+    ((1, 24, 32, 64), (3, 3, 64, 48), (1, 1), 'SAME'),   # inner tiles read in place; 3 blocks
+    ((2, 11, 17, 40), (2, 3, 40, 33), (2, 1), ((0, 1), (2, 0))),  # channels padded to 64
+    ((1, 12, 16, 96), (3, 3, 96, 32), (1, 1), 'SAME'),   # one tile a row: pairs span rows
+    ((1, 9, 10, 33), (1, 1, 33, 5), (1, 1), 'VALID'),    # 1x1
+    ((1, 10, 40, 32), (3, 3, 32, 16), (1, 1), ((-1, 1), (1, -1))),  # negative pads crop
+    ((1, 9, 70, 32), (3, 3, 32, 32), (2, 2), 'SAME'),    # stride 2, a tile in place
+]
+
+
+@needs_amx
+@pytest.mark.parametrize('shape,kernel,strides,padding', AMX_SHAPES)
+def test_the_amx_kernel_matches_xla_on_bfloat16_values(shape, kernel, strides, padding):
+  """Products of bfloat16 values are exact in float32: the float32 result is XLA's float32
+  convolution of the same values within 1e-5, the bfloat16 one exactly that, rounded."""
+  x, k = _bf16(shape, 0), _bf16(kernel, 1)
+  pads = _pads(shape, kernel, strides, padding)
+  ref = _plain(_f32(x), _f32(k), strides, pads)
+  lead = (pads[0][0], pads[1][0])
+  y = kernels.conv2d_bf16(x, k, strides, lead, ref.shape[1:3], out_dtype=jnp.float32)
+  assert y.dtype == jnp.float32 and _rel(ref, y) <= 1e-5
+  yb = kernels.conv2d_bf16(x, k, strides, lead, ref.shape[1:3])
+  assert yb.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(_f32(yb), _f32(y.astype(jnp.bfloat16)))
+
+
+@needs_amx
+def test_the_amx_result_does_not_depend_on_the_thread_count(monkeypatch):
+  x, k = _bf16((2, 30, 40, 64), 2), _bf16((3, 3, 64, 48), 3)
+  results = []
+  for threads in (1, 2, 5):
+    monkeypatch.setattr(kernels, '_threads', lambda t=threads: t)
+    results.append(np.asarray(kernels.conv2d_bf16(x, k, (1, 1), (1, 1), (30, 40),
+                                                  out_dtype=jnp.float32)))
+  for other in results[1:]:
+    np.testing.assert_array_equal(results[0], other)
+
+
+@needs_kernel
+def test_without_amx_the_bfloat16_kernel_says_so(monkeypatch):
+  monkeypatch.setattr(kernels, 'amx_available', lambda: False)
+  with pytest.raises(RuntimeError, match='AMX-BF16'):
+    kernels.conv2d_bf16(_bf16((1, 4, 4, 32), 0), _bf16((3, 3, 32, 16), 1), (1, 1), (1, 1),
+                        (4, 4))
+
+
+def test_bfloat16_routing():
+  """With AMX, bfloat16 forwards and stride-1 input gradients of 32 channels or more take it;
+  the rest, and every bfloat16 convolution without AMX, route as float32's. float32 never
+  takes it."""
+  big = (96, 128)
+  r = lambda kernel, strides, out_hw, amx: tuple(conv.routes(
+      kernel, strides, big, out_hw, jnp.bfloat16, amx=amx).values())
+  assert r((3, 3, 64, 64), (1, 1), big, True) == ('amx', 'amx', 'winograd')
+  assert r((3, 3, 3, 32), (1, 1), big, True) == ('winograd', 'amx', 'winograd')  # RGB layer
+  assert r((3, 3, 64, 16), (1, 1), big, True) == ('amx', 'winograd', 'winograd')
+  assert r((3, 3, 64, 128), (2, 2), (48, 64), True) == ('amx', 'gemm', 'gemm')  # col2im
+  assert r((3, 3, 64, 64), (1, 1), big, False) == ('winograd',) * 3
+  assert conv.routes((3, 3, 64, 64), (1, 1), big, big, amx=True)['forward'] == 'winograd'
+
+
+BF16_SHAPES = [
+    ((2, 7, 9, 1), (3, 3, 1, 3), (2, 2), 'SAME'),        # GEMM kernels on float32 values
+    ((1, 12, 16, 32), (3, 3, 32, 40), (1, 1), 'SAME'),   # AMX both ways, Winograd gradient
+    ((2, 11, 17, 40), (3, 3, 40, 32), (2, 2), 'SAME'),   # AMX forward, col2im input gradient
+    ((2, 6, 5, 3), (3, 3, 3, 32), (1, 1), 'SAME'),       # RGB-like: AMX input gradient only
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize('amx', [False, True])
+@pytest.mark.parametrize('shape,kernel,strides,padding', BF16_SHAPES)
+def test_bfloat16_gradients_match_jax_grad(monkeypatch, amx, shape, kernel, strides, padding):
+  """`conv._conv` on bfloat16 operands: the output and both gradients are XLA's float32 ones on
+  the same values, rounded to bfloat16 (all within one bfloat16 rounding, nearly all equal),
+  with AMX where asked for and the float32 kernels otherwise."""
+  if amx and not kernels.amx_available():
+    pytest.skip('this CPU has no AMX-BF16')
+  monkeypatch.setattr(kernels, 'amx_available', lambda: amx)
+  x, k = _bf16(shape, 0), _bf16(kernel, 1)
+  pads = _pads(shape, kernel, strides, padding)
+  ours = lambda x, k: conv._conv(x, k, strides, pads)
+  ref = lambda x, k: _plain(_f32(x), _f32(k), strides, pads).astype(jnp.bfloat16)
+  y, vjp = jax.vjp(ours, x, k)
+  y_ref, vjp_ref = jax.vjp(ref, x, k)
+  g = _bf16(y.shape, 2)
+  for a, b in zip((y, *vjp(g)), (y_ref, *vjp_ref(g))):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    a, b = np.asarray(_f32(a)), np.asarray(_f32(b))
+    assert np.all(np.abs(a - b) <= 2.0 ** -7 * np.abs(b) + 1e-5 * np.max(np.abs(b)))
+    assert np.mean(a == b) >= 0.99
+  def both(x, k):
+    y, vjp = jax.vjp(ours, x, k)
+    return y, vjp(g)
+  hlo = jax.jit(both).lower(x, k).as_text()
+  route = conv.routes(kernel, strides, shape[1:3], y.shape[1:3], jnp.bfloat16)
+  assert hlo.count(f'@{kernels.CONV_BF16}(') == sum(
+      route[p] == 'amx' for p in ('forward', 'input_grad'))
+  assert amx or 'amx' not in route.values()
+
+
 @needs_kernel
 def test_dispatch_covers_the_models_convolutions_only():
-  """Float32 NHWC convolutions take the kernels, the RGB input layer's too; bfloat16, groups,
-  dilation and other layouts are lax's, unchanged."""
+  """Float32 and bfloat16 NHWC convolutions take the kernels, the RGB input layer's too;
+  float16, groups, dilation and other layouts are lax's, unchanged."""
   def takes_kernel(x, k, **kw):
     f = lambda k: jnp.sum(conv.conv_general_dilated(x, k, (1, 1), 'SAME', **kw))
     return _calls(jax.jit(jax.grad(f)).lower(k).as_text(), kernels.WEIGHT_GRAD)
@@ -186,8 +304,10 @@ def test_dispatch_covers_the_models_convolutions_only():
   assert takes_kernel(jnp.ones((1, 8, 8, c)), jnp.ones((3, 3, c, 4)), dimension_numbers=NHWC)
   assert not takes_kernel(jnp.ones((1, 8, 8, c)), jnp.ones((3, 3, c, 4)),
                           dimension_numbers=NHWC, rhs_dilation=(2, 2))
-  assert not takes_kernel(jnp.ones((1, 8, 8, c), jnp.bfloat16),
-                          jnp.ones((3, 3, c, 4), jnp.bfloat16), dimension_numbers=NHWC)
+  assert takes_kernel(jnp.ones((1, 8, 8, c), jnp.bfloat16),
+                      jnp.ones((3, 3, c, 4), jnp.bfloat16), dimension_numbers=NHWC)
+  assert not takes_kernel(jnp.ones((1, 8, 8, c), jnp.float16),
+                          jnp.ones((3, 3, c, 4), jnp.float16), dimension_numbers=NHWC)
   assert not takes_kernel(jnp.ones((1, 8, 8, 2 * c)), jnp.ones((3, 3, c, 4)),
                           dimension_numbers=NHWC, feature_group_count=2)
   assert not takes_kernel(jnp.ones((1, c, 8, 8)), jnp.ones((4, c, 3, 3)),

@@ -201,9 +201,13 @@ def test_batchnorm_matches_flax():
                              atol=1e-5)
 
 
-def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
+@pytest.mark.parametrize('conv_impl', ['auto', 'xla'])
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs(conv_impl):
+  """Both paths: our CPU kernels ('auto': on the float32 values of the bfloat16 operands, or on
+  AMX) and XLA's bfloat16 convolutions."""
   cfg = tiny_config('mtl3')
   cfg.model.dtype = 'bfloat16'
+  cfg.model.conv_impl = conv_impl
   model = models.create_model(cfg.model)
   x = jnp.ones((2, 32, 32, 3))
   variables = steps.init_variables(model, jax.random.key(0), x)
@@ -212,8 +216,9 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
   assert out['seg_logits'].dtype == out['cls_logits'].dtype == jnp.float32
   # The convolutions really run in bfloat16 (outputs are cast back, so look at the program),
   # and the results differ from float32's by bfloat16's round-off, not more.
-  hlo = jax.jit(model.apply).lower(variables, x).as_text()
-  assert re.search(r'stablehlo.convolution.*bf16', hlo)
+  if conv_impl == 'xla':
+    hlo = jax.jit(model.apply).lower(variables, x).as_text()
+    assert re.search(r'stablehlo.convolution.*bf16', hlo)
   cfg.model.dtype = 'float32'
   out32 = jax.jit(models.create_model(cfg.model).apply)(variables, x)
   diff = np.max(np.abs(np.asarray(out['seg_logits']) - np.asarray(out32['seg_logits'])))

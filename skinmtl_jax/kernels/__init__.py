@@ -4,8 +4,10 @@
 (any strides, leading padding of any sign) and its gradients, each computed as GEMMs over
 blocks of gathered windows; `winograd_conv3x3` and `winograd_conv3x3_weight_grad` are the 3x3
 stride-1 convolution and its kernel gradient by Winograd's minimal filtering (conv2d.cc says
-how). The models reach them through `skinmtl_jax.models.conv`, never directly. They are built
-by `pip install` (setup.py) where a C++ compiler is present; `available()` says whether they
+how). `conv2d_bf16` is the convolution of bfloat16 operands with float32 accumulation on the
+tile unit (AMX-BF16) of the CPUs that have one; `amx_available()` says whether this one does.
+The models reach them through `skinmtl_jax.models.conv`, never directly. They are built by
+`pip install` (setup.py) where a C++ compiler is present; `available()` says whether they
 loaded, `status()` why not. Their results do not depend on the number of threads.
 """
 
@@ -25,6 +27,8 @@ INPUT_GRAD = 'skinmtl_conv2d_input_grad'
 WEIGHT_GRAD = 'skinmtl_conv2d_weight_grad'
 WINOGRAD = 'skinmtl_winograd'
 WINOGRAD_WEIGHT_GRAD = 'skinmtl_winograd_weight_grad'
+CONV_BF16 = 'skinmtl_conv2d_bf16'          # bfloat16 result
+CONV_BF16_F32 = 'skinmtl_conv2d_bf16_f32'  # float32 result
 
 
 @functools.cache
@@ -47,7 +51,9 @@ def _load() -> str | None:
                             (INPUT_GRAD, lib.SkinmtlConv2dInputGrad),
                             (WEIGHT_GRAD, lib.SkinmtlConv2dWeightGrad),
                             (WINOGRAD, lib.SkinmtlWinograd),
-                            (WINOGRAD_WEIGHT_GRAD, lib.SkinmtlWinogradWeightGrad)):
+                            (WINOGRAD_WEIGHT_GRAD, lib.SkinmtlWinogradWeightGrad),
+                            (CONV_BF16, lib.SkinmtlConv2dBf16),
+                            (CONV_BF16_F32, lib.SkinmtlConv2dBf16F32)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
   except (ImportError, OSError, AttributeError) as e:
     return f'failed to load {spec.origin}: {e}'
@@ -57,6 +63,16 @@ def _load() -> str | None:
 def available() -> bool:
   """Whether the kernels are built and loaded (loading them on the first call)."""
   return _load() is None
+
+
+@functools.cache
+def amx_available() -> bool:
+  """Whether `conv2d_bf16` runs here: the kernels loaded, and this CPU has AMX-BF16 and
+  AVX512-BF16 (Intel Xeon since Sapphire Rapids) that Linux lets this process use."""
+  if not available():
+    return False
+  lib = ctypes.CDLL(importlib.util.find_spec('skinmtl_jax.kernels._conv2d').origin)
+  return bool(lib.SkinmtlAmxAvailable())
 
 
 def status() -> str:
@@ -72,18 +88,19 @@ def _threads() -> int:
 
 
 def _call(target: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array,
-          lead_pads: tuple[int, int], strides: tuple[int, int] | None = None) -> jax.Array:
-  """The FFI call of `target` on (a, b), float32 (N)HW(C) arrays; the Winograd targets take no
-  strides."""
+          lead_pads: tuple[int, int], strides: tuple[int, int] | None = None,
+          dtype=jnp.float32, out_dtype=jnp.float32) -> jax.Array:
+  """The FFI call of `target` on (a, b), (N)HW(C) arrays of `dtype`; the Winograd targets take
+  no strides."""
   if not available():
     raise RuntimeError(f'The CPU kernels skinmtl_jax.kernels are {status()}')
-  if a.dtype != jnp.float32 or b.dtype != jnp.float32:
-    raise TypeError(f'{target}: float32 only, got {a.dtype} and {b.dtype}.')
+  if a.dtype != dtype or b.dtype != dtype:
+    raise TypeError(f'{target}: {jnp.dtype(dtype).name} only, got {a.dtype} and {b.dtype}.')
   attrs = dict(pt=np.int64(lead_pads[0]), pl=np.int64(lead_pads[1]),
                threads=np.int64(_threads()))
   if strides is not None:
     attrs.update(sh=np.int64(strides[0]), sw=np.int64(strides[1]))
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, out_dtype),
                           vmap_method='sequential')(a, b, **attrs)
 
 
@@ -124,3 +141,21 @@ def winograd_conv3x3_weight_grad(x: jax.Array, g: jax.Array,
   """The kernel gradient (3, 3, C, O) of `winograd_conv3x3` from its input and output gradient,
   by Winograd's F(3x3, 2x2)."""
   return _call(WINOGRAD_WEIGHT_GRAD, (3, 3, x.shape[-1], g.shape[-1]), x, g, lead_pads)
+
+
+def conv2d_bf16(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+                lead_pads: tuple[int, int], out_hw: tuple[int, int],
+                out_dtype=jnp.bfloat16) -> jax.Array:
+  """`conv2d` of bfloat16 x and w on AMX, accumulated in float32; the result in `out_dtype`
+  (bfloat16, rounded to nearest even, or float32). The products of bfloat16 values are exact in
+  float32: the float32 result is XLA's float32 convolution of the same values up to the order
+  of the sums. Raises where `amx_available()` is False."""
+  if not amx_available():
+    raise RuntimeError('conv2d_bf16 needs a CPU with AMX-BF16 and AVX512-BF16 (Intel Xeon since '
+                       'Sapphire Rapids); this one has none (or Linux refused the tile data).')
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype not in (jnp.bfloat16, jnp.float32):
+    raise TypeError(f'conv2d_bf16: out_dtype bfloat16 or float32, got {out_dtype}.')
+  target = CONV_BF16 if out_dtype == jnp.bfloat16 else CONV_BF16_F32
+  return _call(target, (x.shape[0], *out_hw, w.shape[-1]), x, w, lead_pads, strides,
+               dtype=jnp.bfloat16, out_dtype=out_dtype)

@@ -18,8 +18,16 @@ compiled kernels of `skinmtl_jax.kernels` (kernels/conv2d.cc):
 are the same up to float32 rounding (tests/test_conv.py checks against `jax.grad` of the plain
 convolution at 1e-5; Winograd's differ from XLA's by about 1e-6 relative).
 
-Covered: float32, 2-D NHWC/HWIO, no dilation or groups (every convolution of the U-Net
-family, the RGB input layer's too). Everything else is `lax.conv_general_dilated` unchanged.
+bfloat16 convolutions (`model.dtype='bfloat16'`) take the same routes on the float32 values of
+their operands (exact: a product of two bfloat16 values is exact in float32, and XLA too
+accumulates in float32), the result rounded to bfloat16. On CPUs with AMX-BF16
+(`kernels.amx_available()`) the forward and the stride-1 input gradient of convolutions with
+at least AMX_MIN_CHANNELS input channels take 'amx' instead: `kernels.conv2d_bf16`, on the
+tile unit, 3-5x faster than our float32 kernels (benchmarks/RESULTS.md).
+
+Covered: float32 and bfloat16, 2-D NHWC/HWIO, no dilation or groups (every convolution of the
+U-Net family, the RGB input layer's too). Everything else is `lax.conv_general_dilated`
+unchanged.
 `upconv2x2` is the decoder's 2x2 stride-2 up-convolution with our kernels as its gradients.
 `conv_impl='xla'` (the config's `model.conv_impl`) keeps XLA's everywhere.
 """
@@ -41,6 +49,10 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # window holds at most SHORT_WINDOW values (kh*kw*channels), else XLA's. See above.
 MIN_WINOGRAD_PIXELS = 128
 SHORT_WINDOW = 288
+# bfloat16 convolutions with at least this many input channels (of the forward, or of the
+# input gradient: the output channels) take AMX where the CPU has it; fewer channels would be
+# padded to 32 (the RGB layer: 0.4x our float32 GEMM's speed).
+AMX_MIN_CHANNELS = 32
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -49,9 +61,12 @@ def _plain(x, kernel, strides, pads):
   return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
 
 
-def routes(kernel_shape, strides, in_hw, out_hw) -> dict[str, str]:
+def routes(kernel_shape, strides, in_hw, out_hw, dtype=jnp.float32,
+           amx: bool | None = None) -> dict[str, str]:
   """How the forward, input gradient and kernel gradient are computed on a CPU: 'winograd'
-  (`kernels.winograd_conv3x3`), 'gemm' (the other kernels of `skinmtl_jax.kernels`) or 'xla'.
+  (`kernels.winograd_conv3x3`), 'gemm' (the other kernels of `skinmtl_jax.kernels`), 'amx'
+  (`kernels.conv2d_bf16`: bfloat16 only, where `amx`, by default `kernels.amx_available()`)
+  or 'xla'.
 
   The input gradient of a stride-1 convolution is a stride-1 convolution of the output
   gradient with the flipped kernel, so it routes like a forward from out_hw to in_hw.
@@ -62,12 +77,18 @@ def routes(kernel_shape, strides, in_hw, out_hw) -> dict[str, str]:
   winograd = lambda pixels: ((kh, kw) == (3, 3) and not strided
                              and pixels >= MIN_WINOGRAD_PIXELS)
 
-  def conv(window, out_pixels):
+  if amx is None:
+    amx = kernels.amx_available()
+  amx = amx and jnp.dtype(dtype) == jnp.bfloat16
+
+  def conv(channels, out_pixels, can_amx=True):
+    if amx and can_amx and channels >= AMX_MIN_CHANNELS:
+      return 'amx'
     if winograd(out_pixels):
       return 'winograd'
-    return 'gemm' if strided or window <= SHORT_WINDOW else 'xla'
-  return {'forward': conv(kh * kw * cin, out_hw[0] * out_hw[1]),
-          'input_grad': conv(kh * kw * cout, in_hw[0] * in_hw[1]),
+    return 'gemm' if strided or kh * kw * channels <= SHORT_WINDOW else 'xla'
+  return {'forward': conv(cin, out_hw[0] * out_hw[1]),
+          'input_grad': conv(cout, in_hw[0] * in_hw[1], can_amx=not strided),
           'kernel_grad': 'winograd' if winograd(out_hw[0] * out_hw[1]) else 'gemm'}
 
 
@@ -113,11 +134,20 @@ def _on_cpu(ours, xla, *args):
   return lax.platform_dependent(*args, cpu=cpu, default=xla)
 
 
+def _in_float32(kernel_fn, *operands):
+  """`kernel_fn` (a float32 kernel) on the float32 values of the operands, the result in their
+  dtype (bfloat16 or float32)."""
+  dtype = operands[0].dtype
+  return kernel_fn(*(a.astype(jnp.float32) for a in operands)).astype(dtype)
+
+
 def _forward(route, x, kernel, strides, lead, out_hw):
   """The convolution by our kernels, as `route` says."""
+  if route == 'amx':
+    return kernels.conv2d_bf16(x, kernel, strides, lead, out_hw)
   if route == 'winograd':
-    return kernels.winograd_conv3x3(x, kernel, lead, out_hw)
-  return kernels.conv2d(x, kernel, strides, lead, out_hw)
+    return _in_float32(lambda x, k: kernels.winograd_conv3x3(x, k, lead, out_hw), x, kernel)
+  return _in_float32(lambda x, k: kernels.conv2d(x, k, strides, lead, out_hw), x, kernel)
 
 
 def _input_grad(route, g, kernel, strides, lead, in_hw):
@@ -128,12 +158,13 @@ def _input_grad(route, g, kernel, strides, lead, in_hw):
   if tuple(strides) == (1, 1):
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
     return _forward(route, g, flipped, (1, 1), (kh - 1 - lead[0], kw - 1 - lead[1]), in_hw)
-  return kernels.conv2d_input_grad(g, kernel, strides, lead, in_hw)
+  return _in_float32(lambda g, k: kernels.conv2d_input_grad(g, k, strides, lead, in_hw),
+                     g, kernel)
 
 
 def _routes(x, kernel, strides, pads):
   out_hw = jax.eval_shape(lambda x, k: _plain(x, k, strides, pads), x, kernel).shape[1:3]
-  return routes(kernel.shape, strides, x.shape[1:3], out_hw), out_hw
+  return routes(kernel.shape, strides, x.shape[1:3], out_hw, x.dtype), out_hw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -162,10 +193,10 @@ def _conv_bwd(strides, pads, residuals, g):
     dx = _on_cpu(functools.partial(_input_grad, route['input_grad'], strides=strides,
                                    lead=lead, in_hw=x.shape[1:3]), xla_dx, g, kernel)
   if route['kernel_grad'] == 'winograd':
-    ours_dk = lambda x, g: kernels.winograd_conv3x3_weight_grad(x, g, lead)
+    dk_fn = lambda x, g: kernels.winograd_conv3x3_weight_grad(x, g, lead)
   else:
-    ours_dk = lambda x, g: kernels.conv2d_weight_grad(x, g, strides, lead, kernel.shape[:2])
-  dk = _on_cpu(ours_dk,
+    dk_fn = lambda x, g: kernels.conv2d_weight_grad(x, g, strides, lead, kernel.shape[:2])
+  dk = _on_cpu(lambda x, g: _in_float32(dk_fn, x, g).astype(kernel.dtype),
                lambda x, g: jax.vjp(lambda k: _plain(x, k, strides, pads), kernel)[1](g)[0],
                x, g)
   return dx, dk
@@ -177,7 +208,7 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 def _covered(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
              batch_group_count, precision, preferred_element_type) -> bool:
   ones = lambda d: d is None or all(v == 1 for v in d)
-  if not (lhs.ndim == 4 and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+  if not (lhs.ndim == 4 and lhs.dtype in (jnp.float32, jnp.bfloat16) and rhs.dtype == lhs.dtype
           and ones(lhs_dilation) and ones(rhs_dilation) and feature_group_count == 1
           and batch_group_count == 1 and precision is None and preferred_element_type is None
           and dimension_numbers is not None):
@@ -229,9 +260,11 @@ def _upconv_bwd(residuals, g):
 
   def ours(x, kernel, g):
     w = _upconv_as_transpose(kernel)
-    dx = kernels.conv2d(g, w, (2, 2), (0, 0), x.shape[1:3])
-    dw = kernels.conv2d_weight_grad(g, x, (2, 2), (0, 0), (2, 2))
-    return dx, jnp.flip(dw.transpose(0, 1, 3, 2), (0, 1))
+    route = routes(w.shape, (2, 2), g.shape[1:3], x.shape[1:3], g.dtype)['forward']
+    dx = _forward(route, g, w, (2, 2), (0, 0), x.shape[1:3])
+    dw = _in_float32(lambda g, x: kernels.conv2d_weight_grad(g, x, (2, 2), (0, 0), (2, 2)),
+                     g, x)
+    return dx, jnp.flip(dw.transpose(0, 1, 3, 2), (0, 1)).astype(kernel.dtype)
 
   def xla(x, kernel, g):
     return jax.vjp(_upconv_einsum, x, kernel)[1](g)
@@ -246,11 +279,11 @@ def upconv2x2(x, kernel, conv_impl: str = 'auto'):
   = x[i, j] @ kernel[1 - a, 1 - c], one matmul and a depth-to-space. On a CPU
   (`conv_impl='auto'`, float32) its gradients are our kernels, as those of the 2x2 stride-2
   convolution whose transpose it is: they need no transposed copies (XLA:CPU spent 0.2 s of a
-  unet step on them)."""
+  unet step on them). bfloat16 likewise (`conv_general_dilated`)."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'model.conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}.')
-  if (conv_impl == 'auto' and kernels.available() and x.dtype == jnp.float32
-      and kernel.dtype == jnp.float32):
+  if (conv_impl == 'auto' and kernels.available() and x.dtype in (jnp.float32, jnp.bfloat16)
+      and kernel.dtype == x.dtype):
     return _upconv(x, kernel)
   return _upconv_einsum(x, kernel)
 
