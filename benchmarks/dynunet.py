@@ -39,9 +39,9 @@ class DynUNet:
     from monai.networks.nets import DynUNet as Net  # pylint: disable=g-import-not-at-top
     self.torch = torch
     self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    self.amp = amp and self.device.type == 'cuda'
-    if self.amp:
-      self.name = 'MONAI DynUNet (bf16 autocast, channels-last)'
+    self.amp = amp
+    if self.amp:  # on a CPU, oneDNN's bfloat16 convolutions (AMX where the CPU has it)
+      self.name = self.name[:-1] + ', bf16 autocast, channels-last)'
       torch.backends.cudnn.benchmark = True
     self.dtype = 'bfloat16 (autocast)' if self.amp else 'float32'
     torch.manual_seed(seed)
@@ -65,7 +65,7 @@ class DynUNet:
     return x if self.amp else x.contiguous()
 
   def _autocast(self):
-    return self.torch.autocast('cuda', dtype=self.torch.bfloat16, enabled=self.amp)
+    return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.amp)
 
   def _sync(self):
     if self.device.type == 'cuda':

@@ -4,7 +4,7 @@ inference latency, on the same machine in the same run.
     pip install torch==2.13.0 && pip install -e '.[bench]'   # torch first: the CPU wheel
     python benchmarks/vs_monai.py [--models=unet,mtl4,dynunet] [--steps=3] [--warmup=1]
         [--infer_runs=5] [--infer_batches=1,32] [--flax_upconv=none|also]
-        [--torch_threads=1,2] [--conv_impl=auto,xla]
+        [--torch_threads=1,2] [--conv_impl=auto,xla] [--dtypes=float32,bfloat16]
 
 Ours go through the code path training runs: `models.create_model(config.model)`,
 `steps.create_optimizer`, `steps.create_train_state` and `steps.make_train_step` (jit of the
@@ -33,6 +33,12 @@ configs are: on a CPU, the U-Net's convolutions routed to the compiled kernels o
 `skinmtl_jax/kernels` where XLA's are slow, `skinmtl_jax/models/conv.py`) and 'xla' (XLA's
 convolutions everywhere; the same values up to float32 summation order). The row names say
 which ran.
+
+`--dtypes=float32,bfloat16` gives every model one row per compute dtype: ours with
+`model.dtype` (bfloat16: mixed precision; on a CPU with AMX-BF16 the convolutions run on its
+tile unit, `kernels.conv2d_bf16`), DynUNet under torch's bfloat16 autocast (channels-last;
+oneDNN's bfloat16 convolutions, AMX where present). Each row names its dtype; the ratios are
+against the first DynUNet row.
 
 `--flax_upconv=also` adds rows for our models with the decoder's former up-convolution,
 flax's `nn.ConvTranspose`, in place of `UpConv2x2` (the same parameters and outputs; see
@@ -77,26 +83,34 @@ flags.DEFINE_list('torch_threads', [],
                   'DynUNet rows, one per torch thread count (default: one, torch\'s default). '
                   'On a shared machine torch\'s OpenMP threads slow down badly when another job '
                   'holds a core; compare 1 thread there.')
+flags.DEFINE_list('dtypes', ['float32'],
+                  'Compute dtypes (float32, bfloat16): one row per model and dtype.')
 flags.DEFINE_integer('seed', 0, 'Seed of the random data and of the models.')
 FLAGS = flags.FLAGS
 
 
-def conv_impl_name(conv_impl: str) -> str:
+def conv_impl_name(conv_impl: str, dtype: str = 'float32') -> str:
   """What `model.conv_impl` runs on the default device."""
   if conv_impl == 'auto' and jax.default_backend() == 'cpu':
-    return 'CPU kernels' if kernels.available() else f'XLA; CPU kernels {kernels.status()}'
+    if not kernels.available():
+      return f'XLA; CPU kernels {kernels.status()}'
+    return 'CPU kernels' + (' and AMX' if dtype == 'bfloat16' and kernels.amx_available()
+                            else '')
   return 'XLA'
 
 
 class Ours:
   """One of our configs through the training code path."""
 
-  def __init__(self, name, size, batch, rng, flax_upconv=False, conv_impl='auto'):
+  def __init__(self, name, size, batch, rng, flax_upconv=False, conv_impl='auto',
+               dtype='float32'):
     import conv_variants  # pylint: disable=g-import-not-at-top
     cfg = importlib.import_module(f'configs.{name}').get_config()
     cfg.model.conv_impl = conv_impl
+    cfg.model.dtype = dtype
+    self.dtype = dtype
     self.name = name + (' (flax ConvTranspose)' if flax_upconv else '') + (
-        f' (convolutions: {conv_impl_name(conv_impl)})')
+        f' (convolutions: {conv_impl_name(conv_impl, dtype)}, {dtype})')
     self._variant = functools.partial(conv_variants.flax_upconv, flax_upconv)
     self.model = models.create_model(cfg.model)
     tx = steps.create_optimizer(cfg, 1000)
@@ -144,14 +158,16 @@ def main(argv):
       import monai  # pylint: disable=g-import-not-at-top
       print(f'torch {torch.__version__} ({"cuda" if torch.cuda.is_available() else "cpu"}, '
             f'{torch.get_num_threads()} threads by default), MONAI {monai.__version__}')
-      for threads in FLAGS.torch_threads or [None]:
-        entries.append(DynUNet(size, FLAGS.batch, rng, int(threads) if threads else None,
-                               seed=FLAGS.seed))
+      for dtype in FLAGS.dtypes:
+        for threads in FLAGS.torch_threads or [None]:
+          entries.append(DynUNet(size, FLAGS.batch, rng, int(threads) if threads else None,
+                                 seed=FLAGS.seed, amp=dtype == 'bfloat16'))
     else:
-      for conv_impl in FLAGS.conv_impl:
-        entries.append(Ours(name, size, FLAGS.batch, rng, conv_impl=conv_impl))
-        if FLAGS.flax_upconv == 'also':
-          entries.append(Ours(name, size, FLAGS.batch, rng, True, conv_impl))
+      for dtype in FLAGS.dtypes:
+        for conv_impl in FLAGS.conv_impl:
+          entries.append(Ours(name, size, FLAGS.batch, rng, conv_impl=conv_impl, dtype=dtype))
+          if FLAGS.flax_upconv == 'also':
+            entries.append(Ours(name, size, FLAGS.batch, rng, True, conv_impl, dtype))
   print(f'training: {size[0]}x{size[1]}, batch {FLAGS.batch}, {FLAGS.warmup} warm-up + '
         f'{FLAGS.steps} timed steps x {FLAGS.rounds} round(s); inference: batches '
         f'{",".join(FLAGS.infer_batches)}, 1 warm-up + median of {FLAGS.infer_runs}', flush=True)

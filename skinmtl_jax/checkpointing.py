@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from skinmtl_jax import models, steps
+from skinmtl_jax.config_base import DTYPES, ConfigError
 from skinmtl_jax.steps import TrainState
 
 
@@ -224,10 +225,16 @@ def check_run_dir(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def load_run(workdir: str, step: int | None = None):
+def load_run(workdir: str, step: int | None = None, dtype: str | None = None):
   """(config, model, state) of the run in `workdir`, at its latest (or `step`'s) checkpoint;
-  without `step`, the newest that restores when the latest is damaged (see checkpointing)."""
+  without `step`, the newest that restores when the latest is damaged (see checkpointing).
+  `dtype` ('float32' or 'bfloat16') overrides the compute dtype the run was trained with
+  (`model.dtype`; the parameters are float32 either way), as config.model.dtype too."""
   config = check_run_dir(workdir)
+  if dtype:
+    if dtype not in DTYPES:
+      raise ConfigError(f'dtype {dtype!r}: expected one of {DTYPES}.')
+    config.model.dtype = dtype
   model = models.create_model(config.model)
   keys = steps.member_keys(0, config.get('num_seeds', 1))
   template = steps.create_train_state(model, steps.create_optimizer(config, 1), keys,

@@ -17,6 +17,7 @@ class ConfigError(ValueError):
 ARCHITECTURES = ('mtl', 'resnet50')            # model.arch
 REVERSE_MODES = ('params', 'activations')      # model.reverse_mode
 CONV_IMPLS = ('auto', 'xla')                   # model.conv_impl
+DTYPES = ('float32', 'bfloat16')               # model.dtype
 SEED_DATA_ORDERS = ('shared', 'per_member')    # seed_data_order
 MEMBER_LOOPS = ('auto', 'vmap', 'unroll')      # member_loop
 SHARDINGS = ('data', 'members')                # sharding
@@ -59,9 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Woo et al. use 16; 8 gives the paper's parameter count for mtl3 (10.90 M).
   m.cbam_reduction = 8
   m.resnet_width = 64            # resnet50 only
-  # Compute dtype. 'bfloat16' is mixed precision (for GPUs): convolutions and activations in
-  # bfloat16; parameters, BatchNorm statistics, the classifier, the losses and the optimizer in
-  # float32.
+  # Compute dtype. 'bfloat16' is mixed precision: convolutions and activations in bfloat16;
+  # parameters, BatchNorm (statistics and arithmetic), the classifier, the losses and the
+  # optimizer in float32. For GPUs, and for CPUs with AMX-BF16 (Intel Xeon since Sapphire
+  # Rapids), where the convolutions run on its tile unit (skinmtl_jax/models/conv.py).
+  # Evaluation and predict can run a float32 run in bfloat16 (their --dtype).
   m.dtype = 'float32'
   # The U-Net's convolutions: 'auto' is XLA's on GPUs; on CPUs it routes each by shape to the
   # compiled kernels of skinmtl_jax/kernels (Winograd for 3x3 stride 1, im2col GEMMs) or to
@@ -176,6 +179,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.arch={m.arch!r}: expected one of {ARCHITECTURES}.')
   if m.reverse_mode not in REVERSE_MODES:
     raise ConfigError(f'model.reverse_mode={m.reverse_mode!r}: expected one of {REVERSE_MODES}.')
+  if m.get('dtype', 'float32') not in DTYPES:
+    raise ConfigError(f'model.dtype={m.dtype!r}: expected one of {DTYPES}.')
   if m.get('conv_impl', 'auto') not in CONV_IMPLS:
     raise ConfigError(f'model.conv_impl={m.conv_impl!r}: expected one of {CONV_IMPLS}.')
   if config.data.extra_melanomas not in ('', 'isic2017'):

@@ -1,6 +1,7 @@
 """Evaluation: measures, `metrics.json`, `report.md`, per-image CSVs and figures.
 
     python -m skinmtl_jax.evaluate --workdir=RUN [--datasets=isic2016_test,ph2]
+        [--dtype=bfloat16 [--out=DIR]]
 
 evaluates the latest checkpoint of RUN (also run at the end of training) and writes into RUN:
 metrics.json; report.md (our rows in the layout of the paper's Tables 3-4, the paper's row
@@ -11,6 +12,11 @@ reliability diagram before and after calibration); calibration.json (the tempera
 fitted on the validation split, see skinmtl_jax/calibration.py); and the figures as images in
 the run's TensorBoard files. The measures and report.md are made here; the sections, figures and
 CSVs by skinmtl_jax/report.py, calibration.json by skinmtl_jax/calibration.py.
+
+`--dtype` evaluates in another compute dtype than the run trained with (`model.dtype`: a
+float32 run in bfloat16, say, to see what bfloat16 inference costs). The run's own files are
+then left alone: everything is written into --out (default RUN/eval_<dtype>), its
+metrics.json with 'compute_dtype'.
 """
 
 from __future__ import annotations
@@ -278,7 +284,10 @@ def main(argv):
 
 
 def _evaluate(f):
-  config, model, state = checkpointing.load_run(f.workdir)
+  trained = checkpointing.check_run_dir(f.workdir).model.get('dtype', 'float32')
+  dtype = f.dtype or trained
+  out = f.out or (f.workdir if dtype == trained else os.path.join(f.workdir, f'eval_{dtype}'))
+  config, model, state = checkpointing.load_run(f.workdir, dtype=dtype)
   names = f.datasets or list(config.data.eval_sets)
   splits = {n: input_pipeline.get_split(config.data, n) for n in names}
   try:
@@ -287,17 +296,24 @@ def _evaluate(f):
     logging.warning('The validation split cannot be read (%s): the calibration is not fitted '
                     'again; the calibration.json of this checkpoint, if any, is used.', e)
     validation = None
-  path = os.path.join(f.workdir, 'metrics.json')
   results = {}
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as fh:
-      results = json.load(fh)
+  for path in dict.fromkeys([os.path.join(out, 'metrics.json'),  # what is known already
+                             os.path.join(f.workdir, 'metrics.json')]):
+    if os.path.exists(path):
+      with open(path, encoding='utf-8') as fh:
+        results = json.load(fh)
+      break
   results.update({'params': steps.num_params(state), 'steps': checkpointing.step_of(state)})
-  results = evaluate_and_report(config, state, model, f.workdir, splits, results,
+  if dtype != trained:
+    results['compute_dtype'] = dtype
+    logging.info('Evaluating in %s (trained in %s) into %s.', dtype, trained, out)
+  os.makedirs(out, exist_ok=True)
+  results = evaluate_and_report(config, state, model, out, splits, results,
                                 validation=validation)
-  tensorboard = writers.TensorboardWriter(f.workdir)
-  writers.write_figures(tensorboard, results['steps'], report.figures(f.workdir))
-  tensorboard.close()
+  if out == f.workdir:  # the run's own TensorBoard files
+    tensorboard = writers.TensorboardWriter(f.workdir)
+    writers.write_figures(tensorboard, results['steps'], report.figures(f.workdir))
+    tensorboard.close()
   for n in names:
     print(n, {k: v for k, v in results[n].items()
               if k not in ('ci95', 'confusion', 'calibrated', 'members')})
@@ -307,6 +323,11 @@ def define_flags() -> None:
   """The command line's flags (defined when run as a program, not on import)."""
   flags.DEFINE_string('workdir', None, 'The training run to evaluate.')
   flags.DEFINE_list('datasets', [], 'Evaluation sets (default: the config\'s data.eval_sets).')
+  flags.DEFINE_enum('dtype', '', ['', 'float32', 'bfloat16'],
+                    'Compute dtype (default: the run\'s model.dtype). Another than the run\'s '
+                    'writes into --out, not into the run.')
+  flags.DEFINE_string('out', '', 'Output folder (default: the run; RUN/eval_<dtype> with '
+                      'another --dtype).')
   flags.mark_flags_as_required(['workdir'])
 
 

@@ -194,3 +194,28 @@ def test_evaluate_datasets_flag_picks_the_sets(tiny_run):
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'Evaluated synthetic_test: 12 images in' in r.stderr
   assert set(json.loads((tiny_run / 'metrics.json').read_text())) >= {'test', 'params'}
+
+
+def test_evaluate_and_predict_in_bfloat16_leave_the_run_alone(tiny_run, tmp_path):
+  """--dtype=bfloat16 on a float32 run: evaluate writes into RUN/eval_bfloat16 (the run's
+  metrics.json untouched) and measures what the run measured, within bfloat16's rounding;
+  predict gives the same probabilities within it."""
+  before = (tiny_run / 'metrics.json').read_text()
+  r = _run('skinmtl_jax.evaluate', f'--workdir={tiny_run}', '--dtype=bfloat16')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (tiny_run / 'metrics.json').read_text() == before
+  ours, run = (json.loads(p.read_text()) for p in (tiny_run / 'eval_bfloat16' / 'metrics.json',
+                                                  tiny_run / 'metrics.json'))
+  assert ours['compute_dtype'] == 'bfloat16' and 'compute_dtype' not in run
+  assert ours['steps'] == run['steps']
+  assert abs(ours['test']['dice'] - run['test']['dice']) < 0.02
+  assert (tiny_run / 'eval_bfloat16' / 'report.md').exists()
+  image = tmp_path / 'lesion.png'
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)).save(image)
+  probs = []
+  for dtype in ('float32', 'bfloat16'):
+    r = _run('skinmtl_jax.predict', f'--workdir={tiny_run}', f'--out={tmp_path / dtype}',
+             f'--dtype={dtype}', str(image))
+    assert r.returncode == 0, r.stderr[-3000:]
+    probs.append(json.loads(r.stdout.strip().splitlines()[-1])['melanoma_prob'])
+  assert probs[0] != probs[1] and abs(probs[0] - probs[1]) < 0.02, probs  # computed in bfloat16

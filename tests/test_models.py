@@ -201,6 +201,25 @@ def test_batchnorm_matches_flax():
                              atol=1e-5)
 
 
+def test_batchnorm_in_bfloat16_rounds_once():
+  """Mixed precision: BatchNorm computes in float32 and rounds its result once. Its two
+  terms, x * mul and bias - mean * mul, are each about mean/std times the result: computed in
+  bfloat16 (as before) their rounding was as large as the result."""
+  from skinmtl_jax.models.unet import BatchNorm  # pylint: disable=import-outside-toplevel
+  x = (50.0 + jax.random.normal(jax.random.key(0), (4, 8, 8, 16))).astype(jnp.bfloat16)
+  x32 = x.astype(jnp.float32)  # the same values
+  variables = BatchNorm().init(jax.random.key(1), x32, True)
+  for train in (True, False):
+    if not train:  # running statistics of these maps
+      variables = {**variables, 'batch_stats': {'mean': jnp.mean(x32, (0, 1, 2)),
+                                                'var': jnp.var(x32, (0, 1, 2))}}
+    y32, _ = BatchNorm().apply(variables, x32, train, mutable=['batch_stats'])
+    y16, _ = BatchNorm(dtype=jnp.bfloat16).apply(variables, x, train, mutable=['batch_stats'])
+    assert y16.dtype == jnp.bfloat16
+    err = np.max(np.abs(np.asarray(y16.astype(jnp.float32)) - np.asarray(y32)))
+    assert err <= 2.0 ** -8 * np.max(np.abs(np.asarray(y32))), err  # one rounding
+
+
 @pytest.mark.parametrize('conv_impl', ['auto', 'xla'])
 def test_bfloat16_compute_keeps_float32_parameters_and_outputs(conv_impl):
   """Both paths: our CPU kernels ('auto': on the float32 values of the bfloat16 operands, or on

@@ -61,7 +61,9 @@ class BatchNorm(nn.Module):
     else:
       mean, var = ra_mean.value, ra_var.value
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    return (x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)).astype(self.dtype)
+    # In float32 whatever the compute dtype, rounded once at the end: in bfloat16 the two terms
+    # (each about mean/std times the result) cancelled, and their rounding swamped the result.
+    return (x.astype(jnp.float32) * mul + (bias - mean * mul)).astype(self.dtype)
 
 
 class ConvBlock(nn.Module):
