@@ -67,7 +67,8 @@ def _kind(name: str, hlo: str) -> tuple[str, str]:
                        (kernels.WEIGHT_GRAD, 'GEMM kernel gradient'),
                        (kernels.WINOGRAD_WEIGHT_GRAD, 'Winograd kernel gradient'),
                        (kernels.CONV_BF16, 'AMX bfloat16 convolution'),
-                       (kernels.CONV_BF16_F32, 'AMX bfloat16 convolution')):
+                       (kernels.CONV_BF16_F32, 'AMX bfloat16 convolution'),
+                       (kernels.CONV_BF16_WF32, 'AMX bfloat16 convolution')):
     if f'custom_call_target="{target}"' in body:
       return f'our CPU kernel: {what} (skinmtl_jax/kernels)', ''
   return re.sub(r'[.\d]+$', '', name), ''

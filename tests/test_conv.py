@@ -215,6 +215,16 @@ def test_the_amx_kernel_matches_xla_on_bfloat16_values(shape, kernel, strides, p
   yb = kernels.conv2d_bf16(x, k, strides, lead, ref.shape[1:3])
   assert yb.dtype == jnp.bfloat16
   np.testing.assert_array_equal(_f32(yb), _f32(y.astype(jnp.bfloat16)))
+  # A float32 kernel is rounded as XLA's conversion rounds it (ties, tiny values, inf, NaN).
+  k32 = _random(kernel, 1) * (1 + 2.0 ** -8)
+  k32 = k32.at[0, 0, 0, 0].set(1 + 2.0 ** -8).at[-1, -1, -1, -1].set(1e-39)
+  np.testing.assert_array_equal(
+      _f32(kernels.conv2d_bf16(x, k32, strides, lead, ref.shape[1:3])),
+      _f32(kernels.conv2d_bf16(x, k32.astype(jnp.bfloat16), strides, lead, ref.shape[1:3])))
+  k32 = k32.at[0, 0, 0, 0].set(jnp.inf).at[-1, -1, -1, -1].set(jnp.nan)
+  np.testing.assert_array_equal(
+      _f32(kernels.conv2d_bf16(x, k32, strides, lead, ref.shape[1:3])),
+      _f32(kernels.conv2d_bf16(x, k32.astype(jnp.bfloat16), strides, lead, ref.shape[1:3])))
 
 
 @needs_amx
@@ -238,15 +248,13 @@ def test_without_amx_the_bfloat16_kernel_says_so(monkeypatch):
 
 
 def test_bfloat16_routing():
-  """With AMX, bfloat16 forwards and stride-1 input gradients of 32 channels or more take it;
-  the rest, and every bfloat16 convolution without AMX, route as float32's. float32 never
-  takes it."""
+  """With AMX, bfloat16 forwards and stride-1 input gradients take it; the rest, and every
+  bfloat16 convolution without AMX, route as float32's. float32 never takes it."""
   big = (96, 128)
   r = lambda kernel, strides, out_hw, amx: tuple(conv.routes(
       kernel, strides, big, out_hw, jnp.bfloat16, amx=amx).values())
   assert r((3, 3, 64, 64), (1, 1), big, True) == ('amx', 'amx', 'winograd')
-  assert r((3, 3, 3, 32), (1, 1), big, True) == ('winograd', 'amx', 'winograd')  # RGB layer
-  assert r((3, 3, 64, 16), (1, 1), big, True) == ('amx', 'winograd', 'winograd')
+  assert r((3, 3, 3, 32), (1, 1), big, True) == ('amx', 'amx', 'winograd')  # RGB layer
   assert r((3, 3, 64, 128), (2, 2), (48, 64), True) == ('amx', 'gemm', 'gemm')  # col2im
   assert r((3, 3, 64, 64), (1, 1), big, False) == ('winograd',) * 3
   assert conv.routes((3, 3, 64, 64), (1, 1), big, big, amx=True)['forward'] == 'winograd'
@@ -290,6 +298,30 @@ def test_bfloat16_gradients_match_jax_grad(monkeypatch, amx, shape, kernel, stri
   assert hlo.count(f'@{kernels.CONV_BF16}(') == sum(
       route[p] == 'amx' for p in ('forward', 'input_grad'))
   assert amx or 'amx' not in route.values()
+
+
+@needs_kernel
+@pytest.mark.parametrize('amx', [False, True])
+@pytest.mark.parametrize('strides', [(1, 1), (2, 2)])
+def test_a_float32_kernel_with_a_bfloat16_input_is_rounded_as_flax_would(monkeypatch, amx,
+                                                                         strides):
+  """`promote_keep_kernel` leaves the kernel float32: the convolution, both gradients and
+  XLA's path ('xla') are then bit for bit those of the kernel cast to bfloat16 first (flax's
+  own promote_dtype), the kernel gradient in float32."""
+  if amx and not kernels.amx_available():
+    pytest.skip('this CPU has no AMX-BF16')
+  monkeypatch.setattr(kernels, 'amx_available', lambda: amx)
+  x, k = _bf16((2, 12, 16, 32), 0), _random((3, 3, 32, 40), 1)
+  for impl in ('auto', 'xla'):
+    fn = conv.for_impl(impl)
+    mixed = lambda x, k: fn(x, k, strides, 'SAME', dimension_numbers=NHWC)
+    cast = lambda x, k: fn(x, k.astype(jnp.bfloat16), strides, 'SAME', dimension_numbers=NHWC)
+    (y0, vjp0), (y1, vjp1) = jax.vjp(mixed, x, k), jax.vjp(cast, x, k)
+    g = _bf16(y0.shape, 2)
+    for a, b in zip((y0, *vjp0(g)), (y1, *vjp1(g))):
+      assert a.dtype == b.dtype
+      np.testing.assert_array_equal(_f32(a), _f32(b))
+    assert vjp0(g)[1].dtype == jnp.float32
 
 
 @needs_kernel

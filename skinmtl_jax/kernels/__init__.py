@@ -29,6 +29,7 @@ WINOGRAD = 'skinmtl_winograd'
 WINOGRAD_WEIGHT_GRAD = 'skinmtl_winograd_weight_grad'
 CONV_BF16 = 'skinmtl_conv2d_bf16'          # bfloat16 result
 CONV_BF16_F32 = 'skinmtl_conv2d_bf16_f32'  # float32 result
+CONV_BF16_WF32 = 'skinmtl_conv2d_bf16_wf32'  # float32 kernel (rounded inside), bfloat16 result
 
 
 @functools.cache
@@ -53,7 +54,8 @@ def _load() -> str | None:
                             (WINOGRAD, lib.SkinmtlWinograd),
                             (WINOGRAD_WEIGHT_GRAD, lib.SkinmtlWinogradWeightGrad),
                             (CONV_BF16, lib.SkinmtlConv2dBf16),
-                            (CONV_BF16_F32, lib.SkinmtlConv2dBf16F32)):
+                            (CONV_BF16_F32, lib.SkinmtlConv2dBf16F32),
+                            (CONV_BF16_WF32, lib.SkinmtlConv2dBf16Wf32)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
   except (ImportError, OSError, AttributeError) as e:
     return f'failed to load {spec.origin}: {e}'
@@ -89,12 +91,12 @@ def _threads() -> int:
 
 def _call(target: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array,
           lead_pads: tuple[int, int], strides: tuple[int, int] | None = None,
-          dtype=jnp.float32, out_dtype=jnp.float32) -> jax.Array:
-  """The FFI call of `target` on (a, b), (N)HW(C) arrays of `dtype`; the Winograd targets take
-  no strides."""
+          dtype=jnp.float32, out_dtype=jnp.float32, b_dtype=None) -> jax.Array:
+  """The FFI call of `target` on (a, b), (N)HW(C) arrays of `dtype` (b: `b_dtype`, by default
+  the same); the Winograd targets take no strides."""
   if not available():
     raise RuntimeError(f'The CPU kernels skinmtl_jax.kernels are {status()}')
-  if a.dtype != dtype or b.dtype != dtype:
+  if a.dtype != dtype or b.dtype != (b_dtype or dtype):
     raise TypeError(f'{target}: {jnp.dtype(dtype).name} only, got {a.dtype} and {b.dtype}.')
   attrs = dict(pt=np.int64(lead_pads[0]), pl=np.int64(lead_pads[1]),
                threads=np.int64(_threads()))
@@ -149,13 +151,19 @@ def conv2d_bf16(x: jax.Array, w: jax.Array, strides: tuple[int, int],
   """`conv2d` of bfloat16 x and w on AMX, accumulated in float32; the result in `out_dtype`
   (bfloat16, rounded to nearest even, or float32). The products of bfloat16 values are exact in
   float32: the float32 result is XLA's float32 convolution of the same values up to the order
-  of the sums. Raises where `amx_available()` is False."""
+  of the sums. w may also be float32: it is then rounded to bfloat16 inside (as
+  `w.astype(jnp.bfloat16)` would, without that conversion's pass over w; bfloat16 result
+  only). Raises where `amx_available()` is False."""
   if not amx_available():
     raise RuntimeError('conv2d_bf16 needs a CPU with AMX-BF16 and AVX512-BF16 (Intel Xeon since '
                        'Sapphire Rapids); this one has none (or Linux refused the tile data).')
   out_dtype = jnp.dtype(out_dtype)
   if out_dtype not in (jnp.bfloat16, jnp.float32):
     raise TypeError(f'conv2d_bf16: out_dtype bfloat16 or float32, got {out_dtype}.')
-  target = CONV_BF16 if out_dtype == jnp.bfloat16 else CONV_BF16_F32
+  if w.dtype == jnp.float32 and out_dtype == jnp.bfloat16:
+    target = CONV_BF16_WF32
+  else:
+    w = w.astype(jnp.bfloat16)
+    target = CONV_BF16 if out_dtype == jnp.bfloat16 else CONV_BF16_F32
   return _call(target, (x.shape[0], *out_hw, w.shape[-1]), x, w, lead_pads, strides,
-               dtype=jnp.bfloat16, out_dtype=out_dtype)
+               dtype=jnp.bfloat16, out_dtype=out_dtype, b_dtype=w.dtype)

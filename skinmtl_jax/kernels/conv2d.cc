@@ -13,6 +13,8 @@
 //   added back where the windows lie (col2im); the kernel gradient is dw += col^T @ g[block].
 // - Winograd F(2x2, 3x3) for the 3x3 stride-1 forward, F(3x3, 2x2) (its adjoint) for the
 //   kernel gradient: 16 GEMMs per block of 2x2 output tiles, 2.25x fewer multiplications.
+// - bfloat16 on AMX (the last section): the direct convolution of bfloat16 operands on the
+//   tile unit of CPUs with AMX-BF16, accumulated in float32; no BLAS.
 //
 // Results do not depend on the thread count: blocks and chunks are sized by the shapes only,
 // each block's GEMMs write their own part of the result, and sums that span blocks are taken
@@ -29,6 +31,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <system_error>
@@ -735,21 +738,46 @@ SKINMTL_AMX_TARGET void AmxItem(const uint16_t* x, const uint16_t* wt, T* y, int
   }
 }
 
+// A bfloat16 value's bits: itself, or a float32 rounded to nearest even (XLA's conversion;
+// NaNs stay NaNs). Branch-free, so that the loops below vectorise.
+inline uint32_t Bf16Bits(uint16_t v) { return v; }
+inline uint32_t Bf16Bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return (bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded;
+}
+
+// 16 pairs (s0[q], s1[q]) as bfloat16 into dst (32 values), the layout of a kernel tile's row.
+template <typename W>
+SKINMTL_CLONES void PackPairs(const W* __restrict s0, const W* __restrict s1,
+                              uint16_t* __restrict dst) {
+  uint32_t pairs[16];
+  for (int q = 0; q < 16; ++q) pairs[q] = Bf16Bits(s0[q]) | Bf16Bits(s1[q]) << 16;
+  std::memcpy(dst, pairs, sizeof pairs);  // little-endian: s0[q] first
+}
+
 // Packs the kernel's tap t, channels 32k..32k+31, into nt tiles (one per 16 outputs) of 16
 // rows x 32 values: row r holds channels 32k + 2r and 32k + 2r + 1 of each output, interleaved
-// (the layout TDPBF16PS reads); zeros past C and O.
-void PackKernel(const uint16_t* w, const Geometry& d, int64_t t, int64_t k, int64_t nt,
+// (the layout TDPBF16PS reads); zeros past C and O. W: the kernel's bfloat16 bits, or float32
+// values (rounded here, as XLA's conversion would).
+template <typename W>
+void PackKernel(const W* w, const Geometry& d, int64_t t, int64_t k, int64_t nt,
                 uint16_t* tiles) {
   for (int64_t r = 0; r < 16; ++r) {
     const int64_t ch = 32 * k + 2 * r;
-    const uint16_t* s0 = ch < d.c ? w + (t * d.c + ch) * d.o : nullptr;
-    const uint16_t* s1 = ch + 1 < d.c ? w + (t * d.c + ch + 1) * d.o : nullptr;
+    const W* s0 = ch < d.c ? w + (t * d.c + ch) * d.o : nullptr;
+    const W* s1 = ch + 1 < d.c ? w + (t * d.c + ch + 1) * d.o : nullptr;
     for (int64_t j = 0; j < nt; ++j) {
       uint16_t* dst = tiles + j * 512 + r * 32;
+      if (s1 && 16 * j + 16 <= d.o) {
+        PackPairs(s0 + 16 * j, s1 + 16 * j, dst);
+        continue;
+      }
       for (int64_t q = 0; q < 16; ++q) {
         const int64_t oc = 16 * j + q;
-        dst[2 * q] = s0 && oc < d.o ? s0[oc] : 0;
-        dst[2 * q + 1] = s1 && oc < d.o ? s1[oc] : 0;
+        dst[2 * q] = s0 && oc < d.o ? Bf16Bits(s0[oc]) : 0;
+        dst[2 * q + 1] = s1 && oc < d.o ? Bf16Bits(s1[oc]) : 0;
       }
     }
   }
@@ -758,11 +786,13 @@ void PackKernel(const uint16_t* w, const Geometry& d, int64_t t, int64_t k, int6
 #endif  // SKINMTL_AMX
 
 // conv(x, w) of bfloat16 x (N, H, W, C) and w (kh, kw, C, O) into y (N, Ho, Wo, O), float32
-// or bfloat16 (T = float or uint16_t). The kernel is packed first (in parallel); then each
+// or bfloat16 (T = float or uint16_t); w bfloat16, or float32 rounded to bfloat16 first
+// (W = uint16_t or float: the models pass their float32 kernels, which saves XLA a conversion
+// of every kernel per call). The kernel is packed first (in parallel); then each
 // item reads its inputs in place (C a multiple of 32, tiles inside the input) or through a
 // 16-pixel staging copy with zeros (edges, other C).
-template <typename T, ffi::DataType DT>
-ffi::Error ConvBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+template <typename T, ffi::DataType DT, typename W, ffi::DataType DW>
+ffi::Error ConvBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<DW> w,
                     ffi::ResultBuffer<DT> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                     int64_t threads) {
   const char* name = "skinmtl_conv2d_bf16";
@@ -785,7 +815,7 @@ ffi::Error ConvBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
   const int64_t nt = (d.o + 15) / 16, tiles = d.ho * ((d.wo + 15) / 16);
   std::unique_ptr<uint16_t[]> wt(new uint16_t[d.taps() * kb * nt * 512]);
   const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
-  const auto* ws = reinterpret_cast<const uint16_t*>(w.untyped_data());
+  const auto* ws = reinterpret_cast<const W*>(w.untyped_data());
   ParallelFor(d.taps() * kb, threads, [&](int64_t item) {
     PackKernel(ws, d, item / kb, item % kb, nt, wt.get() + item * nt * 512);
   });
@@ -852,11 +882,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SkinmtlWinogradWeightGrad, WinogradWeightGrad,
                                   .Attr<int64_t>("pl")
                                   .Attr<int64_t>("threads"));
 
-#define SKINMTL_CONV_BF16(name, T, DT)                                              \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (ConvBf16<T, DT>),                            \
+#define SKINMTL_CONV_BF16(name, T, DT, W, DW)                                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (ConvBf16<T, DT, W, DW>),                     \
                                 ffi::Ffi::Bind()                                    \
                                     .Arg<ffi::Buffer<ffi::BF16>>()                  \
-                                    .Arg<ffi::Buffer<ffi::BF16>>()                  \
+                                    .Arg<ffi::Buffer<DW>>()                         \
                                     .Ret<ffi::Buffer<DT>>()                         \
                                     .Attr<int64_t>("sh")                            \
                                     .Attr<int64_t>("sw")                            \
@@ -864,5 +894,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SkinmtlWinogradWeightGrad, WinogradWeightGrad,
                                     .Attr<int64_t>("pl")                            \
                                     .Attr<int64_t>("threads"));
 
-SKINMTL_CONV_BF16(SkinmtlConv2dBf16, uint16_t, ffi::BF16)  // (x, w) bf16 -> y bf16
-SKINMTL_CONV_BF16(SkinmtlConv2dBf16F32, float, ffi::F32)   // (x, w) bf16 -> y f32
+// (x bf16, w bf16 or f32) -> y bf16 or f32
+SKINMTL_CONV_BF16(SkinmtlConv2dBf16, uint16_t, ffi::BF16, uint16_t, ffi::BF16)
+SKINMTL_CONV_BF16(SkinmtlConv2dBf16F32, float, ffi::F32, uint16_t, ffi::BF16)
+SKINMTL_CONV_BF16(SkinmtlConv2dBf16Wf32, uint16_t, ffi::BF16, float, ffi::F32)

@@ -21,9 +21,11 @@ convolution at 1e-5; Winograd's differ from XLA's by about 1e-6 relative).
 bfloat16 convolutions (`model.dtype='bfloat16'`) take the same routes on the float32 values of
 their operands (exact: a product of two bfloat16 values is exact in float32, and XLA too
 accumulates in float32), the result rounded to bfloat16. On CPUs with AMX-BF16
-(`kernels.amx_available()`) the forward and the stride-1 input gradient of convolutions with
-at least AMX_MIN_CHANNELS input channels take 'amx' instead: `kernels.conv2d_bf16`, on the
-tile unit, 3-5x faster than our float32 kernels (benchmarks/RESULTS.md).
+(`kernels.amx_available()`) their forwards and stride-1 input gradients take 'amx' instead:
+`kernels.conv2d_bf16`, on the tile unit, 3-9x faster than our float32 kernels
+(benchmarks/RESULTS.md). The U-Net's convolutions pass their float32 kernels
+(`promote_keep_kernel`): each route rounds them to bfloat16 itself, the AMX kernel while it
+packs them, which saves XLA a separate conversion of every kernel per call.
 
 Covered: float32 and bfloat16, 2-D NHWC/HWIO, no dilation or groups (every convolution of the
 U-Net family, the RGB input layer's too). Everything else is `lax.conv_general_dilated`
@@ -40,6 +42,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from flax.linen.dtypes import promote_dtype
+
 from skinmtl_jax import kernels
 from skinmtl_jax.config_base import CONV_IMPLS
 
@@ -49,16 +53,14 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # window holds at most SHORT_WINDOW values (kh*kw*channels), else XLA's. See above.
 MIN_WINOGRAD_PIXELS = 128
 SHORT_WINDOW = 288
-# bfloat16 convolutions with at least this many input channels (of the forward, or of the
-# input gradient: the output channels) take AMX where the CPU has it; fewer channels would be
-# padded to 32 (the RGB layer: 0.4x our float32 GEMM's speed).
-AMX_MIN_CHANNELS = 32
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
 def _plain(x, kernel, strides, pads):
-  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
+  # A float32 kernel of a bfloat16 convolution (promote_keep_kernel) is rounded first.
+  return lax.conv_general_dilated(x, kernel.astype(x.dtype), strides, pads,
+                                  dimension_numbers=_NHWC)
 
 
 def routes(kernel_shape, strides, in_hw, out_hw, dtype=jnp.float32,
@@ -82,7 +84,7 @@ def routes(kernel_shape, strides, in_hw, out_hw, dtype=jnp.float32,
   amx = amx and jnp.dtype(dtype) == jnp.bfloat16
 
   def conv(channels, out_pixels, can_amx=True):
-    if amx and can_amx and channels >= AMX_MIN_CHANNELS:
+    if amx and can_amx:
       return 'amx'
     if winograd(out_pixels):
       return 'winograd'
@@ -135,10 +137,10 @@ def _on_cpu(ours, xla, *args):
 
 
 def _in_float32(kernel_fn, *operands):
-  """`kernel_fn` (a float32 kernel) on the float32 values of the operands, the result in their
-  dtype (bfloat16 or float32)."""
+  """`kernel_fn` (a float32 kernel) on the float32 values of the operands rounded to the first
+  one's dtype (bfloat16 or float32), the result in that dtype."""
   dtype = operands[0].dtype
-  return kernel_fn(*(a.astype(jnp.float32) for a in operands)).astype(dtype)
+  return kernel_fn(*(a.astype(dtype).astype(jnp.float32) for a in operands)).astype(dtype)
 
 
 def _forward(route, x, kernel, strides, lead, out_hw):
@@ -167,6 +169,14 @@ def _routes(x, kernel, strides, pads):
   return routes(kernel.shape, strides, x.shape[1:3], out_hw, x.dtype), out_hw
 
 
+def promote_keep_kernel(*args, dtype=None, inexact=True):
+  """flax's `promote_dtype` for `nn.Conv(..., promote_dtype=...)` with our
+  `conv_general_dilated`: the input and bias in `dtype`, the kernel left in float32 (the
+  convolution rounds it to the input's dtype itself)."""
+  x, kernel, bias = promote_dtype(*args, dtype=dtype, inexact=inexact)
+  return x, args[1] if dtype is not None else kernel, bias
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, kernel, strides, pads):
   route, out_hw = _routes(x, kernel, strides, pads)
@@ -187,6 +197,8 @@ def _conv_bwd(strides, pads, residuals, g):
   lead = (pads[0][0], pads[1][0])
   route, _ = _routes(x, kernel, strides, pads)
   xla_dx = lambda g, k: jax.vjp(lambda x: _plain(x, k, strides, pads), x)[1](g)[0]
+  # Input gradients by our kernels take g's dtype: with a float32 kernel (promote_keep_kernel)
+  # that of the bfloat16 input.
   if route['input_grad'] == 'xla':
     dx = xla_dx(g, kernel)
   else:
@@ -208,7 +220,8 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 def _covered(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
              batch_group_count, precision, preferred_element_type) -> bool:
   ones = lambda d: d is None or all(v == 1 for v in d)
-  if not (lhs.ndim == 4 and lhs.dtype in (jnp.float32, jnp.bfloat16) and rhs.dtype == lhs.dtype
+  if not (lhs.ndim == 4 and lhs.dtype in (jnp.float32, jnp.bfloat16)
+          and rhs.dtype in (lhs.dtype, jnp.float32)
           and ones(lhs_dilation) and ones(rhs_dilation) and feature_group_count == 1
           and batch_group_count == 1 and precision is None and preferred_element_type is None
           and dimension_numbers is not None):
@@ -220,7 +233,8 @@ def _covered(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_gr
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`, with the CPU kernels where they are covered."""
+  """`lax.conv_general_dilated`, with the CPU kernels where they are covered. A float32 kernel
+  with a bfloat16 input (`promote_keep_kernel`) is rounded to bfloat16."""
   if kernels.available() and _covered(
       lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
       batch_group_count, precision, preferred_element_type):
@@ -228,9 +242,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     pads = tuple(tuple(int(v) for v in p) for p in padding)
     return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
-  return lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count, batch_group_count, precision, preferred_element_type)
+  return _xla(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+              dimension_numbers, feature_group_count, batch_group_count, precision,
+              preferred_element_type)
+
+
+def _xla(lhs, rhs, *args, **kwargs):
+  """`lax.conv_general_dilated`, the kernel rounded to a bfloat16 input's dtype first
+  (`promote_keep_kernel` leaves it float32)."""
+  if lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.float32:
+    rhs = rhs.astype(lhs.dtype)
+  return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
 
 
 def _upconv_einsum(x, kernel):
@@ -292,4 +314,4 @@ def for_impl(conv_impl: str):
   """The `conv_general_dilated` for `nn.Conv` under `model.conv_impl`."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'model.conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}.')
-  return conv_general_dilated if conv_impl == 'auto' else lax.conv_general_dilated
+  return conv_general_dilated if conv_impl == 'auto' else _xla

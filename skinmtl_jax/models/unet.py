@@ -78,6 +78,7 @@ class ConvBlock(nn.Module):
   def __call__(self, x: Array, train: bool, stats: str = '') -> Array:
     x = nn.Conv(self.features, (3, 3), strides=(self.strides, self.strides),
                 padding='SAME', dtype=self.dtype, name='conv',
+                promote_dtype=conv.promote_keep_kernel,
                 conv_general_dilated=conv.for_impl(self.conv_impl))(x)
     x = BatchNorm(dtype=self.dtype, name='bn')(x, train, stats)
     return nn.relu(x)
@@ -181,4 +182,5 @@ class SegHead(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='conv',
+                   promote_dtype=conv.promote_keep_kernel,
                    conv_general_dilated=conv.for_impl(self.conv_impl))(x).astype(jnp.float32)
