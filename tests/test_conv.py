@@ -305,7 +305,7 @@ def test_bfloat16_gradients_match_jax_grad(monkeypatch, amx, shape, kernel, stri
 @pytest.mark.parametrize('strides', [(1, 1), (2, 2)])
 def test_a_float32_kernel_with_a_bfloat16_input_is_rounded_as_flax_would(monkeypatch, amx,
                                                                          strides):
-  """`promote_keep_kernel` leaves the kernel float32: the convolution, both gradients and
+  """`promote_keep_params` leaves the kernel float32: the convolution, both gradients and
   XLA's path ('xla') are then bit for bit those of the kernel cast to bfloat16 first (flax's
   own promote_dtype), the kernel gradient in float32."""
   if amx and not kernels.amx_available():

@@ -24,7 +24,7 @@ accumulates in float32), the result rounded to bfloat16. On CPUs with AMX-BF16
 (`kernels.amx_available()`) their forwards and stride-1 input gradients take 'amx' instead:
 `kernels.conv2d_bf16`, on the tile unit, 3-9x faster than our float32 kernels
 (benchmarks/RESULTS.md). The U-Net's convolutions pass their float32 kernels
-(`promote_keep_kernel`): each route rounds them to bfloat16 itself, the AMX kernel while it
+(`promote_keep_params`): each route rounds them to bfloat16 itself, the AMX kernel while it
 packs them, which saves XLA a separate conversion of every kernel per call.
 
 Covered: float32 and bfloat16, 2-D NHWC/HWIO, no dilation or groups (every convolution of the
@@ -58,7 +58,7 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
 def _plain(x, kernel, strides, pads):
-  # A float32 kernel of a bfloat16 convolution (promote_keep_kernel) is rounded first.
+  # A float32 kernel of a bfloat16 convolution (promote_keep_params) is rounded first.
   return lax.conv_general_dilated(x, kernel.astype(x.dtype), strides, pads,
                                   dimension_numbers=_NHWC)
 
@@ -169,12 +169,15 @@ def _routes(x, kernel, strides, pads):
   return routes(kernel.shape, strides, x.shape[1:3], out_hw, x.dtype), out_hw
 
 
-def promote_keep_kernel(*args, dtype=None, inexact=True):
+def promote_keep_params(*args, dtype=None, inexact=True):
   """flax's `promote_dtype` for `nn.Conv(..., promote_dtype=...)` with our
-  `conv_general_dilated`: the input and bias in `dtype`, the kernel left in float32 (the
-  convolution rounds it to the input's dtype itself)."""
-  x, kernel, bias = promote_dtype(*args, dtype=dtype, inexact=inexact)
-  return x, args[1] if dtype is not None else kernel, bias
+  `conv_general_dilated`: the input in `dtype`, the kernel and the bias left in float32. The
+  convolution rounds the kernel to the input's dtype itself; the bias is added in float32 (the
+  output is then float32: for the BatchNorm that follows, which computes in float32 anyway),
+  so that its gradient is a float32 sum. XLA:CPU splits sums of bfloat16 values into
+  reduce-windows that took 0.5 s of a 2.5 s bfloat16 unet step."""
+  x = promote_dtype(args[0], dtype=dtype, inexact=inexact)[0]
+  return (x, *args[1:]) if dtype is not None else promote_dtype(*args, inexact=inexact)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -197,7 +200,7 @@ def _conv_bwd(strides, pads, residuals, g):
   lead = (pads[0][0], pads[1][0])
   route, _ = _routes(x, kernel, strides, pads)
   xla_dx = lambda g, k: jax.vjp(lambda x: _plain(x, k, strides, pads), x)[1](g)[0]
-  # Input gradients by our kernels take g's dtype: with a float32 kernel (promote_keep_kernel)
+  # Input gradients by our kernels take g's dtype: with a float32 kernel (promote_keep_params)
   # that of the bfloat16 input.
   if route['input_grad'] == 'xla':
     dx = xla_dx(g, kernel)
@@ -234,7 +237,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
   """`lax.conv_general_dilated`, with the CPU kernels where they are covered. A float32 kernel
-  with a bfloat16 input (`promote_keep_kernel`) is rounded to bfloat16."""
+  with a bfloat16 input (`promote_keep_params`) is rounded to bfloat16."""
   if kernels.available() and _covered(
       lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
       batch_group_count, precision, preferred_element_type):
@@ -249,7 +252,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 def _xla(lhs, rhs, *args, **kwargs):
   """`lax.conv_general_dilated`, the kernel rounded to a bfloat16 input's dtype first
-  (`promote_keep_kernel` leaves it float32)."""
+  (`promote_keep_params` leaves it float32)."""
   if lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.float32:
     rhs = rhs.astype(lhs.dtype)
   return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)

@@ -78,7 +78,7 @@ class ConvBlock(nn.Module):
   def __call__(self, x: Array, train: bool, stats: str = '') -> Array:
     x = nn.Conv(self.features, (3, 3), strides=(self.strides, self.strides),
                 padding='SAME', dtype=self.dtype, name='conv',
-                promote_dtype=conv.promote_keep_kernel,
+                promote_dtype=conv.promote_keep_params,
                 conv_general_dilated=conv.for_impl(self.conv_impl))(x)
     x = BatchNorm(dtype=self.dtype, name='bn')(x, train, stats)
     return nn.relu(x)
@@ -137,8 +137,10 @@ class UpConv2x2(nn.Module):
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (2, 2, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return conv.upconv2x2(x, kernel, self.conv_impl) + bias
+    x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+    # The bias in float32, rounded with the sum: its gradient is then a float32 sum (see
+    # conv.promote_keep_params).
+    return (conv.upconv2x2(x, kernel, self.conv_impl) + bias).astype(self.dtype)
 
 
 class DecoderLevel(nn.Module):
@@ -182,5 +184,5 @@ class SegHead(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='conv',
-                   promote_dtype=conv.promote_keep_kernel,
+                   promote_dtype=conv.promote_keep_params,
                    conv_general_dilated=conv.for_impl(self.conv_impl))(x).astype(jnp.float32)
