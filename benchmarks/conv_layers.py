@@ -12,7 +12,8 @@ training step with either is `benchmarks/vs_monai.py --conv_impl=auto,xla`.
 
 `--dtype=bfloat16` times the layers on bfloat16 operands (`model.dtype='bfloat16'`): XLA's
 bfloat16 convolution, our float32 kernels on their values (rounded to bfloat16 at the end) and,
-on a CPU with AMX-BF16, `kernels.conv2d_bf16` for the forward and the stride-1 input gradient.
+on a CPU with AMX-BF16, `kernels.conv2d_bf16` for the forward and the stride-1 input gradient
+and `kernels.conv2d_bf16_weight_grad` for the stride-1 kernel gradient.
 The differences are then one bfloat16 rounding (about 4e-3).
 """
 
@@ -73,6 +74,9 @@ def _functions(h, w, s, pads, out_hw, amx):
   if s == 1:
     out['kernel_grad']['winograd'] = lambda x, k, g: in_f32(
         lambda x, g: kernels.winograd_conv3x3_weight_grad(x, g, lead), x, g)
+    if amx:
+      out['kernel_grad']['amx'] = lambda x, k, g: kernels.conv2d_bf16_weight_grad(
+          x, g, lead, (3, 3)).astype(x.dtype)
   return {part: {c: jax.jit(f) for c, f in fs.items()} for part, fs in out.items()}
 
 

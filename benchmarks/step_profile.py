@@ -68,7 +68,8 @@ def _kind(name: str, hlo: str) -> tuple[str, str]:
                        (kernels.WINOGRAD_WEIGHT_GRAD, 'Winograd kernel gradient'),
                        (kernels.CONV_BF16, 'AMX bfloat16 convolution'),
                        (kernels.CONV_BF16_F32, 'AMX bfloat16 convolution'),
-                       (kernels.CONV_BF16_WF32, 'AMX bfloat16 convolution')):
+                       (kernels.CONV_BF16_WF32, 'AMX bfloat16 convolution'),
+                       (kernels.CONV_BF16_WEIGHT_GRAD, 'AMX bfloat16 kernel gradient')):
     if f'custom_call_target="{target}"' in body:
       return f'our CPU kernel: {what} (skinmtl_jax/kernels)', ''
   return re.sub(r'[.\d]+$', '', name), ''

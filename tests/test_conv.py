@@ -198,6 +198,7 @@ AMX_SHAPES = [  # input, kernel, strides, padding
     ((1, 9, 10, 33), (1, 1, 33, 5), (1, 1), 'VALID'),    # 1x1
     ((1, 10, 40, 32), (3, 3, 32, 16), (1, 1), ((-1, 1), (1, -1))),  # negative pads crop
     ((1, 9, 70, 32), (3, 3, 32, 32), (2, 2), 'SAME'),    # stride 2, a tile in place
+    ((2, 40, 130, 32), (3, 3, 32, 16), (1, 1), 'SAME'),  # kernel gradient: 3 chunks, wide rows
 ]
 
 
@@ -212,6 +213,11 @@ def test_the_amx_kernel_matches_xla_on_bfloat16_values(shape, kernel, strides, p
   lead = (pads[0][0], pads[1][0])
   y = kernels.conv2d_bf16(x, k, strides, lead, ref.shape[1:3], out_dtype=jnp.float32)
   assert y.dtype == jnp.float32 and _rel(ref, y) <= 1e-5
+  if strides == (1, 1):  # the kernel gradient, likewise
+    g = _bf16(ref.shape, 2)
+    dk_ref = jax.vjp(lambda k: _plain(_f32(x), k, strides, pads), _f32(k))[1](_f32(g))[0]
+    dk = kernels.conv2d_bf16_weight_grad(x, g, lead, kernel[:2])
+    assert dk.dtype == jnp.float32 and _rel(dk_ref, dk) <= 1e-5
   yb = kernels.conv2d_bf16(x, k, strides, lead, ref.shape[1:3])
   assert yb.dtype == jnp.bfloat16
   np.testing.assert_array_equal(_f32(yb), _f32(y.astype(jnp.bfloat16)))
@@ -233,10 +239,13 @@ def test_the_amx_result_does_not_depend_on_the_thread_count(monkeypatch):
   results = []
   for threads in (1, 2, 5):
     monkeypatch.setattr(kernels, '_threads', lambda t=threads: t)
-    results.append(np.asarray(kernels.conv2d_bf16(x, k, (1, 1), (1, 1), (30, 40),
-                                                  out_dtype=jnp.float32)))
+    results.append([np.asarray(kernels.conv2d_bf16(x, k, (1, 1), (1, 1), (30, 40),
+                                                   out_dtype=jnp.float32)),
+                    np.asarray(kernels.conv2d_bf16_weight_grad(x, _bf16((2, 30, 40, 48), 4),
+                                                               (1, 1), (3, 3)))])
   for other in results[1:]:
-    np.testing.assert_array_equal(results[0], other)
+    for a, b in zip(results[0], other):
+      np.testing.assert_array_equal(a, b)
 
 
 @needs_kernel
@@ -248,13 +257,13 @@ def test_without_amx_the_bfloat16_kernel_says_so(monkeypatch):
 
 
 def test_bfloat16_routing():
-  """With AMX, bfloat16 forwards and stride-1 input gradients take it; the rest, and every
-  bfloat16 convolution without AMX, route as float32's. float32 never takes it."""
+  """With AMX, bfloat16 forwards and stride-1 input and kernel gradients take it; the rest, and
+  every bfloat16 convolution without AMX, route as float32's. float32 never takes it."""
   big = (96, 128)
   r = lambda kernel, strides, out_hw, amx: tuple(conv.routes(
       kernel, strides, big, out_hw, jnp.bfloat16, amx=amx).values())
-  assert r((3, 3, 64, 64), (1, 1), big, True) == ('amx', 'amx', 'winograd')
-  assert r((3, 3, 3, 32), (1, 1), big, True) == ('amx', 'amx', 'winograd')  # RGB layer
+  assert r((3, 3, 64, 64), (1, 1), big, True) == ('amx', 'amx', 'amx')
+  assert r((3, 3, 3, 32), (1, 1), big, True) == ('amx', 'amx', 'amx')  # RGB layer
   assert r((3, 3, 64, 128), (2, 2), (48, 64), True) == ('amx', 'gemm', 'gemm')  # col2im
   assert r((3, 3, 64, 64), (1, 1), big, False) == ('winograd',) * 3
   assert conv.routes((3, 3, 64, 64), (1, 1), big, big, amx=True)['forward'] == 'winograd'
@@ -262,9 +271,9 @@ def test_bfloat16_routing():
 
 BF16_SHAPES = [
     ((2, 7, 9, 1), (3, 3, 1, 3), (2, 2), 'SAME'),        # GEMM kernels on float32 values
-    ((1, 12, 16, 32), (3, 3, 32, 40), (1, 1), 'SAME'),   # AMX both ways, Winograd gradient
+    ((1, 12, 16, 32), (3, 3, 32, 40), (1, 1), 'SAME'),   # AMX all three ways
     ((2, 11, 17, 40), (3, 3, 40, 32), (2, 2), 'SAME'),   # AMX forward, col2im input gradient
-    ((2, 6, 5, 3), (3, 3, 3, 32), (1, 1), 'SAME'),       # RGB-like: AMX input gradient only
+    ((2, 6, 5, 3), (3, 3, 3, 32), (1, 1), 'SAME'),       # RGB-like: channels padded
 ]
 
 
@@ -297,6 +306,7 @@ def test_bfloat16_gradients_match_jax_grad(monkeypatch, amx, shape, kernel, stri
   route = conv.routes(kernel, strides, shape[1:3], y.shape[1:3], jnp.bfloat16)
   assert hlo.count(f'@{kernels.CONV_BF16}(') == sum(
       route[p] == 'amx' for p in ('forward', 'input_grad'))
+  assert _calls(hlo, kernels.CONV_BF16_WEIGHT_GRAD) == (route['kernel_grad'] == 'amx')
   assert amx or 'amx' not in route.values()
 
 
@@ -330,7 +340,8 @@ def test_dispatch_covers_the_models_convolutions_only():
   float16, groups, dilation and other layouts are lax's, unchanged."""
   def takes_kernel(x, k, **kw):
     f = lambda k: jnp.sum(conv.conv_general_dilated(x, k, (1, 1), 'SAME', **kw))
-    return _calls(jax.jit(jax.grad(f)).lower(k).as_text(), kernels.WEIGHT_GRAD)
+    hlo = jax.jit(jax.grad(f)).lower(k).as_text()
+    return any(_calls(hlo, t) for t in (kernels.WEIGHT_GRAD, kernels.CONV_BF16_WEIGHT_GRAD))
 
   c = 3
   assert takes_kernel(jnp.ones((1, 8, 8, c)), jnp.ones((3, 3, c, 4)), dimension_numbers=NHWC)

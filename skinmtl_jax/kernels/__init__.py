@@ -30,6 +30,7 @@ WINOGRAD_WEIGHT_GRAD = 'skinmtl_winograd_weight_grad'
 CONV_BF16 = 'skinmtl_conv2d_bf16'          # bfloat16 result
 CONV_BF16_F32 = 'skinmtl_conv2d_bf16_f32'  # float32 result
 CONV_BF16_WF32 = 'skinmtl_conv2d_bf16_wf32'  # float32 kernel (rounded inside), bfloat16 result
+CONV_BF16_WEIGHT_GRAD = 'skinmtl_conv2d_bf16_weight_grad'
 
 
 @functools.cache
@@ -55,7 +56,8 @@ def _load() -> str | None:
                             (WINOGRAD_WEIGHT_GRAD, lib.SkinmtlWinogradWeightGrad),
                             (CONV_BF16, lib.SkinmtlConv2dBf16),
                             (CONV_BF16_F32, lib.SkinmtlConv2dBf16F32),
-                            (CONV_BF16_WF32, lib.SkinmtlConv2dBf16Wf32)):
+                            (CONV_BF16_WF32, lib.SkinmtlConv2dBf16Wf32),
+                            (CONV_BF16_WEIGHT_GRAD, lib.SkinmtlConv2dBf16WeightGrad)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
   except (ImportError, OSError, AttributeError) as e:
     return f'failed to load {spec.origin}: {e}'
@@ -167,3 +169,15 @@ def conv2d_bf16(x: jax.Array, w: jax.Array, strides: tuple[int, int],
     target = CONV_BF16 if out_dtype == jnp.bfloat16 else CONV_BF16_F32
   return _call(target, (x.shape[0], *out_hw, w.shape[-1]), x, w, lead_pads, strides,
                dtype=jnp.bfloat16, out_dtype=out_dtype, b_dtype=w.dtype)
+
+
+def conv2d_bf16_weight_grad(x: jax.Array, g: jax.Array, lead_pads: tuple[int, int],
+                            kernel_hw: tuple[int, int]) -> jax.Array:
+  """The kernel gradient (kh, kw, C, O), float32, of a stride-1 `conv2d` of bfloat16 x from its
+  bfloat16 output gradient g, on AMX: XLA's float32 kernel gradient of the same values up to
+  the order of the sums. Raises where `amx_available()` is False."""
+  if not amx_available():
+    raise RuntimeError('conv2d_bf16_weight_grad needs a CPU with AMX-BF16 and AVX512-BF16 '
+                       '(Intel Xeon since Sapphire Rapids); this one has none.')
+  return _call(CONV_BF16_WEIGHT_GRAD, (*kernel_hw, x.shape[-1], g.shape[-1]), x, g, lead_pads,
+               dtype=jnp.bfloat16)

@@ -783,6 +783,84 @@ void PackKernel(const W* w, const Geometry& d, int64_t t, int64_t k, int64_t nt,
   }
 }
 
+
+// The kernel gradient of a stride-1 convolution of bfloat16 values on AMX: dw[r, s][c][o] =
+// sum over pixels (n, i, j) of x[n, i + r - pt, j + s - pl, c] * g[n, i, j, o], float32.
+// As tiles: dw (16 channels x 16 outputs) += A (16 channels x 32 pixels of a row) . B (32
+// pixels, in pairs, x 16 outputs). A's rows are rows of x transposed (xt: per input row, C x
+// Wt with the columns shifted by pl and zeros outside the image), so every tap (r, s) reads its
+// tile in place at column offset s; B's are g's rows in the pairs layout (gv). A work item is
+// a pair of 16-channel blocks x a pair of 16-output blocks x a chunk of output rows (numbered
+// over all images, rows u0..u1-1). On wide rows (4 blocks of 32 pixels or more) it runs every
+// tap on a row before the next (the rows it reads stay in cache), keeping the taps'
+// accumulators in `acc` (taps x 4 tiles) between rows; on narrow ones every row for a tap
+// before the next (the accumulators stay in the tile registers). Its sums go into its own part
+// of `part` (chunk, tap, C16, O16); the chunks' parts are added in order afterwards: the result
+// does not depend on the thread count.
+// One output row of one tap: the accumulators in tiles 0-3 += A (tile 4, and 5 if c2) . B
+// (tile 6, and 7 if o2) over the row's blocks of 32 pixels.
+SKINMTL_AMX_TARGET inline void AmxGradRow(const uint16_t* a, const uint16_t* b, int64_t wt,
+                                          int64_t jbs, int64_t nt, bool c2, bool o2) {
+  for (int64_t jb = 0; jb < jbs; ++jb, a += 32, b += nt * 512) {
+    _tile_loadd(4, a, wt * 2);
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (o2) {
+      _tile_loadd(7, b + 512, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (c2) {
+      _tile_loadd(5, a + 16 * wt, wt * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      if (o2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+SKINMTL_AMX_TARGET void AmxGradItem(const uint16_t* xt, const uint16_t* gv, float* part,
+                                    int64_t u0, int64_t u1, int64_t cb, int64_t ob,
+                                    const Geometry& d, int64_t c16, int64_t nt, int64_t wt,
+                                    int64_t jbs, float* acc) {
+  const bool c2 = cb + 1 < c16 / 16, o2 = ob + 1 < nt, wide = jbs >= 4;
+  std::fill(acc, acc + d.taps() * 1024, 0.0f);
+  const int64_t outer = wide ? u1 - u0 : d.taps(), inner = wide ? d.taps() : u1 - u0;
+  for (int64_t p = 0; p < outer; ++p) {
+    for (int64_t q = 0; q < inner; ++q) {
+      const int64_t u = u0 + (wide ? p : q), t = wide ? q : p;
+      const int64_t img = u / d.ho, i = u % d.ho, ri = i + t / d.kw - d.pt;
+      float* at = acc + t * 1024;
+      if (wide || q == 0) {
+        _tile_loadd(0, at, 64);
+        _tile_loadd(1, at + 256, 64);
+        _tile_loadd(2, at + 512, 64);
+        _tile_loadd(3, at + 768, 64);
+      }
+      if (ri >= 0 && ri < d.h) {
+        const uint16_t* a = xt + ((img * d.h + ri) * c16 + 16 * cb) * wt + t % d.kw;
+        const uint16_t* b = gv + ((img * d.ho + i) * jbs * nt + ob) * 512;
+        AmxGradRow(a, b, wt, jbs, nt, c2, o2);
+      }
+      if (wide || q == inner - 1) {
+        _tile_stored(0, at, 64);
+        _tile_stored(1, at + 256, 64);
+        _tile_stored(2, at + 512, 64);
+        _tile_stored(3, at + 768, 64);
+      }
+    }
+  }
+  const int64_t o16 = 16 * nt;
+  for (int64_t t = 0; t < d.taps(); ++t) {
+    for (int q = 0; q < 4; ++q) {
+      if ((q / 2 && !c2) || (q % 2 && !o2)) continue;
+      const int64_t c0 = 16 * (cb + q / 2), o0 = 16 * (ob + q % 2);
+      for (int64_t r = 0; r < 16; ++r) {
+        std::copy(acc + t * 1024 + q * 256 + 16 * r, acc + t * 1024 + q * 256 + 16 * r + 16,
+                  part + (t * c16 + c0 + r) * o16 + o0);
+      }
+    }
+  }
+}
+
 #endif  // SKINMTL_AMX
 
 // conv(x, w) of bfloat16 x (N, H, W, C) and w (kh, kw, C, O) into y (N, Ho, Wo, O), float32
@@ -834,6 +912,105 @@ ffi::Error ConvBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<DW> w,
       AmxItem(xs, wt.get(), yp, img, 2 * p, nb, d, cp, nt, stage.data());
     }
     ReleaseTiles();
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal(name);
+#endif
+}
+
+
+// dw (kh, kw, C, O), float32, of the stride-1 convolution of bfloat16 x (N, H, W, C) from its
+// bfloat16 output gradient g (N, Ho, Wo, O): see AmxGradItem. Copies first (in parallel): x
+// transposed per row (xt), g in the pairs layout (gv), pixels padded to whole blocks of 32.
+ffi::Error ConvBf16WeightGrad(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> g,
+                              ffi::ResultBuffer<ffi::F32> dw, int64_t pt, int64_t pl,
+                              int64_t threads) {
+  const char* name = "skinmtl_conv2d_bf16_weight_grad";
+  const auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || wd[2] != xd[3] ||
+      gd[0] != xd[0] || gd[3] != wd[3]) {
+    return ffi::Error::InvalidArgument(
+        std::string(name) + ": expected an input (N, H, W, C), an output gradient (N, Ho, Wo, "
+        "O) and a kernel gradient (kh, kw, C, O)");
+  }
+  if (!AmxReady()) {
+    return ffi::Error::Internal(std::string(name) + ": this CPU (or its kernel) offers no "
+                                "AMX-BF16; skinmtl_jax.kernels.amx_available() says so first");
+  }
+#ifdef SKINMTL_AMX
+  const Geometry d = Make(xd, wd, gd, 1, 1, pt, pl);
+  float* out = dw->typed_data();
+  if (d.taps() * d.c * d.o == 0) return ffi::Error::Success();
+  if (d.n * d.pixels() == 0) {
+    std::fill(out, out + d.taps() * d.c * d.o, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t c16 = (d.c + 15) / 16 * 16, nt = (d.o + 15) / 16;
+  const int64_t jbs = (d.wo + 31) / 32, wt = 32 * jbs + d.kw - 1;
+  std::unique_ptr<uint16_t[]> xt(new uint16_t[d.n * d.h * c16 * wt]);
+  std::unique_ptr<uint16_t[]> gv(new uint16_t[d.n * d.ho * jbs * nt * 512]);
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  const auto* gs = reinterpret_cast<const uint16_t*>(g.untyped_data());
+  ParallelFor(d.n * d.h, threads, [&](int64_t row) {  // xt[row][c][u] = x[row][u - pl][c]
+    uint16_t* dst = xt.get() + row * c16 * wt;
+    const uint16_t* src = xs + row * d.w * d.c;
+    const int64_t u0 = std::max<int64_t>(0, pl), u1 = std::max(u0, std::min(wt, d.w + pl));
+    for (int64_t c = 0; c < c16; ++c) {  // zeros outside the image and past C
+      std::fill(dst + c * wt, dst + c * wt + (c < d.c ? u0 : wt), uint16_t{0});
+      if (c < d.c) std::fill(dst + c * wt + u1, dst + (c + 1) * wt, uint16_t{0});
+    }
+    for (int64_t ub = u0; ub < u1; ub += 16) {  // in blocks of 16 x 16, for the caches
+      for (int64_t cb = 0; cb < d.c; cb += 16) {
+        for (int64_t u = ub; u < std::min(u1, ub + 16); ++u) {
+          const uint16_t* px = src + (u - pl) * d.c;
+          for (int64_t c = cb; c < std::min(d.c, cb + 16); ++c) dst[c * wt + u] = px[c];
+        }
+      }
+    }
+  });
+  ParallelFor(d.n * d.ho, threads, [&](int64_t row) {  // gv: tiles (jb, ob) of pairs
+    uint16_t* dst = gv.get() + row * jbs * nt * 512;
+    std::fill(dst, dst + jbs * nt * 512, uint16_t{0});
+    const uint16_t* src = gs + row * d.wo * d.o;
+    for (int64_t j = 0; j + 1 < d.wo; j += 2) {  // pixel pairs: PackPairs per 16 outputs
+      uint16_t* tile = dst + (j / 32) * nt * 512 + (j % 32 / 2) * 32;
+      for (int64_t o = 0; o + 16 <= d.o; o += 16) {
+        PackPairs(src + j * d.o + o, src + (j + 1) * d.o + o, tile + (o / 16) * 512);
+      }
+    }
+    for (int64_t j = 0; j < d.wo; ++j) {  // the rest: an odd last pixel, outputs past 16k
+      const int64_t o0 = j + 1 < d.wo ? d.o / 16 * 16 : 0;
+      uint16_t* tile = dst + (j / 32) * nt * 512 + (j % 32 / 2) * 32 + j % 2;
+      for (int64_t o = o0; o < d.o; ++o) tile[(o / 16) * 512 + (o % 16) * 2] = src[j * d.o + o];
+    }
+  });
+  // Chunks of about 4096 output pixels (whole rows, numbered over all images); items: chunk x
+  // channel pair x output pair.
+  const int64_t rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d.wo));
+  const int64_t chunks = (d.n * d.ho + rows - 1) / rows;
+  const int64_t cpairs = (c16 / 16 + 1) / 2, opairs = (nt + 1) / 2, o16 = 16 * nt;
+  const int64_t part_size = d.taps() * c16 * o16;
+  std::unique_ptr<float[]> part(new float[chunks * part_size]);
+  ParallelFor(chunks * cpairs * opairs, threads, [&](int64_t item) {
+    thread_local std::vector<float> acc;
+    acc.resize(d.taps() * 1024);
+    ConfigureTiles();
+    const int64_t chunk = item / (cpairs * opairs), rest = item % (cpairs * opairs);
+    AmxGradItem(xt.get(), gv.get(), part.get() + chunk * part_size, chunk * rows,
+                std::min(d.n * d.ho, (chunk + 1) * rows), 2 * (rest / opairs),
+                2 * (rest % opairs), d, c16, nt, wt, jbs, acc.data());
+    ReleaseTiles();
+  });
+  ParallelFor(d.taps() * d.c, threads, [&](int64_t row) {  // dw[t][c] = sum over chunks
+    const int64_t t = row / d.c, c = row % d.c;
+    float* dst = out + row * d.o;
+    const float* src = part.get() + (t * c16 + c) * o16;
+    std::copy(src, src + d.o, dst);
+    for (int64_t ch = 1; ch < chunks; ++ch) {
+      const float* q = src + ch * part_size;
+      for (int64_t o = 0; o < d.o; ++o) dst[o] += q[o];
+    }
   });
   return ffi::Error::Success();
 #else
@@ -898,3 +1075,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SkinmtlWinogradWeightGrad, WinogradWeightGrad,
 SKINMTL_CONV_BF16(SkinmtlConv2dBf16, uint16_t, ffi::BF16, uint16_t, ffi::BF16)
 SKINMTL_CONV_BF16(SkinmtlConv2dBf16F32, float, ffi::F32, uint16_t, ffi::BF16)
 SKINMTL_CONV_BF16(SkinmtlConv2dBf16Wf32, uint16_t, ffi::BF16, float, ffi::F32)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SkinmtlConv2dBf16WeightGrad, ConvBf16WeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x (N, H, W, C)
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // g (N, Ho, Wo, O)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw (kh, kw, C, O)
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("threads"));

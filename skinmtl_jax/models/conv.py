@@ -89,9 +89,13 @@ def routes(kernel_shape, strides, in_hw, out_hw, dtype=jnp.float32,
     if winograd(out_pixels):
       return 'winograd'
     return 'gemm' if strided or kh * kw * channels <= SHORT_WINDOW else 'xla'
+  if amx and not strided:
+    kernel_grad = 'amx'
+  else:
+    kernel_grad = 'winograd' if winograd(out_hw[0] * out_hw[1]) else 'gemm'
   return {'forward': conv(cin, out_hw[0] * out_hw[1]),
           'input_grad': conv(cout, in_hw[0] * in_hw[1], can_amx=not strided),
-          'kernel_grad': 'winograd' if winograd(out_hw[0] * out_hw[1]) else 'gemm'}
+          'kernel_grad': kernel_grad}
 
 
 def _pvary(out, axes):
@@ -207,11 +211,16 @@ def _conv_bwd(strides, pads, residuals, g):
   else:
     dx = _on_cpu(functools.partial(_input_grad, route['input_grad'], strides=strides,
                                    lead=lead, in_hw=x.shape[1:3]), xla_dx, g, kernel)
-  if route['kernel_grad'] == 'winograd':
-    dk_fn = lambda x, g: kernels.winograd_conv3x3_weight_grad(x, g, lead)
+  if route['kernel_grad'] == 'amx':  # bfloat16 x and g; a float32 result, rounded as XLA's
+    ours_dk = lambda x, g: kernels.conv2d_bf16_weight_grad(
+        x, g, lead, kernel.shape[:2]).astype(x.dtype).astype(kernel.dtype)
   else:
-    dk_fn = lambda x, g: kernels.conv2d_weight_grad(x, g, strides, lead, kernel.shape[:2])
-  dk = _on_cpu(lambda x, g: _in_float32(dk_fn, x, g).astype(kernel.dtype),
+    if route['kernel_grad'] == 'winograd':
+      dk_fn = lambda x, g: kernels.winograd_conv3x3_weight_grad(x, g, lead)
+    else:
+      dk_fn = lambda x, g: kernels.conv2d_weight_grad(x, g, strides, lead, kernel.shape[:2])
+    ours_dk = lambda x, g: _in_float32(dk_fn, x, g).astype(kernel.dtype)
+  dk = _on_cpu(ours_dk,
                lambda x, g: jax.vjp(lambda k: _plain(x, k, strides, pads), kernel)[1](g)[0],
                x, g)
   return dx, dk
