@@ -592,11 +592,16 @@ ffi::Error WinogradWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
 // of inputs (16 pixels of a row, 32 channels) by a 32 x 16 tile of the kernel (32 channels,
 // 16 outputs) into a 16 x 16 float32 accumulator: 8192 multiply-adds, 16x the float32 rate of
 // AVX-512 per cycle. The convolution is computed directly (no im2col, no Winograd): for each
-// tap (r, s) of the window, the 16 pixels' inputs are rows of the zero-padded input at a fixed
-// stride (s_w channels apart), so a tile load reads them in place. Products of two bfloat16
-// values are exact in float32, so the result is the float32 convolution of the same values up
-// to the order of the sums. Work items are (image, output row, pair of 16-output blocks); each
-// writes its own outputs, so the result does not depend on the thread count.
+// tap (r, s) of the window, the 16 pixels' inputs are rows of the input at a fixed stride (s_w
+// pixels apart), so a tile load reads them in place (through a staging copy with zeros where
+// they leave the image, or where C is no multiple of 32). Products of two bfloat16 values are
+// exact in float32, so the result is the float32 convolution of the same values up to the order
+// of the sums. Work items are runs of pairs of 16-pixel tiles x pairs of 16-output blocks;
+// each writes its own outputs, so the result does not depend on the thread count. The kernel
+// gradient (stride 1) follows the forward.
+// Bad shapes, and a call on a CPU without AMX, end in an FFI error naming the kernel; the
+// build leaves these kernels out (SKINMTL_NO_AMX, old compilers, other platforms), and then
+// kernels.amx_available() is False and nothing routes to them.
 #if !defined(SKINMTL_NO_AMX) && defined(__x86_64__) && defined(__linux__) && \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
 #define SKINMTL_AMX 1
