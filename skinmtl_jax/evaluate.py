@@ -194,14 +194,15 @@ def fit_calibration(eval_step, state, validation: input_pipeline.Split, *,
 def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir: str,
                         splits: dict[str, input_pipeline.Split],
                         results: dict[str, Any], write: bool = True,
-                        validation: input_pipeline.Split | None = None) -> dict[str, Any]:
+                        validation: input_pipeline.Split | None = None,
+                        calibration_dir: str | None = None) -> dict[str, Any]:
   """Evaluates `state` on each split (by eval set name) and writes every artifact into `workdir`.
 
   `results` holds what is known already (params, steps, data provenance); the evaluation
   entries are added to it and the whole is written as metrics.json. With a `validation` split,
   the calibration of the melanoma probability is fitted on it first ('calibration' in
   metrics.json, calibration.json; without one, the calibration.json fitted earlier for this
-  checkpoint, if any, is used) and each set's entry (the ensemble's, for K > 1) gets
+  checkpoint in `calibration_dir`, by default `workdir`, if any, is used) and each set's entry (the ensemble's, for K > 1) gets
   'calibrated': the same measures of the calibrated probabilities. With `write=False`
   (processes other than the first of a multi-host run) nothing is written.
   """
@@ -213,7 +214,8 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
     if write:
       calibration_lib.save(workdir, calibration, step)
   else:
-    calibration = calibration_lib.load(workdir, step)  # fitted earlier for this step, if at all
+    # Fitted earlier for this step, if at all.
+    calibration = calibration_lib.load(calibration_dir or workdir, step)
   results['calibration'] = calibration
   predict_jit = jax.jit(functools.partial(steps.ensemble_predictions, model=model))
   predict_fn = lambda images: jax.device_get(predict_jit(state, images))
@@ -279,7 +281,7 @@ def main(argv):
     # metrics.json and the report are the run's: not while it trains or is evaluated elsewhere.
     with workdir_lib.lock(flags.FLAGS.workdir):
       _evaluate(flags.FLAGS)
-  except (checkpointing.CheckpointError, ConfigError, DataError) as e:
+  except (checkpointing.CheckpointError, ConfigError, DataError, OSError) as e:
     sys.exit(f'skinmtl_jax.evaluate: {e}')
 
 
@@ -296,21 +298,26 @@ def _evaluate(f):
     logging.warning('The validation split cannot be read (%s): the calibration is not fitted '
                     'again; the calibration.json of this checkpoint, if any, is used.', e)
     validation = None
+  in_run = os.path.realpath(out) == os.path.realpath(f.workdir)
   results = {}
   for path in dict.fromkeys([os.path.join(out, 'metrics.json'),  # what is known already
                              os.path.join(f.workdir, 'metrics.json')]):
     if os.path.exists(path):
       with open(path, encoding='utf-8') as fh:
         results = json.load(fh)
+      if os.path.dirname(path) != out:  # the run's provenance, not its measures
+        for name in (*config.data.eval_sets, *names, 'calibration'):
+          results.pop(name, None)
       break
   results.update({'params': steps.num_params(state), 'steps': checkpointing.step_of(state)})
+  results.pop('compute_dtype', None)
   if dtype != trained:
     results['compute_dtype'] = dtype
     logging.info('Evaluating in %s (trained in %s) into %s.', dtype, trained, out)
   os.makedirs(out, exist_ok=True)
   results = evaluate_and_report(config, state, model, out, splits, results,
-                                validation=validation)
-  if out == f.workdir:  # the run's own TensorBoard files
+                                validation=validation, calibration_dir=f.workdir)
+  if in_run:  # the run's own TensorBoard files
     tensorboard = writers.TensorboardWriter(f.workdir)
     writers.write_figures(tensorboard, results['steps'], report.figures(f.workdir))
     tensorboard.close()

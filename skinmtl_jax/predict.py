@@ -184,6 +184,7 @@ def main(argv):
         print(f'skinmtl_jax.predict: {path}: {e}', file=sys.stderr)
         continue
       record['invocation'] = invocation
+      record['compute_dtype'] = config.model.get('dtype', 'float32')
       line = json.dumps(record)
       print(line)
       log.write(line + '\n')

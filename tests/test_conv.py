@@ -199,6 +199,7 @@ AMX_SHAPES = [  # input, kernel, strides, padding
     ((1, 10, 40, 32), (3, 3, 32, 16), (1, 1), ((-1, 1), (1, -1))),  # negative pads crop
     ((1, 9, 70, 32), (3, 3, 32, 32), (2, 2), 'SAME'),    # stride 2, a tile in place
     ((2, 40, 130, 32), (3, 3, 32, 16), (1, 1), 'SAME'),  # kernel gradient: 3 chunks, wide rows
+    ((1, 5, 8, 32), (3, 3, 32, 16), (1, 1), ((1, 1), (40, -40))),  # all windows off the image
 ]
 
 

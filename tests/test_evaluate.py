@@ -217,5 +217,7 @@ def test_evaluate_and_predict_in_bfloat16_leave_the_run_alone(tiny_run, tmp_path
     r = _run('skinmtl_jax.predict', f'--workdir={tiny_run}', f'--out={tmp_path / dtype}',
              f'--dtype={dtype}', str(image))
     assert r.returncode == 0, r.stderr[-3000:]
-    probs.append(json.loads(r.stdout.strip().splitlines()[-1])['melanoma_prob'])
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert record['compute_dtype'] == dtype
+    probs.append(record['melanoma_prob'])
   assert probs[0] != probs[1] and abs(probs[0] - probs[1]) < 0.02, probs  # computed in bfloat16

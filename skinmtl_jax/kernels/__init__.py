@@ -4,8 +4,9 @@
 (any strides, leading padding of any sign) and its gradients, each computed as GEMMs over
 blocks of gathered windows; `winograd_conv3x3` and `winograd_conv3x3_weight_grad` are the 3x3
 stride-1 convolution and its kernel gradient by Winograd's minimal filtering (conv2d.cc says
-how). `conv2d_bf16` is the convolution of bfloat16 operands with float32 accumulation on the
-tile unit (AMX-BF16) of the CPUs that have one; `amx_available()` says whether this one does.
+how). `conv2d_bf16` and `conv2d_bf16_weight_grad` are the convolution of bfloat16 operands and
+its stride-1 kernel gradient, accumulated in float32 on the tile unit (AMX-BF16) of the CPUs
+that have one; `amx_available()` says whether this one does.
 The models reach them through `skinmtl_jax.models.conv`, never directly. They are built by
 `pip install` (setup.py) where a C++ compiler is present; `available()` says whether they
 loaded, `status()` why not. Their results do not depend on the number of threads.

@@ -960,7 +960,8 @@ ffi::Error ConvBf16WeightGrad(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> g
   ParallelFor(d.n * d.h, threads, [&](int64_t row) {  // xt[row][c][u] = x[row][u - pl][c]
     uint16_t* dst = xt.get() + row * c16 * wt;
     const uint16_t* src = xs + row * d.w * d.c;
-    const int64_t u0 = std::max<int64_t>(0, pl), u1 = std::max(u0, std::min(wt, d.w + pl));
+    // Columns u0..u1-1 hold the image (a left padding may exceed wt: then none).
+    const int64_t u0 = std::clamp<int64_t>(pl, 0, wt), u1 = std::clamp(d.w + pl, u0, wt);
     for (int64_t c = 0; c < c16; ++c) {  // zeros outside the image and past C
       std::fill(dst + c * wt, dst + c * wt + (c < d.c ? u0 : wt), uint16_t{0});
       if (c < d.c) std::fill(dst + c * wt + u1, dst + (c + 1) * wt, uint16_t{0});

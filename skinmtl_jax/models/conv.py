@@ -21,8 +21,9 @@ convolution at 1e-5; Winograd's differ from XLA's by about 1e-6 relative).
 bfloat16 convolutions (`model.dtype='bfloat16'`) take the same routes on the float32 values of
 their operands (exact: a product of two bfloat16 values is exact in float32, and XLA too
 accumulates in float32), the result rounded to bfloat16. On CPUs with AMX-BF16
-(`kernels.amx_available()`) their forwards and stride-1 input gradients take 'amx' instead:
-`kernels.conv2d_bf16`, on the tile unit, 3-9x faster than our float32 kernels
+(`kernels.amx_available()`) their forwards and stride-1 input and kernel gradients take 'amx'
+instead: `kernels.conv2d_bf16` and `kernels.conv2d_bf16_weight_grad`, on the tile unit, 3-9x
+(forward, input gradient) and 2-5x (kernel gradient) faster than our float32 kernels
 (benchmarks/RESULTS.md). The U-Net's convolutions pass their float32 kernels
 (`promote_keep_params`): each route rounds them to bfloat16 itself, the AMX kernel while it
 packs them, which saves XLA a separate conversion of every kernel per call.
@@ -67,8 +68,8 @@ def routes(kernel_shape, strides, in_hw, out_hw, dtype=jnp.float32,
            amx: bool | None = None) -> dict[str, str]:
   """How the forward, input gradient and kernel gradient are computed on a CPU: 'winograd'
   (`kernels.winograd_conv3x3`), 'gemm' (the other kernels of `skinmtl_jax.kernels`), 'amx'
-  (`kernels.conv2d_bf16`: bfloat16 only, where `amx`, by default `kernels.amx_available()`)
-  or 'xla'.
+  (`kernels.conv2d_bf16`, `kernels.conv2d_bf16_weight_grad`: bfloat16 only, where `amx`, by
+  default `kernels.amx_available()`) or 'xla'.
 
   The input gradient of a stride-1 convolution is a stride-1 convolution of the output
   gradient with the flipped kernel, so it routes like a forward from out_hw to in_hw.
