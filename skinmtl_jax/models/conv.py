@@ -22,8 +22,8 @@ bfloat16 convolutions (`model.dtype='bfloat16'`) take the same routes on the flo
 their operands (exact: a product of two bfloat16 values is exact in float32, and XLA too
 accumulates in float32), the result rounded to bfloat16. On CPUs with AMX-BF16
 (`kernels.amx_available()`) their forwards and stride-1 input and kernel gradients take 'amx'
-instead: `kernels.conv2d_bf16` and `kernels.conv2d_bf16_weight_grad`, on the tile unit, 3-9x
-(forward, input gradient) and 2-5x (kernel gradient) faster than our float32 kernels
+instead: `kernels.conv2d_bf16` and `kernels.conv2d_bf16_weight_grad`, on the tile unit, up to
+9x (forward, input gradient) and 2-4x (kernel gradient) faster than our float32 kernels
 (benchmarks/RESULTS.md). The U-Net's convolutions pass their float32 kernels
 (`promote_keep_params`): each route rounds them to bfloat16 itself, the AMX kernel while it
 packs them, which saves XLA a separate conversion of every kernel per call.
