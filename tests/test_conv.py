@@ -278,15 +278,17 @@ BF16_SHAPES = [
 ]
 
 
+WITH_AND_WITHOUT_AMX = pytest.mark.parametrize(
+    'amx', [False, pytest.param(True, marks=needs_amx)])
+
+
 @needs_kernel
-@pytest.mark.parametrize('amx', [False, True])
+@WITH_AND_WITHOUT_AMX
 @pytest.mark.parametrize('shape,kernel,strides,padding', BF16_SHAPES)
 def test_bfloat16_gradients_match_jax_grad(monkeypatch, amx, shape, kernel, strides, padding):
   """`conv._conv` on bfloat16 operands: the output and both gradients are XLA's float32 ones on
   the same values, rounded to bfloat16 (all within one bfloat16 rounding, nearly all equal),
   with AMX where asked for and the float32 kernels otherwise."""
-  if amx and not kernels.amx_available():
-    pytest.skip('this CPU has no AMX-BF16')
   monkeypatch.setattr(kernels, 'amx_available', lambda: amx)
   x, k = _bf16(shape, 0), _bf16(kernel, 1)
   pads = _pads(shape, kernel, strides, padding)
@@ -312,15 +314,13 @@ def test_bfloat16_gradients_match_jax_grad(monkeypatch, amx, shape, kernel, stri
 
 
 @needs_kernel
-@pytest.mark.parametrize('amx', [False, True])
+@WITH_AND_WITHOUT_AMX
 @pytest.mark.parametrize('strides', [(1, 1), (2, 2)])
 def test_a_float32_kernel_with_a_bfloat16_input_is_rounded_as_flax_would(monkeypatch, amx,
                                                                          strides):
   """`promote_keep_params` leaves the kernel float32: the convolution, both gradients and
   XLA's path ('xla') are then bit for bit those of the kernel cast to bfloat16 first (flax's
   own promote_dtype), the kernel gradient in float32."""
-  if amx and not kernels.amx_available():
-    pytest.skip('this CPU has no AMX-BF16')
   monkeypatch.setattr(kernels, 'amx_available', lambda: amx)
   x, k = _bf16((2, 12, 16, 32), 0), _random((3, 3, 32, 40), 1)
   for impl in ('auto', 'xla'):

@@ -148,6 +148,12 @@ def winograd_conv3x3_weight_grad(x: jax.Array, g: jax.Array,
   return _call(WINOGRAD_WEIGHT_GRAD, (3, 3, x.shape[-1], g.shape[-1]), x, g, lead_pads)
 
 
+def _require_amx(name: str) -> None:
+  if not amx_available():
+    raise RuntimeError(f'{name} needs a CPU with AMX-BF16 and AVX512-BF16 (Intel Xeon since '
+                       'Sapphire Rapids); this one has none (or Linux refused the tile data).')
+
+
 def conv2d_bf16(x: jax.Array, w: jax.Array, strides: tuple[int, int],
                 lead_pads: tuple[int, int], out_hw: tuple[int, int],
                 out_dtype=jnp.bfloat16) -> jax.Array:
@@ -157,9 +163,7 @@ def conv2d_bf16(x: jax.Array, w: jax.Array, strides: tuple[int, int],
   of the sums. w may also be float32: it is then rounded to bfloat16 inside (as
   `w.astype(jnp.bfloat16)` would, without that conversion's pass over w; bfloat16 result
   only). Raises where `amx_available()` is False."""
-  if not amx_available():
-    raise RuntimeError('conv2d_bf16 needs a CPU with AMX-BF16 and AVX512-BF16 (Intel Xeon since '
-                       'Sapphire Rapids); this one has none (or Linux refused the tile data).')
+  _require_amx('conv2d_bf16')
   out_dtype = jnp.dtype(out_dtype)
   if out_dtype not in (jnp.bfloat16, jnp.float32):
     raise TypeError(f'conv2d_bf16: out_dtype bfloat16 or float32, got {out_dtype}.')
@@ -177,8 +181,6 @@ def conv2d_bf16_weight_grad(x: jax.Array, g: jax.Array, lead_pads: tuple[int, in
   """The kernel gradient (kh, kw, C, O), float32, of a stride-1 `conv2d` of bfloat16 x from its
   bfloat16 output gradient g, on AMX: XLA's float32 kernel gradient of the same values up to
   the order of the sums. Raises where `amx_available()` is False."""
-  if not amx_available():
-    raise RuntimeError('conv2d_bf16_weight_grad needs a CPU with AMX-BF16 and AVX512-BF16 '
-                       '(Intel Xeon since Sapphire Rapids); this one has none.')
+  _require_amx('conv2d_bf16_weight_grad')
   return _call(CONV_BF16_WEIGHT_GRAD, (*kernel_hw, x.shape[-1], g.shape[-1]), x, g, lead_pads,
                dtype=jnp.bfloat16)

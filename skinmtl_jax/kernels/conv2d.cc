@@ -119,17 +119,29 @@ struct Geometry {
   int64_t pixels() const { return ho * wo; }
 };
 
-// Checks x (N, H, W, C), w (kh, kw, C, O), y (N, Ho, Wo, O) and the strides.
+bool AmxReady();  // below, with the bfloat16 kernels
+
+// What a kernel runs on: OpenBLAS's sgemm (handed over by the loader) or AMX.
+enum class Needs { kSgemm, kAmx };
+
+// Checks x (N, H, W, C), w (kh, kw, C, O), y (N, Ho, Wo, O), the strides, a kh x kw of 3x3
+// where `winograd`, and that what the kernel runs on is there.
 ffi::Error Check(const char* name, ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
-                 ffi::Span<const int64_t> y, int64_t sh, int64_t sw) {
+                 ffi::Span<const int64_t> y, int64_t sh, int64_t sw,
+                 Needs needs = Needs::kSgemm, bool winograd = false) {
   if (x.size() != 4 || w.size() != 4 || y.size() != 4 || w[2] != x[3] || y[0] != x[0] ||
-      y[3] != w[3] || sh < 1 || sw < 1) {
+      y[3] != w[3] || sh < 1 || sw < 1 || (winograd && (w[0] != 3 || w[1] != 3))) {
     return ffi::Error::InvalidArgument(
-        std::string(name) + ": expected an input (N, H, W, C), a kernel (kh, kw, C, O), an "
-        "output (N, Ho, Wo, O) and positive strides");
+        std::string(name) + ": expected an input (N, H, W, C), a kernel (" +
+        (winograd ? "3, 3" : "kh, kw") + ", C, O), an output (N, Ho, Wo, O) and positive "
+        "strides");
   }
-  if (sgemm.load() == nullptr) {
+  if (needs == Needs::kSgemm && sgemm.load() == nullptr) {
     return ffi::Error::Internal(std::string(name) + ": SkinmtlSetSgemm was not called");
+  }
+  if (needs == Needs::kAmx && !AmxReady()) {
+    return ffi::Error::Internal(std::string(name) + ": this CPU (or its kernel) offers no "
+                                "AMX-BF16; skinmtl_jax.kernels.amx_available() says so first");
   }
   return ffi::Error::Success();
 }
@@ -399,14 +411,8 @@ ffi::Error Winograd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   const auto xd = x.dimensions();
   const auto ud = w.dimensions();
   const auto yd = y->dimensions();
-  if (xd.size() != 4 || ud.size() != 4 || yd.size() != 4 || ud[0] != 3 || ud[1] != 3 ||
-      ud[2] != xd[3] || yd[0] != xd[0] || yd[3] != ud[3]) {
-    return ffi::Error::InvalidArgument(
-        "skinmtl_winograd: expected an input (N, H, W, C), a kernel (3, 3, C, O) and an output "
-        "(N, Ho, Wo, O)");
-  }
-  if (sgemm.load() == nullptr) {
-    return ffi::Error::Internal("skinmtl_winograd: SkinmtlSetSgemm was not called");
+  if (auto e = Check("skinmtl_winograd", xd, ud, yd, 1, 1, Needs::kSgemm, true); e.failure()) {
+    return e;
   }
   const int64_t n = xd[0], h = xd[1], wi = xd[2], c = xd[3], o = ud[3], ho = yd[1], wo = yd[2];
   const int64_t tw = (wo + 1) / 2, tiles = ((ho + 1) / 2) * tw;
@@ -524,14 +530,9 @@ ffi::Error WinogradWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
   const auto xd = x.dimensions();
   const auto gd = g.dimensions();
   const auto wd = dw->dimensions();
-  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || wd[0] != 3 || wd[1] != 3 ||
-      wd[2] != xd[3] || gd[0] != xd[0] || gd[3] != wd[3]) {
-    return ffi::Error::InvalidArgument(
-        "skinmtl_winograd_weight_grad: expected an input (N, H, W, C), an output gradient "
-        "(N, Ho, Wo, O) and a result (3, 3, C, O)");
-  }
-  if (sgemm.load() == nullptr) {
-    return ffi::Error::Internal("skinmtl_winograd_weight_grad: SkinmtlSetSgemm was not called");
+  if (auto e = Check("skinmtl_winograd_weight_grad", xd, wd, gd, 1, 1, Needs::kSgemm, true);
+      e.failure()) {
+    return e;
   }
   const int64_t h = xd[1], wi = xd[2], c = xd[3], ho = gd[1], wo = gd[2], o = gd[3];
   const int64_t tw = (wo + 1) / 2, per_image = ((ho + 1) / 2) * tw, total = xd[0] * per_image;
@@ -880,16 +881,7 @@ ffi::Error ConvBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<DW> w,
                     int64_t threads) {
   const char* name = "skinmtl_conv2d_bf16";
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || wd[2] != xd[3] ||
-      yd[0] != xd[0] || yd[3] != wd[3] || sh < 1 || sw < 1) {
-    return ffi::Error::InvalidArgument(
-        std::string(name) + ": expected an input (N, H, W, C), a kernel (kh, kw, C, O), an "
-        "output (N, Ho, Wo, O) and positive strides");
-  }
-  if (!AmxReady()) {
-    return ffi::Error::Internal(std::string(name) + ": this CPU (or its kernel) offers no "
-                                "AMX-BF16; skinmtl_jax.kernels.amx_available() says so first");
-  }
+  if (auto e = Check(name, xd, wd, yd, sh, sw, Needs::kAmx); e.failure()) return e;
 #ifdef SKINMTL_AMX
   const Geometry d = Make(xd, wd, yd, sh, sw, pt, pl);
   T* yp = reinterpret_cast<T*>(y->untyped_data());
@@ -933,16 +925,8 @@ ffi::Error ConvBf16WeightGrad(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> g
                               int64_t threads) {
   const char* name = "skinmtl_conv2d_bf16_weight_grad";
   const auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
-  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || wd[2] != xd[3] ||
-      gd[0] != xd[0] || gd[3] != wd[3]) {
-    return ffi::Error::InvalidArgument(
-        std::string(name) + ": expected an input (N, H, W, C), an output gradient (N, Ho, Wo, "
-        "O) and a kernel gradient (kh, kw, C, O)");
-  }
-  if (!AmxReady()) {
-    return ffi::Error::Internal(std::string(name) + ": this CPU (or its kernel) offers no "
-                                "AMX-BF16; skinmtl_jax.kernels.amx_available() says so first");
-  }
+  // As the kernel gradient's (x, dw, g): the shapes of the convolution's (x, w, y).
+  if (auto e = Check(name, xd, wd, gd, 1, 1, Needs::kAmx); e.failure()) return e;
 #ifdef SKINMTL_AMX
   const Geometry d = Make(xd, wd, gd, 1, 1, pt, pl);
   float* out = dw->typed_data();

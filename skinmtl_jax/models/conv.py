@@ -59,9 +59,7 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
 def _plain(x, kernel, strides, pads):
-  # A float32 kernel of a bfloat16 convolution (promote_keep_params) is rounded first.
-  return lax.conv_general_dilated(x, kernel.astype(x.dtype), strides, pads,
-                                  dimension_numbers=_NHWC)
+  return _xla(x, kernel, strides, pads, dimension_numbers=_NHWC)
 
 
 def routes(kernel_shape, strides, in_hw, out_hw, dtype=jnp.float32,
