@@ -108,6 +108,11 @@ def get_config() -> ml_collections.ConfigDict:
   # default those (and duplicates of training images) are dropped; True restores the paper's
   # protocol, warns, and marks metrics.json "trained_on_test_images": true.
   d.paper_protocol_train_on_test_images = False
+  # The paper protocol's control (the real-data study's leakage comparison): the same number of
+  # extra melanomas as the paper's protocol, hence its steps and melanoma share, with each image
+  # of an evaluation set replaced by a training melanoma (see input_pipeline). No test image is
+  # trained on; paper-protocol minus this is the leak's effect, this minus leak-free the budget's.
+  d.paper_protocol_matched_control = False
   d.eval_sets = ('isic2016_test', 'ph2')
   # Share of the training images held out (stratified by class, chosen by ID, not enlarged) to
   # fit the calibration of the melanoma probability (a temperature and a bias, Platt scaling)
@@ -126,6 +131,10 @@ def get_config() -> ml_collections.ConfigDict:
   d.synthetic.seed = 0
 
   c.log_every_steps = 50
+  # Every N epochs, the measures of the validation split (held out of training, see
+  # data.validation_fraction) go to the log, scalars.jsonl and TensorBoard as validation/<measure>:
+  # the learning curve that shows when training has levelled off. 0 turns it off.
+  c.eval_every_epochs = 0
   # Every N steps, the gradient study (skinmtl_jax/grad_study.py) on the training batch goes to
   # the summaries and workdir/grad_study.csv; 0 turns it off.
   c.grad_study_every_steps = 0
@@ -206,6 +215,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       '(needs model.arch="mtl" and model.classify=True).')
   if config.sharding not in SHARDINGS:
     raise ConfigError(f'sharding={config.sharding!r}: expected one of {SHARDINGS}.')
+  if config.get('eval_every_epochs', 0) < 0:
+    raise ConfigError(f'eval_every_epochs={config.eval_every_epochs}: 0 (off) or a positive '
+                      'number of epochs.')
+  if config.data.get('paper_protocol_matched_control', False):
+    if not config.data.extra_melanomas:
+      raise ConfigError('data.paper_protocol_matched_control is the control of mtl4\'s extra '
+                        'melanomas; set data.extra_melanomas="isic2017" (configs/mtl4.py).')
+    if config.data.paper_protocol_train_on_test_images:
+      raise ConfigError('data.paper_protocol_matched_control and '
+                        'data.paper_protocol_train_on_test_images exclude each other: the '
+                        'control replaces the test images the paper protocol trains on.')
   if config.grad_study_every_steps < 0:
     raise ConfigError(f'grad_study_every_steps={config.grad_study_every_steps}: 0 (off) or '
                       'a positive number of steps.')

@@ -105,7 +105,9 @@ def aggregate_members(members: list[dict]) -> dict[str, Any]:
     half = float(sps.t.ppf(0.975, k - 1) * std / np.sqrt(k)) if k > 1 else 0.0
     out[key] = mean
     out['std'][key] = std
-    out['ci95_across_members'][key] = [mean - half, mean + half]
+    # Every headline measure lies in [0, 1] (MCC in [-1, 1]): so does its interval.
+    lo = -1.0 if key.startswith('mcc') else 0.0
+    out['ci95_across_members'][key] = [max(lo, mean - half), min(1.0, mean + half)]
   cms = [m['confusion'] for m in members if m.get('confusion') is not None]
   out['confusion'] = np.mean(cms, axis=0).tolist() if len(cms) == k else None
   return out
@@ -153,9 +155,13 @@ def evaluate_split(eval_step, state, split: input_pipeline.Split, *, batch_size:
                                  bootstrap_samples=bootstrap_samples)
     result = {**aggregate_members(members), 'n': len(ids), 'members': members,
               'ensemble': ensemble}
-    if 'melanoma_prob' in cat:  # each member's probabilities too: paired comparisons of seeds
+    # Each member's probabilities and Dice too: paired comparisons of seeds, per-seed measures.
+    if 'melanoma_prob' in cat:
       per_image.update({f'melanoma_prob_member{i}': cat['melanoma_prob'][i].tolist()
                         for i in range(num)})
+    if 'seg_counts' in cat:
+      per_image.update({f'dice_member{i}': metrics.segmentation_scores(
+          cat['seg_counts'][i])['per_image']['dice'].tolist() for i in range(num)})
   per_image['id'] = ids
   result['per_image'] = per_image
   return result
@@ -174,21 +180,23 @@ def calibrated_scores(labels, probs, calibration: dict[str, Any], *,
 
 
 def fit_calibration(eval_step, state, validation: input_pipeline.Split, *,
-                    batch_size: int) -> dict[str, Any] | None:
+                    batch_size: int) -> tuple[dict[str, Any] | None, dict[str, list]]:
   """Platt scaling of the melanoma probability (of the single model, or the ensemble's
-  average, what `predict` gives) on the validation split; None without a classifier."""
+  average, what `predict` gives) on the validation split (None without a classifier), and the
+  split's per-image outputs (per_image_validation.csv: what a threshold chosen on the
+  validation split is chosen from)."""
   r = evaluate_split(eval_step, state, validation, batch_size=batch_size, threshold=0.5,
                      bootstrap_samples=0)
   probs = r['per_image'].get('melanoma_prob')
   if probs is None:
-    return None
+    return None, r['per_image']
   fitted = calibration_lib.fit(validation.labels, probs)
   if fitted is not None:
     logging.info('Calibration on %s (%d images, %d melanomas): temperature %.3f, bias %.3f; '
                  'NLL %.4f -> %.4f.', validation.name, fitted['n'], fitted['melanomas'],
                  fitted['temperature'], fitted['bias'], fitted['nll_before'],
                  fitted['nll_after'])
-  return fitted
+  return fitted, r['per_image']
 
 
 def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir: str,
@@ -209,10 +217,11 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
   eval_step = jax.jit(functools.partial(steps.eval_step, model=model, threshold=config.threshold))
   step = checkpointing.step_of(state)
   if validation is not None and len(validation.source):
-    calibration = fit_calibration(eval_step, state, validation,
-                                  batch_size=config.eval_batch_size)
+    calibration, per_image = fit_calibration(eval_step, state, validation,
+                                             batch_size=config.eval_batch_size)
     if write:
       calibration_lib.save(workdir, calibration, step)
+      report.write_per_image(os.path.join(workdir, 'per_image_validation.csv'), per_image)
   else:
     # Fitted earlier for this step, if at all.
     calibration = calibration_lib.load(calibration_dir or workdir, step)

@@ -138,8 +138,7 @@ def validation_indices(ids: Sequence[str], labels: np.ndarray, fraction: float) 
     n = int(round(fraction * len(members)))
     if len(members) >= 2:
       n = min(max(n, 1), len(members) - 1)
-    key = lambda i: hashlib.sha256(str(ids[i]).encode()).hexdigest()
-    keep += sorted(members.tolist(), key=key)[:n]
+    keep += sorted(members.tolist(), key=lambda i: _id_order(ids[i]))[:n]
   return np.asarray(sorted(keep), np.int64)
 
 
@@ -227,48 +226,80 @@ def get_split(data_cfg: ml_collections.ConfigDict, split: str) -> Split:
   return _real_split(split, *EVAL_SETS[split], data_cfg)
 
 
+# Never trained on (except under data.paper_protocol_train_on_test_images), whatever
+# data.eval_sets holds: the official test set of ISIC 2016. (ISIC 2017's test set and PH2 are
+# never read for training at all: mtl4's extra melanomas come from ISIC 2017 train and
+# validation.)
+PROTECTED_SETS = ('isic2016_test',)
+
+
+def _id_order(image_id: str) -> str:
+  """The order in which images are chosen by ID: the SHA-256 of the ID (independent of the
+  others and of file order)."""
+  return hashlib.sha256(str(image_id).encode()).hexdigest()
+
+
 def _with_extra_melanomas(train: Split, data_cfg, known_ids: set[str] | None = None) -> Split:
   """ISIC 2016 training plus the ISIC 2017 train + validation melanomas (mtl4), minus every
-  image whose ISIC ID is in an evaluation set and every image already in ISIC 2016 training
-  (`known_ids`: all of it, the held-out validation images included), unless
-  data.paper_protocol_train_on_test_images asks for the paper's all-404 protocol (which still
-  keeps the validation images out)."""
+  image of ISIC 2016's test set or of an evaluation set (by ISIC ID) and every image already in
+  ISIC 2016 training (`known_ids`: all of it, the held-out validation images included).
+
+  data.paper_protocol_train_on_test_images restores the paper's all-404 protocol (which still
+  keeps the validation images out). data.paper_protocol_matched_control is its control: the
+  paper protocol's list, in its order, with each test or evaluation image replaced by one of
+  the melanomas the leak-free list adds (chosen in ID-hash order, cycled): the same number of
+  extra melanomas (so the same steps and melanoma share) and no test image.
+  """
   if data_cfg.extra_melanomas != 'isic2017':
     raise DatasetUnavailableError(
         f'data.extra_melanomas={data_cfg.extra_melanomas!r}: only "isic2017" is known.')
   paper = bool(data_cfg.paper_protocol_train_on_test_images)
+  control = bool(data_cfg.get('paper_protocol_matched_control', False))
+  protected_sets = tuple(dict.fromkeys((*PROTECTED_SETS, *data_cfg.eval_sets)))
   eval_ids = set()
-  for name in data_cfg.eval_sets:
+  for name in protected_sets:
     eval_ids.update(get_split(data_cfg, name).ids)
   train_ids = set(train.ids) if known_ids is None else set(known_ids)
   held_out = train_ids - set(train.ids)  # the validation images: never trained on
-  parts, info = [train.source], {'available': 0, 'added': 0, 'dropped_in_eval_set': 0,
-                                 'dropped_already_in_train': 0, 'dropped_in_validation': 0,
-                                 'in_eval_set_but_kept': 0,
-                                 'paper_protocol_train_on_test_images': paper}
-  labels, ids = [train.labels], list(train.ids)
-  for split in ('train', 'validation'):
-    extra = _real_split(f'isic2017_{split}', 'isic2017', split, data_cfg)
-    keep = []
-    for i, (image_id, label) in enumerate(zip(extra.ids, extra.labels)):
-      if label != 1:
-        continue
-      info['available'] += 1
-      if not paper and image_id in eval_ids:
-        info['dropped_in_eval_set'] += 1
-        continue
-      if image_id in held_out:
-        info['dropped_in_validation'] += 1
-        continue
-      if not paper and image_id in train_ids:
-        info['dropped_already_in_train'] += 1
-        continue
-      info['in_eval_set_but_kept'] += int(image_id in eval_ids)
-      keep.append(i)
-    parts.append(TfdsSource(extra.source._source, keep))  # pylint: disable=protected-access
-    labels.append(extra.labels[keep])
-    ids += [extra.ids[i] for i in keep]
-  info['added'] = sum(len(p) for p in parts[1:])
+  info = {'available': 0, 'added': 0, 'dropped_in_eval_set': 0, 'dropped_already_in_train': 0,
+          'dropped_in_validation': 0, 'in_eval_set_but_kept': 0,
+          'paper_protocol_train_on_test_images': paper, 'protected_sets': list(protected_sets)}
+  if control:
+    info.update(paper_protocol_matched_control=True, replaced_eval_images=0)
+  extras = [_real_split(f'isic2017_{split}', 'isic2017', split, data_cfg)
+            for split in ('train', 'validation')]
+  ids = [i for e in extras for i in e.ids]
+  labels = np.concatenate([e.labels for e in extras])
+  keep, replace = [], []  # indices into `ids`; positions in `keep` to replace (control)
+  for i, (image_id, label) in enumerate(zip(ids, labels)):
+    if label != 1:
+      continue
+    info['available'] += 1
+    if not paper and image_id in eval_ids:
+      info['dropped_in_eval_set'] += 1
+      if control:
+        replace.append(len(keep))
+        keep.append(-1)
+      continue
+    if image_id in held_out:
+      info['dropped_in_validation'] += 1
+      continue
+    if not paper and not control and image_id in train_ids:
+      info['dropped_already_in_train'] += 1
+      continue
+    info['in_eval_set_but_kept'] += int(image_id in eval_ids)
+    keep.append(i)
+  if replace:
+    pool = sorted((i for i in keep if i >= 0 and ids[i] not in train_ids),
+                  key=lambda i: _id_order(ids[i]))
+    if not pool:
+      raise DatasetUnavailableError(
+          'data.paper_protocol_matched_control: no ISIC 2017 melanoma outside ISIC 2016 and '
+          'the evaluation sets is left to stand in for the test images.')
+    for j, position in enumerate(replace):
+      keep[position] = pool[j % len(pool)]
+    info['replaced_eval_images'] = len(replace)
+  info['added'] = len(keep)
   if paper:
     logging.warning('!' * 78)
     logging.warning('data.paper_protocol_train_on_test_images=True: training on %d ISIC 2017 '
@@ -276,8 +307,11 @@ def _with_extra_melanomas(train: Split, data_cfg, known_ids: set[str] | None = N
                     'fair test.', info['added'], info['in_eval_set_but_kept'])
     logging.warning('!' * 78)
   logging.info('Extra melanomas from ISIC 2017: %s', info)
-  return Split('isic2016_train+isic2017_melanomas', ConcatSource(parts),
-               np.concatenate(labels), tuple(ids), {**train.info, 'extra_melanomas': info})
+  source = SubsetSource(ConcatSource([e.source for e in extras]), keep)
+  return Split('isic2016_train+isic2017_melanomas', ConcatSource([train.source, source]),
+               np.concatenate([train.labels, labels[keep]]),
+               tuple(train.ids) + tuple(ids[i] for i in keep),
+               {**train.info, 'extra_melanomas': info})
 
 
 def enlarged_index(labels: np.ndarray, multiplicities: Sequence[int]) -> np.ndarray:

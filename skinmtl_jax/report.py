@@ -28,7 +28,7 @@ def save_figure(fig, path: str, dpi: int) -> None:
 
 def write_per_image(path: str, per_image: dict[str, list]) -> None:
   keys = [k for k in ('id', 'label', 'melanoma_prob', 'dice', 'iou', 'mcc') if k in per_image]
-  keys += [k for k in per_image if k.startswith('melanoma_prob_member')]
+  keys += [k for k in per_image if k.startswith(('melanoma_prob_member', 'dice_member'))]
   with workdir_lib.atomic_write(path, newline='') as f:
     w = csv.writer(f)
     w.writerow(keys)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -180,6 +181,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                  inputs=data.train_input.inputs, member_loop=config.member_loop)
   train_step = steps.make_train_step(model, tx, **step_kw)
   study = _GradStudy(config, model, step_kw, workdir, writer)
+  validate = _Validation(config, model, data, writer)
 
   # Loop.
   progress = writers.ReportProgress(
@@ -189,7 +191,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   t0 = time.time()
   try:
     state = _train_loop(state, train_step, data.train_input, manager, writer, progress, study,
-                        total_steps=data.total_steps, log_every=config.log_every_steps,
+                        validate, total_steps=data.total_steps, log_every=config.log_every_steps,
                         checkpoint_every=config.checkpoint_every_steps)
   finally:
     # Whatever stops the loop (a non-finite loss, SIGTERM, an exception), finish the save in
@@ -254,7 +256,41 @@ class _GradStudy:
       self.writer.write_scalars(step - 1, grad_study.summary_scalars(result))
 
 
-def _train_loop(state, train_step, train_input, manager, writer, progress, study, *,
+class _Validation:
+  """Every `config.eval_every_epochs` epochs (0: never), the measures of the validation split
+  (held out of training; what the calibration is fitted on) as validation/<measure> scalars:
+  the members' mean, validation/ensemble_<measure> for K > 1. The learning curve that says when
+  training has levelled off, without looking at a test set."""
+
+  KEYS = ('dice', 'iou', 'auc', 'ap', 'brier', 'recall_melanoma', 'tnr')
+
+  def __init__(self, config, model, data: '_Data', writer):
+    epochs = config.get('eval_every_epochs', 0)
+    steps_per_epoch = max(1, data.train_input.examples_per_epoch // config.batch_size)
+    self.every = epochs * steps_per_epoch if data.validation is not None else 0
+    if epochs and data.validation is None:
+      logging.warning('eval_every_epochs=%d: there is no validation split '
+                      '(data.validation_fraction=0); no validation curve.', epochs)
+    self._split = data.validation
+    self._writer = writer
+    self._batch_size = config.eval_batch_size
+    self._threshold = config.threshold
+    self._eval_step = jax.jit(functools.partial(steps.eval_step, model=model,
+                                                threshold=config.threshold))
+
+  def __call__(self, step: int, state) -> None:
+    if not self.every or step % self.every:
+      return
+    r = evaluate.evaluate_split(self._eval_step, parallel.to_local(state), self._split,
+                                batch_size=self._batch_size, threshold=self._threshold,
+                                bootstrap_samples=0)
+    scalars = {f'validation/{k}': r[k] for k in self.KEYS if r.get(k) is not None}
+    scalars.update({f'validation/ensemble_{k}': r['ensemble'][k] for k in self.KEYS
+                    if r.get('ensemble', {}).get(k) is not None})
+    self._writer.write_scalars(step, scalars)
+
+
+def _train_loop(state, train_step, train_input, manager, writer, progress, study, validate, *,
                 total_steps: int, log_every: int, checkpoint_every: int):
   """Steps from the state's step to `total_steps`: logs the members' mean metrics every
   `log_every` steps, saves every `checkpoint_every` steps, at the end and on SIGTERM (then
@@ -280,6 +316,7 @@ def _train_loop(state, train_step, train_input, manager, writer, progress, study
             means['learning_rate'] = float(np.mean(host[-1][1]['learning_rate']))
           writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
           pending = []
+      validate(step, state)
       if save_now:
         checkpointing.save(manager, state, [train_input.iterator])
       if preempted:

@@ -36,6 +36,7 @@ LOCK_NAME = '.lock'
 CHANGEABLE = frozenset({
     'experiment', 'num_epochs', 'num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
     'max_checkpoints_to_keep', 'eval_batch_size', 'threshold', 'grad_study_every_steps',
+    'eval_every_epochs',
     'sharding', 'data.eval_sets', 'data.manual_dir', 'data.data_dir', 'data.num_workers',
     'data.on_device', 'data.on_device_fraction', 'data.prefetch_batches', 'member_loop',
     'model.conv_impl',

@@ -103,6 +103,23 @@ def test_mtl4_extra_melanomas_exclude_test_images(real_data_cfg):
   cfg.paper_protocol_train_on_test_images = True
   paper = _split(cfg, 'train')
   assert len(paper.ids) == 749 + 404 and len(test_ids & set(paper.ids)) == 63
+  # Its matched control: the paper's list, position by position, with each test image replaced
+  # by a melanoma the leak-free list adds; the same length (steps, melanoma share), no test image.
+  cfg.paper_protocol_train_on_test_images = False
+  cfg.paper_protocol_matched_control = True
+  control = _split(cfg, 'train')
+  assert len(control.ids) == len(paper.ids) and control.labels[749:].min() == 1
+  assert not test_ids & set(control.ids)
+  assert control.info['extra_melanomas']['replaced_eval_images'] == 63
+  leak_free_extra = set(train.ids[749:])
+  swapped = [(p, c) for p, c in zip(paper.ids, control.ids) if p != c]
+  assert len(swapped) == 63
+  assert all(p in test_ids and c in leak_free_extra for p, c in swapped)
+  cfg.paper_protocol_matched_control = False
+  # ISIC 2016's test set is never trained on, whatever data.eval_sets holds.
+  cfg.eval_sets = ('ph2',)
+  assert not test_ids & set(_split(cfg, 'train').ids)
+  assert _split(cfg, 'train').ids == train.ids
 
 
 # ------------------------------------------------------------------------------ bad input

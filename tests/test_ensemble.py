@@ -130,7 +130,10 @@ def test_aggregate_statistics_hand_computed():
   assert agg['dice'] == pytest.approx(0.9)
   assert agg['std']['dice'] == pytest.approx(0.1)                      # sample std, ddof 1
   half = 4.302652729911275 * 0.1 / np.sqrt(3)                          # t(0.975, 2)
-  assert agg['ci95_across_members']['dice'] == pytest.approx([0.9 - half, 0.9 + half])
+  assert agg['ci95_across_members']['dice'] == pytest.approx([0.9 - half, 1.0])   # clipped
+  assert agg['ci95_across_members']['auc'] == pytest.approx([0.7 - half, 0.7 + half])
+  low = evaluate.aggregate_members([{'tnr': 0.0}, {'tnr': 0.1}, {'tnr': 0.5}])
+  assert low['ci95_across_members']['tnr'][0] == 0.0
   assert agg['confusion'] == [[3.0, 1.0], [2 / 3, 4 / 3]]
   assert agg['iou'] is None                                            # absent everywhere
 
@@ -185,3 +188,33 @@ def test_main_with_num_seeds_writes_member_aggregate_and_ensemble_entries(tmp_pa
     assert metrics.roc_auc(labels, p) == pytest.approx(t['members'][i]['auc'])
   ens = np.array([float(r['melanoma_prob']) for r in rows])
   assert metrics.roc_auc(labels, ens) == pytest.approx(t['ensemble']['auc'])
+  # ... and each member's Dice: the per-seed DSC re-derives from the CSV.
+  for i in range(2):
+    d = np.array([float(r[f'dice_member{i}']) for r in rows])
+    assert d.mean() == pytest.approx(t['members'][i]['dice'])
+  # The validation split's per-image outputs (what a threshold chosen on it is chosen from).
+  with open(tmp_path / 'per_image_validation.csv', encoding='utf-8') as f:
+    val = list(csv.DictReader(f))
+  assert len(val) == m['validation_examples'] == 3 and 'melanoma_prob_member1' in val[0]
+
+
+def test_validation_curve_every_epoch(tmp_path):
+  r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/tiny.py',
+                      f'--workdir={tmp_path}', '--config.num_seeds=2', '--config.num_train_steps=-1',
+                      '--config.num_epochs=3', '--config.eval_every_epochs=1'], cwd=ROOT,
+                     env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(tmp_path / 'scalars.jsonl', encoding='utf-8') as f:
+    rows = [json.loads(l) for l in f]
+  curve = [row for row in rows if 'validation/dice' in row]
+  # tiny: 21 training images enlarged to 24 per epoch, batch 4: 6 steps per epoch.
+  assert [row['step'] for row in curve] == [6, 12, 18]
+  assert all({'validation/auc', 'validation/ensemble_dice'} <= set(row) for row in curve)
+  # The last point is the final model's: the measures the calibration was fitted beside.
+  m = json.loads((tmp_path / 'metrics.json').read_text())
+  with open(tmp_path / 'per_image_validation.csv', encoding='utf-8') as f:
+    val = list(csv.DictReader(f))
+  dice = np.mean([[float(v[f'dice_member{i}']) for v in val] for i in range(2)])
+  assert curve[-1]['validation/dice'] == pytest.approx(dice)
+  assert m['steps'] == 18
