@@ -54,10 +54,14 @@ def test_cpu_size_changes_only_the_sized_fields(name):
   assert {k for k in full if full[k] != cpu[k]} == CPU_SIZED   # one place sets the size
   assert (cpu['data.image_size'], cpu['num_epochs']) == ((96, 128), 2)
   config_base.validate_config(module.get_config('cpu'))
+  study = _flat(module.get_config('study'))
+  assert {k for k in full if full[k] != study[k]} == CPU_SIZED | {'eval_every_epochs'}
+  assert (study['data.image_size'], study['eval_every_epochs']) == ((64, 96), 1)
+  config_base.validate_config(module.get_config('study'))
 
 
 @pytest.mark.parametrize('config,message', [
-    ('configs/mtl3.py:gpu', "config size 'gpu': expected one of ('full', 'cpu')"),
+    ('configs/mtl3.py:gpu', "config size 'gpu': expected one of ('full', 'cpu', 'study')"),
     ('configs/demo.py:cpu', 'only the paper configs take a size'),
 ])
 def test_a_wrong_size_is_refused_in_one_line(tmp_path, config, message):
