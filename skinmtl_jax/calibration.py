@@ -11,8 +11,11 @@ fitted by maximum likelihood on validation images at the natural class balance (
 T alone is Guo et al.'s temperature scaling, b corrects the prior shift), fix both. The map is
 monotonic, so AUC and AP do not change; the decisions at the threshold and ECE / Brier do.
 
-`calibration.json` in the run's folder holds the fit and the checkpoint step it was fitted
-for; `predict` applies it.
+`calibration.json` in the run's folder holds the fit, the checkpoint step it was fitted for and
+the fingerprint of that checkpoint's model (steps.model_fingerprint); `predict` applies it only
+to that model. T is kept within [T_MIN, T_MAX]: a fit on a few separable images drives T
+towards 0 (a step function), which no probability should be read through; a fit at the bound
+says so in the log and in the file ('at_bound').
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from skinmtl_jax import workdir as workdir_lib
 
 FILE_NAME = 'calibration.json'
 _EPS = 1e-7
+T_MIN, T_MAX = 0.05, 20.0   # the temperatures a fit may reach (and a file may hold)
+B_MAX = 20.0                # |bias|
 
 
 def logit(probs: np.ndarray) -> np.ndarray:
@@ -78,40 +83,78 @@ def fit(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any] | None:
     r = 1 / (1 + np.exp(-s)) - t
     return loss, np.array([np.mean(r * a * z), np.mean(r)])
 
+  bounds = [(-np.log(T_MAX), -np.log(T_MIN)), (-B_MAX, B_MAX)]
   res = optimize.minimize(loss_and_grad, np.zeros(2), jac=True, method='L-BFGS-B',
-                          bounds=[(-7, 7), (-20, 20)])
+                          bounds=bounds)
   result = {'temperature': float(np.exp(-res.x[0])), 'bias': float(res.x[1]), 'n': len(y),
             'melanomas': n_pos, 'nll_before': nll(y, probs)}
   result['nll_after'] = nll(y, apply(probs, result))
+  at_bound = [name for name, v, (lo, hi) in zip(('temperature', 'bias'), res.x, bounds)
+              if np.isclose(v, lo) or np.isclose(v, hi)]
+  if at_bound:
+    result['at_bound'] = at_bound
+    logging.warning('Calibration on %d images (%d melanomas): the fit reached the bound of its '
+                    '%s (T in [%g, %g], |b| <= %g): too few or perfectly separated validation '
+                    'images; read the calibrated probabilities with care.', len(y), n_pos,
+                    ' and '.join(at_bound), T_MIN, T_MAX, B_MAX)
   return result
 
 
-def save(workdir: str, calibration: dict[str, Any] | None, step: int) -> None:
-  """Writes `workdir/calibration.json` (removes it when there is no calibration)."""
+def save(workdir: str, calibration: dict[str, Any] | None, step: int, model: str) -> None:
+  """Writes `workdir/calibration.json` for checkpoint `step` whose model has the fingerprint
+  `model` (removes the file when there is no calibration)."""
   path = os.path.join(workdir, FILE_NAME)
   if calibration is None:
     if os.path.exists(path):
       os.remove(path)
     return
   with workdir_lib.atomic_write(path) as f:
-    json.dump({**calibration, 'step': int(step)}, f, indent=1)
+    json.dump({**calibration, 'step': int(step), 'model': model}, f, indent=1)
 
 
-def load(workdir: str, step: int) -> dict[str, Any] | None:
-  """The calibration fitted for checkpoint `step`, or None (with a warning when the file is
-  for another step: the evaluation of the latest checkpoint refits it)."""
+class Invalid(ValueError):
+  """calibration.json holds what no calibration can be."""
+
+
+def _validated(c: Any) -> dict[str, Any]:
+  if not isinstance(c, dict):
+    raise Invalid(f'expected an object, got {type(c).__name__}')
+  t, b = c.get('temperature'), c.get('bias')
+  if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (t, b)):
+    raise Invalid(f'temperature {t!r} and bias {b!r} must be numbers')
+  if not (np.isfinite(t) and T_MIN <= t <= T_MAX):
+    raise Invalid(f'temperature {t} outside [{T_MIN}, {T_MAX}]')
+  if not (np.isfinite(b) and abs(b) <= B_MAX):
+    raise Invalid(f'bias {b} outside [-{B_MAX}, {B_MAX}]')
+  return {**c, 'temperature': float(t), 'bias': float(b)}
+
+
+def load(workdir: str, step: int, model: str | None = None, *,
+         warn_missing: bool = False) -> dict[str, Any] | None:
+  """The calibration fitted for checkpoint `step` (and, given `model`, for the model with that
+  fingerprint), or None with a warning: when the file is for another checkpoint (evaluate refits
+  it), for another model, unreadable or invalid, and, with `warn_missing`, when there is none."""
   path = os.path.join(workdir, FILE_NAME)
+  refit = 'python -m skinmtl_jax.evaluate --workdir=... fits it again'
   if not os.path.exists(path):
+    if warn_missing:
+      logging.warning('%s not found: no calibrated probability (%s).', path, refit)
     return None
   try:
     with open(path, encoding='utf-8') as f:
-      c = json.load(f)
+      c = _validated(json.load(f))
     if int(c['step']) != int(step):
       logging.warning('%s was fitted for step %s, the checkpoint is step %d: no calibration '
-                      'applied (python -m skinmtl_jax.evaluate --workdir=... refits it).',
-                      path, c['step'], step)
+                      'applied (%s).', path, c['step'], step, refit)
       return None
-    return {'temperature': float(c['temperature']), 'bias': float(c['bias']), **c}
+    if model is not None and c.get('model') != model:
+      logging.warning('%s was fitted for another model than the checkpoint of step %d (%s): no '
+                      'calibration applied (%s).', path, step,
+                      'no model fingerprint in the file' if 'model' not in c else
+                      'its fingerprint differs', refit)
+      return None
+    return c
   except (OSError, ValueError, KeyError, TypeError) as e:
-    logging.warning('%s is unreadable (%s): no calibration applied.', path, e)
+    logging.warning('%s is unreadable or invalid (%s): no calibration applied (%s).', path, e,
+                    refit)
     return None

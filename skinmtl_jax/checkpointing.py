@@ -1,8 +1,10 @@
 """Orbax checkpoints of the train state and the input iterator, in `workdir/checkpoints`.
 
-Each checkpoint is a composite of 'state' (the stacked TrainState pytree) and 'data0',
-'data1', ... (the positions of the grain iterators: one, or one per member when members
-read their own order), so a restarted run continues with the same next batches. Orbax writes into
+Each checkpoint is a composite of one item, 'state' (the stacked TrainState pytree). The
+input's position is the state's step: batch k of the training order is a function of the seed
+and k (input_pipeline.train_dataset), so a restarted run continues with the same next batches.
+(Checkpoints written before this held the grain iterators' positions as 'data0', 'data1', ...;
+they restore, and those items are not read.) Orbax writes into
 a temporary directory and renames it when complete, so an interrupted save never shadows the
 previous checkpoint.
 
@@ -22,7 +24,6 @@ import threading
 import time
 
 from absl import logging
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -59,6 +60,12 @@ def create_manager(workdir: str, *, max_to_keep: int = 3,
                                options=options)
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir/checkpoints` holds a step's folder (a run to resume)."""
+  ckpt = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
+
+
 def step_of(state: TrainState) -> int:
   """The step of a (stacked) state as an int."""
   # Members move in lockstep, so any member's step will do: this process's first shard (a
@@ -69,12 +76,9 @@ def step_of(state: TrainState) -> int:
   return int(np.asarray(step).reshape(-1)[0])
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, data_iters=()) -> None:
-  """Saves `state` and the positions of `data_iters` at the state's step."""
-  items = {'state': ocp.args.StandardSave(state)}
-  for i, it in enumerate(data_iters):
-    items[f'data{i}'] = grain.checkpoint.CheckpointSave(it)
-  manager.save(step_of(state), args=ocp.args.Composite(**items))
+def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
+  """Saves `state` at its step."""
+  manager.save(step_of(state), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
 
 
 class _WithoutClosedLoopTracebacks:
@@ -134,12 +138,10 @@ def _all_finite(tree) -> bool:
   return True
 
 
-def _restore_step(manager, template, data_iters, step):
+def _restore_step(manager, template, step):
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  items = {'state': ocp.args.StandardRestore(abstract)}
-  for i, it in enumerate(data_iters):
-    items[f'data{i}'] = grain.checkpoint.CheckpointRestore(it)
-  state = manager.restore(step, args=ocp.args.Composite(**items))['state']
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))['state']
   if not _all_finite((state.params, state.batch_stats, state.opt_state)):
     raise CheckpointError('its weights are not all finite (NaN or infinity)')
   return state
@@ -159,44 +161,69 @@ def _set_aside(manager, steps) -> None:
   manager.reload()
 
 
-def restore(manager: ocp.CheckpointManager, template: TrainState, data_iters=(),
+class Rotated(CheckpointError):
+  """The checkpoint's folder was removed while it was read: a training run in the same workdir
+  rotated it away (max_checkpoints_to_keep). Not damage."""
+
+
+def _gone(manager, step: int) -> bool:
+  return not os.path.isdir(os.path.join(str(manager.directory), str(step)))
+
+
+def restore(manager: ocp.CheckpointManager, template: TrainState,
             step: int | None = None) -> TrainState:
   """Restores the latest (or `step`'s) checkpoint into the structure of `template`.
 
-  The iterators, if given, are moved to their saved positions in place. Without `step`, a
-  checkpoint that does not restore (damaged files, non-finite weights) is skipped for the next
-  older one, with a warning; CheckpointError if none restores (or `step`'s does not).
+  Without `step`, a checkpoint that does not restore (damaged files, non-finite weights) is
+  skipped for the next older one, with a warning; CheckpointError if none restores (or
+  `step`'s does not). A checkpoint that a training run in the same workdir rotates away while
+  it is read (predict, evaluate or the gradient study during training) is not damage: the
+  newest one is tried again (with `step`, Rotated is raised).
   """
   where = str(manager.directory)
   if step is not None:
     try:
-      return _restore_step(manager, template, data_iters, step)
+      return _restore_step(manager, template, step)
     except Exception as e:  # pylint: disable=broad-except
       _after_a_failed_restore()
+      if _gone(manager, step):
+        raise Rotated(f'The checkpoint {where}/{step} was removed while it was read (a '
+                      'training run in this workdir keeps only its latest checkpoints).') from e
       raise CheckpointError(f'The checkpoint {where}/{step} cannot be restored '
                             f'({type(e).__name__}: {str(e)[:200]}).') from e
-  candidates = sorted(manager.all_steps(), reverse=True)
-  if not candidates:
-    raise CheckpointError(f'No checkpoint in {where}: train first (python -m skinmtl_jax.main '
-                          '--workdir=...), or give the --workdir of a run that has one.')
-  damaged = []
-  for s in candidates:
-    try:
-      state = _restore_step(manager, template, data_iters, s)
-    except Exception as e:  # pylint: disable=broad-except
-      _after_a_failed_restore()
-      # Orbax, tensorstore and json raise many types on damaged files; all mean the same here.
-      logging.warning('The checkpoint %s/%d cannot be restored (%s: %s); trying an older one.',
-                      where, s, type(e).__name__, str(e)[:200])
-      damaged.append(s)
-      continue
-    if damaged:
-      logging.warning('Restored the checkpoint of step %d, the newest intact one in %s '
-                      '(damaged: %s).', s, where, damaged)
-      _set_aside(manager, damaged)
-    return state
-  raise CheckpointError(f'None of the checkpoints in {where} (steps {sorted(candidates)}) can '
-                        'be restored: their files are damaged. Train again in a new --workdir.')
+  for _ in range(10):  # each retry follows a rotation by a running training
+    candidates = sorted(manager.all_steps(), reverse=True)
+    if not candidates:
+      raise CheckpointError(f'No checkpoint in {where}: train first (python -m skinmtl_jax.main '
+                            '--workdir=...), or give the --workdir of a run that has one.')
+    damaged, rotated = [], False
+    for s in candidates:
+      try:
+        state = _restore_step(manager, template, s)
+      except Exception as e:  # pylint: disable=broad-except
+        _after_a_failed_restore()
+        if _gone(manager, s):
+          logging.info('The checkpoint %s/%d was removed while it was read (a training run '
+                       'rotates its checkpoints); trying the newest one again.', where, s)
+          rotated = True
+          break
+        # Orbax, tensorstore and json raise many types on damaged files; all mean the same.
+        logging.warning('The checkpoint %s/%d cannot be restored (%s: %s); trying an older '
+                        'one.', where, s, type(e).__name__, str(e)[:200])
+        damaged.append(s)
+        continue
+      if damaged:
+        logging.warning('Restored the checkpoint of step %d, the newest intact one in %s '
+                        '(damaged: %s).', s, where, damaged)
+        _set_aside(manager, damaged)
+      return state
+    if not rotated:
+      raise CheckpointError(f'None of the checkpoints in {where} (steps {sorted(candidates)}) '
+                            'can be restored: their files are damaged. Train again in a new '
+                            '--workdir.')
+    manager.reload()
+  raise CheckpointError(f'The checkpoints in {where} kept being replaced while they were read; '
+                        'try again when the training in that folder has saved.')
 
 
 # ------------------------------------------------------------------------- a finished run
@@ -214,9 +241,15 @@ def check_run_dir(workdir: str) -> ml_collections.ConfigDict:
                                         f'a training run: {hint}.')
   try:
     with open(path, encoding='utf-8') as f:
-      config = ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
   except (OSError, ValueError) as e:
     raise CheckpointError(f'{path} is unreadable ({e}): {hint}.') from e
+  missing = [k for k in ('model', 'data') if not isinstance(saved, dict)
+             or not isinstance(saved.get(k), dict)]
+  if missing:
+    raise CheckpointError(f'{path} is not the config of a training run (no {" or ".join(missing)} '
+                          f'section): {hint}.')
+  config = ml_collections.ConfigDict(saved)
   ckpt = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
     raise CheckpointError(
@@ -235,10 +268,15 @@ def load_run(workdir: str, step: int | None = None, dtype: str | None = None):
     if dtype not in DTYPES:
       raise ConfigError(f'dtype {dtype!r}: expected one of {DTYPES}.')
     config.model.dtype = dtype
-  model = models.create_model(config.model)
-  keys = steps.member_keys(0, config.get('num_seeds', 1))
-  template = steps.create_train_state(model, steps.create_optimizer(config, 1), keys,
-                                      tuple(config.data.image_size))
+  try:
+    model = models.create_model(config.model)
+    keys = steps.member_keys(0, config.get('num_seeds', 1))
+    template = steps.create_train_state(model, steps.create_optimizer(config, 1), keys,
+                                        tuple(config.data.image_size))
+  except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+    raise CheckpointError(f'{os.path.join(workdir, "config.json")} does not describe a model '
+                          f'this version can build ({type(e).__name__}: {e}); was it edited? '
+                          'Restore it, or give the --workdir of another run.') from e
   manager = create_manager(workdir, read_only=True)
   try:
     state = restore(manager, template, step=step)

@@ -9,9 +9,9 @@
     expand (in the jitted step)  gather from the resident training data (data.on_device),
                                  apply the enlargement transform (augment.transform), floats
 
-`TrainInput` builds the whole chain for a run; its `iterator` is the one grain iterator a
-checkpoint saves (prefetching does not move its saved position: grain's thread prefetch reports
-the state of the last batch handed out). `with_inputs` binds the step's device-side inputs (the
+`TrainInput` builds the whole chain for a run, starting at the batch of the step the run
+(re)starts from: batch k of the order is a function of the seed and k alone (see
+`input_pipeline.train_dataset`), so checkpoints need no iterator state. `with_inputs` binds the step's device-side inputs (the
 transform geometry and, when resident, the training data) to a jitted step.
 
 data.on_device: 'auto' (the default) places the prepared training split on every device when
@@ -139,52 +139,65 @@ class TrainInput:
   """A run's training input: global device batches, prefetched, and the step's inputs.
 
   Attributes:
-    iterator: the grain iterator whose position checkpoints save and restore.
     inputs: the device-side inputs of the step (`expand`): transform geometry, and the
       resident training data when `resident`.
     resident: whether the training split lives on the device.
     examples_per_epoch: enlarged training examples per epoch.
+
+  `start(step)` starts the batches at the one of `step` (the restored step of a resumed run;
+  without it, the first); then `next(train_input)` gives one global batch per step.
   """
 
   def __init__(self, split: input_pipeline.Split, config: ml_collections.ConfigDict,
                mesh: Mesh):
     data_cfg = config.data
-    shared = config.seed_data_order == 'shared'
-    k, batch_size = config.num_seeds, config.batch_size
-    sharding = parallel.batch_sharding(mesh, shared)
-    lead = (batch_size,) if shared else (k, batch_size)
+    self._split, self._data_cfg = split, data_cfg
+    self._shared = config.seed_data_order == 'shared'
+    k, self._batch_size = config.num_seeds, config.batch_size
+    self._sharding = parallel.batch_sharding(mesh, self._shared)
+    self._lead = (self._batch_size,) if self._shared else (k, self._batch_size)
     # Only what this process's devices hold: its rows of each batch, and its members.
-    local = parallel.local_slices(sharding, lead)
-    members = [0] if shared else list(range(k))[local[0]]
-    self.resident = decide_on_device(data_cfg, len(split.source))
+    self._local = parallel.local_slices(self._sharding, self._lead)
     data_seed = config.seed if config.data_seed < 0 else config.data_seed
-    pipelines = [input_pipeline.train_dataset(split, data_cfg, batch_size=batch_size,
-                                              seed=data_seed + i, rows=local[-1],
-                                              resident=self.resident) for i in members]
-    self.examples_per_epoch = pipelines[0][1]
-    ds = pipelines[0][0] if shared else grain.experimental.ZipIterDataset(
-        [p for p, _ in pipelines]).map(_stack_members)
-    prefetch = data_cfg.prefetch_batches
-    if prefetch > 0:  # as grain.experimental.device_put, with global (multi-host) arrays
-      ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
-    ds = ds.map(functools.partial(_to_global, sharding=sharding, lead=lead))
-    if prefetch > 0:
-      ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
-    self.iterator = iter(ds)
+    members = [0] if self._shared else list(range(k))[self._local[0]]
+    self._seeds = [data_seed + i for i in members]
+    self.resident = decide_on_device(data_cfg, len(split.source))
+    self.examples_per_epoch = len(input_pipeline.enlarged_index(
+        split.labels, (data_cfg.enlarge_benign, data_cfg.enlarge_melanoma)))
+    self._iterator = None
 
     inputs = {'coords': augment.sampling_coords(*data_cfg.image_size)}
     if self.resident:
       inputs.update(input_pipeline.stacked_examples(split))
     self.inputs = put_replicated(inputs, mesh)
 
+  def start(self, step: int) -> None:
+    """Batches from the one of `step` on (each member's order at the same position)."""
+    self.close()
+    pipelines = [input_pipeline.train_dataset(
+        self._split, self._data_cfg, batch_size=self._batch_size, seed=seed,
+        rows=self._local[-1], resident=self.resident, start=step)[0] for seed in self._seeds]
+    ds = pipelines[0] if self._shared else grain.experimental.ZipIterDataset(
+        pipelines).map(_stack_members)
+    prefetch = self._data_cfg.prefetch_batches
+    if prefetch > 0:  # as grain.experimental.device_put, with global (multi-host) arrays
+      ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    ds = ds.map(functools.partial(_to_global, sharding=self._sharding, lead=self._lead))
+    if prefetch > 0:
+      ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    self._iterator = iter(ds)
+
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
-    return next(self.iterator)
+    if self._iterator is None:  # not started: a new run's order, from its first batch
+      self.start(0)
+    return next(self._iterator)
 
   def close(self) -> None:
     """Stops the prefetch threads."""
-    close = getattr(self.iterator, 'close', None)
+    close = getattr(self._iterator, 'close', None)
     if close is not None:
       close()
+    self._iterator = None

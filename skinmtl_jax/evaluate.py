@@ -78,7 +78,8 @@ def scores(labels: np.ndarray, counts: np.ndarray | None, probs: np.ndarray | No
       if key == 'auc':
         return metrics.roc_auc(labels[idx], p[idx])
       cm = metrics.confusion_matrix(labels[idx], (p[idx] >= threshold).astype(int))
-      return metrics.classification_scores_from_confusion(cm)[key]
+      value = metrics.classification_scores_from_confusion(cm)[key]
+      return float('nan') if value is None else value  # a resample without the class
     stats.update({k: functools.partial(cls_stat, k) for k in ('f1_weighted', 'tpr_weighted',
                                                               'tnr', 'auc')})
   if bootstrap_samples:
@@ -216,15 +217,18 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
   """
   eval_step = jax.jit(functools.partial(steps.eval_step, model=model, threshold=config.threshold))
   step = checkpointing.step_of(state)
+  fingerprint = steps.model_fingerprint(state)
   if validation is not None and len(validation.source):
     calibration, per_image = fit_calibration(eval_step, state, validation,
                                              batch_size=config.eval_batch_size)
+    if calibration is not None:  # what it was fitted on: single views, this compute dtype
+      calibration['dtype'] = config.model.get('dtype', 'float32')
     if write:
-      calibration_lib.save(workdir, calibration, step)
+      calibration_lib.save(workdir, calibration, step, fingerprint)
       report.write_per_image(os.path.join(workdir, 'per_image_validation.csv'), per_image)
   else:
-    # Fitted earlier for this step, if at all.
-    calibration = calibration_lib.load(calibration_dir or workdir, step)
+    # Fitted earlier for this checkpoint's model, if at all.
+    calibration = calibration_lib.load(calibration_dir or workdir, step, fingerprint)
   results['calibration'] = calibration
   predict_jit = jax.jit(functools.partial(steps.ensemble_predictions, model=model))
   predict_fn = lambda images: jax.device_get(predict_jit(state, images))
@@ -251,7 +255,8 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
       calibrated = calibration_lib.apply(per_image['melanoma_prob'], calibration)
       target['calibrated'] = calibrated_scores(split.labels, per_image['melanoma_prob'],
                                                calibration, threshold=config.threshold)
-    sections.append(report.report_section(name, r, config.experiment, results.get('params', 0)))
+    sections.append(report.report_section(name, r, config.experiment, results.get('params', 0),
+                                          threshold=config.threshold))
     if 'ensemble' in r:
       sections.append(report.report_section(name, r['ensemble'], f'{config.experiment} ensemble of '
                                      f'{len(r["members"])}', results.get('params', 0),

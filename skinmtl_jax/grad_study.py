@@ -271,7 +271,12 @@ def study_checkpoints(workdir: str, split_name: str | None, num_images: int
   table = []
   try:
     for step in manager.all_steps():
-      state = checkpointing.restore(manager, state, step=step)
+      try:
+        state = checkpointing.restore(manager, state, step=step)
+      except checkpointing.Rotated:  # training in the same workdir removed it meanwhile
+        logging.info('The checkpoint of step %d was rotated away by the training in %s; '
+                     'skipped.', step, workdir)
+        continue
       table += rows(step, fn(state, batch))
       logging.info('Studied the checkpoint of step %d.', step)
   finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ class Split:
   labels: np.ndarray
   ids: tuple[str, ...] = ()
   info: dict = dataclasses.field(default_factory=dict)
+  digests: tuple[str, ...] = ()  # SHA-256 of each stored image (real data): copies by content
 
 
 class TfdsSource:
@@ -87,15 +89,16 @@ class ConcatSource:
     return self._sources[k][i - (int(self._ends[k - 1]) if k else 0)]
 
 
-def _ids_and_labels(source) -> tuple[tuple[str, ...], np.ndarray]:
-  examples = [source[i] for i in range(len(source))]
-  return tuple(e['id'] for e in examples), np.array([e['label'] for e in examples], np.int32)
+def _digest(image: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
 
 
 def _real_split(name: str, dataset: str, split: str, data_cfg) -> Split:
   source = TfdsSource(builders.load(dataset, split, data_cfg))
-  ids, labels = _ids_and_labels(source)
-  return Split(name, source, labels, ids)
+  examples = [source[i] for i in range(len(source))]
+  return Split(name, source, np.array([e['label'] for e in examples], np.int32),
+               tuple(e['id'] for e in examples), digests=tuple(_digest(e['image'])
+                                                              for e in examples))
 
 
 class SubsetSource:
@@ -117,7 +120,8 @@ def _subset(split: Split, name: str, indices: Sequence[int], info: dict | None =
   source = ([split.source[int(i)] for i in indices] if isinstance(split.source, list)
             else SubsetSource(split.source, indices))
   return Split(name, source, np.asarray(split.labels)[indices],
-               tuple(split.ids[int(i)] for i in indices), info or {})
+               tuple(split.ids[int(i)] for i in indices), info or {},
+               tuple(split.digests[int(i)] for i in indices) if split.digests else ())
 
 
 def validation_indices(ids: Sequence[str], labels: np.ndarray, fraction: float) -> np.ndarray:
@@ -180,11 +184,55 @@ def train_and_validation(data_cfg: ml_collections.ConfigDict) -> tuple[Split, Sp
   natural class balance: never from an evaluation set, never from mtl4's extra melanomas (and
   an extra melanoma that is a validation image is not added to training).
   """
-  full = _full_train(data_cfg)
+  full, known_ids, protected = _training_images(data_cfg)
   train, validation = _hold_out(full, data_cfg)
-  if data_cfg.name != 'synthetic' and data_cfg.extra_melanomas:
-    train = _with_extra_melanomas(train, data_cfg, known_ids=set(full.ids))
+  if protected is not None and data_cfg.extra_melanomas:
+    train = _with_extra_melanomas(train, data_cfg, protected, known_ids=known_ids)
   return train, validation
+
+
+def _training_images(data_cfg) -> tuple[Split, set[str], '_Protected | None']:
+  """(the training split before the validation hold-out, less copies of protected images;
+  every ID it had; the protected images, None for synthetic data)."""
+  full = _full_train(data_cfg)
+  known_ids = set(full.ids)
+  if data_cfg.name == 'synthetic':
+    return full, known_ids, None
+  protected = _protected(data_cfg)
+  if not data_cfg.paper_protocol_train_on_test_images:
+    full = _without_copies(full, protected)
+  return full, known_ids, protected
+
+
+@dataclasses.dataclass(frozen=True)
+class _Protected:
+  """The images never trained on (but under the paper's protocol): PROTECTED_SETS and the
+  evaluation sets, by ID and by content."""
+  sets: tuple[str, ...]
+  ids: frozenset
+  digests: frozenset
+
+
+def _protected(data_cfg) -> _Protected:
+  sets = tuple(dict.fromkeys((*PROTECTED_SETS, *data_cfg.eval_sets)))
+  splits = [get_split(data_cfg, name) for name in sets]
+  return _Protected(sets, frozenset(i for s in splits for i in s.ids),
+                    frozenset(d for s in splits for d in s.digests))
+
+
+def _without_copies(full: Split, protected: _Protected) -> Split:
+  """`full` less the images whose stored pixels are those of a protected image (a test image
+  copied into training under another ID), with a warning naming them."""
+  copies = [i for i, d in enumerate(full.digests) if d in protected.digests]
+  if not copies:
+    return full
+  logging.warning('%d training images are copies of images of %s (the same pixels under another '
+                  'ID): %s. They are not trained on (training_copies_of_eval_images in '
+                  'metrics.json).', len(copies), ', '.join(protected.sets),
+                  ', '.join(full.ids[i] for i in copies[:10]))
+  keep = np.setdiff1d(np.arange(len(full.labels)), copies)
+  return _subset(full, full.name, keep, {**full.info, 'training_copies_of_eval_images':
+                                         [full.ids[i] for i in copies]})
 
 
 def validation_split(data_cfg: ml_collections.ConfigDict) -> Split | None:
@@ -192,7 +240,7 @@ def validation_split(data_cfg: ml_collections.ConfigDict) -> Split | None:
   needs to fit the calibration again, without reading mtl4's extra melanomas."""
   if float(data_cfg.get('validation_fraction', 0.0)) <= 0:
     return None
-  return _hold_out(_full_train(data_cfg), data_cfg)[1]
+  return _hold_out(_training_images(data_cfg)[0], data_cfg)[1]
 
 
 def get_split(data_cfg: ml_collections.ConfigDict, split: str) -> Split:
@@ -239,7 +287,8 @@ def _id_order(image_id: str) -> str:
   return hashlib.sha256(str(image_id).encode()).hexdigest()
 
 
-def _with_extra_melanomas(train: Split, data_cfg, known_ids: set[str] | None = None) -> Split:
+def _with_extra_melanomas(train: Split, data_cfg, protected: _Protected,
+                          known_ids: set[str] | None = None) -> Split:
   """ISIC 2016 training plus the ISIC 2017 train + validation melanomas (mtl4), minus every
   image of ISIC 2016's test set or of an evaluation set (by ISIC ID) and every image already in
   ISIC 2016 training (`known_ids`: all of it, the held-out validation images included).
@@ -255,10 +304,7 @@ def _with_extra_melanomas(train: Split, data_cfg, known_ids: set[str] | None = N
         f'data.extra_melanomas={data_cfg.extra_melanomas!r}: only "isic2017" is known.')
   paper = bool(data_cfg.paper_protocol_train_on_test_images)
   control = bool(data_cfg.get('paper_protocol_matched_control', False))
-  protected_sets = tuple(dict.fromkeys((*PROTECTED_SETS, *data_cfg.eval_sets)))
-  eval_ids = set()
-  for name in protected_sets:
-    eval_ids.update(get_split(data_cfg, name).ids)
+  protected_sets, eval_ids = protected.sets, protected.ids
   train_ids = set(train.ids) if known_ids is None else set(known_ids)
   held_out = train_ids - set(train.ids)  # the validation images: never trained on
   info = {'available': 0, 'added': 0, 'dropped_in_eval_set': 0, 'dropped_already_in_train': 0,
@@ -269,13 +315,14 @@ def _with_extra_melanomas(train: Split, data_cfg, known_ids: set[str] | None = N
   extras = [_real_split(f'isic2017_{split}', 'isic2017', split, data_cfg)
             for split in ('train', 'validation')]
   ids = [i for e in extras for i in e.ids]
+  digests = [d for e in extras for d in e.digests]
   labels = np.concatenate([e.labels for e in extras])
   keep, replace = [], []  # indices into `ids`; positions in `keep` to replace (control)
   for i, (image_id, label) in enumerate(zip(ids, labels)):
     if label != 1:
       continue
     info['available'] += 1
-    if not paper and image_id in eval_ids:
+    if not paper and (image_id in eval_ids or digests[i] in protected.digests):
       info['dropped_in_eval_set'] += 1
       if control:
         replace.append(len(keep))
@@ -311,7 +358,20 @@ def _with_extra_melanomas(train: Split, data_cfg, known_ids: set[str] | None = N
   return Split('isic2016_train+isic2017_melanomas', ConcatSource([train.source, source]),
                np.concatenate([train.labels, labels[keep]]),
                tuple(train.ids) + tuple(ids[i] for i in keep),
-               {**train.info, 'extra_melanomas': info})
+               {**train.info, 'extra_melanomas': info},
+               tuple(train.digests) + tuple(digests[i] for i in keep))
+
+
+def training_set_record(train: Split, validation: Split | None, data_cfg) -> dict[str, Any]:
+  """What a run trains on, by identity (workdir/training_set.json): every training example's
+  ID and label in the pipeline's order, the transforms per class, the held-out validation IDs,
+  and their SHA-256. A resume whose record differs is refused (workdir.check_training_set)."""
+  record = {'examples': [[str(i), int(l)] for i, l in zip(train.ids, train.labels)],
+            'transforms': {'benign': int(data_cfg.enlarge_benign),
+                           'melanoma': int(data_cfg.enlarge_melanoma)},
+            'validation': sorted(validation.ids) if validation is not None else []}
+  record['sha256'] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+  return record
 
 
 def enlarged_index(labels: np.ndarray, multiplicities: Sequence[int]) -> np.ndarray:
@@ -358,15 +418,20 @@ class _IndexBatch(grain.transforms.Map):
 
 
 def train_dataset(split: Split, data_cfg: ml_collections.ConfigDict, *, batch_size: int,
-                  seed: int, rows: slice = slice(None),
-                  resident: bool = False) -> tuple[grain.IterDataset, int]:
-  """The training pipeline. Returns (dataset of batches, enlarged examples per epoch).
+                  seed: int, rows: slice = slice(None), resident: bool = False,
+                  start: int = 0) -> tuple[grain.IterDataset, int]:
+  """The training pipeline from batch `start` on. Returns (dataset of batches, enlarged
+  examples per epoch).
 
   Batches are drawn as (example, transform) pairs from the shuffled, enlarged index; only the
   rows `rows` of each are loaded (a process of a multi-host run loads the rows its devices
   hold), so every process walks the same global order. A batch is {'image' (B, H, W, 3) uint8,
   'mask', 'label', 'transform' (B,)}, or, when the split is `resident` on the device,
   {'index' (B,), 'transform' (B,)}; `device_input.expand` makes the step's batch of either.
+
+  Batch k is a function of the seed, the split and k alone (grain's MapDataset is random
+  access), so a run that resumes after s steps starts at batch s: its position needs no state
+  of its own, and survives a change of data.num_workers or data.on_device.
   """
   pairs = enlarged_index(split.labels, (data_cfg.enlarge_benign, data_cfg.enlarge_melanoma))
   if len(pairs) < batch_size:
@@ -374,8 +439,10 @@ def train_dataset(split: Split, data_cfg: ml_collections.ConfigDict, *, batch_si
                      f'(batch_size={batch_size}).')
   load = _IndexBatch(rows) if resident else _LoadBatch(split.source, rows)
   ds = (grain.MapDataset.source(pairs).seed(seed).shuffle().repeat(None)
-        .batch(batch_size, drop_remainder=True, batch_fn=np.stack).map(load))
-  it = ds.to_iter_dataset()
+        .batch(batch_size, drop_remainder=True, batch_fn=np.stack))
+  if start:
+    ds = ds[start:]
+  it = ds.map(load).to_iter_dataset()
   if data_cfg.num_workers > 0 and not resident:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   return it, len(pairs)

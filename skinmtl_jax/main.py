@@ -3,13 +3,28 @@
 Any config field can be overridden: `--config.num_train_steps=100`, `--config.model.reverse_mode=activations`.
 """
 
-import difflib
-import importlib.util
 import os
+import signal
 import sys
 
-from absl import app, flags, logging
-import jax
+
+def _preempted_during_start(signum, frame):
+  """SIGTERM before the run's own handling is in place (imports, flags): exit 75 at once, so
+  that a cluster requeues the job (train.SigtermRaises takes over from main())."""
+  del signum, frame
+  os.write(2, b'skinmtl_jax: SIGTERM received while starting: stopped before the run began '
+              b'(nothing was written); run the same command again.\n')
+  os._exit(75)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':  # as a program only: before the slow imports below
+  signal.signal(signal.SIGTERM, _preempted_during_start)
+
+import difflib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import importlib.util  # pylint: disable=wrong-import-position
+
+from absl import app, flags, logging  # pylint: disable=wrong-import-position
+import jax  # pylint: disable=wrong-import-position
 from ml_collections import config_flags
 
 from skinmtl_jax import checkpointing, parallel, train
@@ -109,8 +124,13 @@ def main(argv):
     sys.exit(f'skinmtl_jax: {e}')
   except train.Preempted as e:
     # Exit 75 wherever SIGTERM lands (set-up, training, evaluation): slurm.sbatch requeues.
+    # os._exit: no interpreter teardown, which could crash with XLA's or the input's threads
+    # still at work (a segmentation fault instead of 75); nothing is left to write here.
     print(f'skinmtl_jax: {e}', file=sys.stderr)
-    sys.exit(train.PREEMPTED_EXIT_CODE)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(train.PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

@@ -64,6 +64,7 @@ def classification_scores_from_confusion(cm: np.ndarray) -> dict[str, float]:
   tnr: benign recall (specificity), Tables 3-4's "TNR".
   f1_weighted: support-weighted F1 over both classes.
   recall_melanoma / recall_benign: Table 5's unweighted TPR / TNR.
+  The recall of a class the set has no example of is undefined: None (tnr too).
   """
   cm = np.asarray(cm, np.float64)
   support = cm.sum(axis=1)
@@ -76,12 +77,13 @@ def classification_scores_from_confusion(cm: np.ndarray) -> dict[str, float]:
                   np.where(precision + recall > 0, precision + recall, 1), 0.0)
   total = support.sum()
   weights = support / total if total else np.zeros(2)
+  defined = lambda c: float(recall[c]) if support[c] > 0 else None
   return {
       'tpr_weighted': float(np.sum(weights * recall)),
-      'tnr': float(recall[BENIGN]),
+      'tnr': defined(BENIGN),
       'f1_weighted': float(np.sum(weights * f1)),
-      'recall_melanoma': float(recall[MELANOMA]),
-      'recall_benign': float(recall[BENIGN]),
+      'recall_melanoma': defined(MELANOMA),
+      'recall_benign': defined(BENIGN),
   }
 
 

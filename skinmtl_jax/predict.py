@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 
 from absl import app, flags, logging
@@ -155,23 +156,52 @@ def predict_file(path: str, out_dir: str, predict, size, threshold: float, check
   return record
 
 
+def check_out_dir(out: str, workdir: str) -> None:
+  """Makes --out, or says in one line why it cannot be: a file, not writable, or inside the
+  run's checkpoints folder (which checkpoint rotation deletes)."""
+  checkpoints = os.path.realpath(os.path.join(workdir, 'checkpoints'))
+  real = os.path.realpath(out)
+  if real == checkpoints or real.startswith(checkpoints + os.sep):
+    raise ConfigError(f'--out={out} is inside {checkpoints}, which the run rotates (deleting old '
+                      'checkpoints with what is in them): choose a folder outside it.')
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ConfigError(f'--out={out} is a file, not a folder: give a folder (it is made if '
+                      'missing).')
+  try:
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):
+      pass
+  except OSError as e:
+    raise ConfigError(f'--out={out} cannot be written ({e.strerror or e}): give a folder you can '
+                      'write to.') from e
+
+
 def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Give one or more image files.')
   checkpointing.quiet_orbax_logging()
   try:
+    checkpointing.check_run_dir(FLAGS.workdir)  # before --out is made: a wrong --workdir
+    check_out_dir(FLAGS.out, FLAGS.workdir)     # leaves nothing behind
     config, model, state = checkpointing.load_run(FLAGS.workdir, dtype=FLAGS.dtype or None)
-    os.makedirs(FLAGS.out, exist_ok=True)
+    log = open(os.path.join(FLAGS.out, 'predictions.jsonl'), 'a', encoding='utf-8')  # pylint: disable=consider-using-with
   except (checkpointing.CheckpointError, ConfigError, OSError) as e:
     sys.exit(f'skinmtl_jax.predict: {e}')
   predict = make_predictor(model, state, FLAGS.tta)
   checkpoint = os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints',
                             str(checkpointing.step_of(state)))
-  calibration = calibration_lib.load(FLAGS.workdir, checkpointing.step_of(state))
+  calibration = calibration_lib.load(FLAGS.workdir, checkpointing.step_of(state),
+                                     steps.model_fingerprint(state), warn_missing=True)
+  dtype = config.model.get('dtype', 'float32')
+  if calibration is not None and (FLAGS.tta or dtype != calibration.get('dtype', 'float32')):
+    logging.warning('The calibration was fitted on single-view %s outputs; it is applied to '
+                    '%s%s outputs here (recorded in each line as calibration_fitted_on).',
+                    calibration.get('dtype', 'float32'), 'TTA-averaged ' if FLAGS.tta else '',
+                    dtype)
   invocation = f'{time.strftime("%Y-%m-%dT%H:%M:%S%z")} pid {os.getpid()}'
   failed, t0 = 0, time.time()
-  with open(os.path.join(FLAGS.out, 'predictions.jsonl'), 'a', encoding='utf-8') as log:
+  with log:
     for i, (path, name) in enumerate(zip(paths, output_names(paths, FLAGS.out))):
       if i:
         logging.info('Predicted %d/%d images, %.2f images/s.', i, len(paths),
@@ -184,7 +214,12 @@ def main(argv):
         print(f'skinmtl_jax.predict: {path}: {e}', file=sys.stderr)
         continue
       record['invocation'] = invocation
-      record['compute_dtype'] = config.model.get('dtype', 'float32')
+      record['compute_dtype'] = dtype
+      record['tta'] = bool(FLAGS.tta)
+      if calibration is not None:
+        record['calibration_fitted_on'] = (
+            f'single-view {calibration.get("dtype", "float32")} outputs of the validation '
+            f'split ({calibration.get("n", "?")} images)')
       line = json.dumps(record)
       print(line)
       log.write(line + '\n')

@@ -201,8 +201,10 @@ def confusion_cells(cm):
 
 
 def report_section(eval_set: str, r: dict, experiment: str, num_params: int, *,
-                   paper_config: str | None = None, heading: bool = True) -> str:
-  """Markdown for one evaluation set: our row and the paper's in Table 3-4 layout.
+                   paper_config: str | None = None, heading: bool = True,
+                   threshold: float = 0.5) -> str:
+  """Markdown for one evaluation set: our row and the paper's in Table 3-4 layout, our
+  decisions at `threshold` (said in the heading; the paper's are at 0.5).
 
   For a seed ensemble's entry (with 'std'), each number is the members' mean ± std."""
   std = r.get('std', {})
@@ -215,7 +217,9 @@ def report_section(eval_set: str, r: dict, experiment: str, num_params: int, *,
 
   lines = []
   if heading:
-    lines += [f'## {eval_set} ({r["n"]} images)', '',
+    at = (f'decisions at the threshold {threshold:g}' if threshold == 0.5 else
+          f'our decisions at the threshold {threshold:g}, the paper\'s at 0.5')
+    lines += [f'## {eval_set} ({r["n"]} images; {at})', '',
               '| ID | Param. [M] | truth | pred. B | pred. M | TPR | TNR | F1 | MCC | IoU | DSC |',
               '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   b, m = confusion_cells(r.get('confusion'))

@@ -13,12 +13,14 @@ ordinary ones (`member_loop`, below).
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from skinmtl_jax import device_input, gradients, losses, parallel
@@ -36,14 +38,21 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
+def learning_rate_schedule(config: ml_collections.ConfigDict, num_train_steps: int):
+  """The learning rate decaying exponentially from its initial to its final value over
+  `num_train_steps`."""
+  o = config.optim
+  return optax.exponential_decay(o.learning_rate, transition_steps=max(num_train_steps, 1),
+                                 decay_rate=o.final_learning_rate / o.learning_rate)
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      num_train_steps: int) -> optax.GradientTransformation:
-  """Adam with the learning rate decaying exponentially from its initial to its final value."""
+  """Adam with `learning_rate_schedule`."""
   o = config.optim
-  schedule = optax.exponential_decay(o.learning_rate, transition_steps=max(num_train_steps, 1),
-                                     decay_rate=o.final_learning_rate / o.learning_rate)
-  return optax.inject_hyperparams(optax.adam)(learning_rate=schedule, b1=o.b1, b2=o.b2,
-                                              eps=o.eps)
+  return optax.inject_hyperparams(optax.adam)(
+      learning_rate=learning_rate_schedule(config, num_train_steps), b1=o.b1, b2=o.b2,
+      eps=o.eps)
 
 
 def to_float_images(images: Array) -> Array:
@@ -97,6 +106,18 @@ def member_keys(seed: int, num_seeds: int) -> Array:
 def num_params(state: TrainState) -> int:
   """Parameters of one member."""
   return int(sum(x[0].size for x in jax.tree.leaves(state.params)))
+
+
+def model_fingerprint(state: TrainState) -> str:
+  """SHA-256 of the parameters and BatchNorm statistics of every member: which model a file
+  fitted on it (calibration.json) belongs to. The arrays must be addressable from this process
+  (parallel.to_local)."""
+  digest = hashlib.sha256()
+  for x in jax.tree.leaves((state.params, state.batch_stats)):
+    a = np.ascontiguousarray(jax.device_get(x))
+    digest.update(str((a.dtype, a.shape)).encode())
+    digest.update(a.tobytes())
+  return digest.hexdigest()
 
 
 def member(state, i: int):

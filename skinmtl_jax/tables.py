@@ -171,8 +171,13 @@ def seed_table(groups: list[Group], eval_set: str) -> str:
 
 # ------------------------------------------------------------------------ the cost of leakage
 
+def _nan_if_none(v):
+  return float('nan') if v is None else v
+
+
 LEAKAGE_MEASURES = {
-    'melanoma recall': lambda y, p: metrics.classification_scores(y, p, THRESHOLD)['recall_melanoma'],
+    'melanoma recall': lambda y, p: _nan_if_none(
+        metrics.classification_scores(y, p, THRESHOLD)['recall_melanoma']),
     'AUC': metrics.roc_auc,
     'AP': metrics.average_precision,
 }

@@ -150,16 +150,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  # Set-up: the workdir's config, the writers, the devices.
-  workdir_lib.check_and_save_config(config, workdir)  # refuses a rerun that cannot resume
-  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
-  writer.write_hparams(config.to_dict())
+  # Checks before anything is written: a rerun must keep its config (but for the changeable
+  # fields) and its training examples.
+  changes = workdir_lib.check_config(config, workdir)
   mesh = parallel.make_mesh(config)
   logging.info('Mesh %s over %d device(s) in %d process(es).', dict(mesh.shape),
                jax.device_count(), jax.process_count())
-
-  # Input.
   data = _Data(config, mesh)
+  resuming = checkpointing.has_checkpoint(workdir)
+  record = input_pipeline.training_set_record(data.train, data.validation, config.data)
+  workdir_lib.check_training_set(workdir, record, resuming=resuming)
+
+  # The run's files.
+  if not resuming and jax.process_index() == 0:
+    workdir_lib.clear_stale_files(workdir)
+  workdir_lib.save_config(config, workdir)
+  workdir_lib.save_training_set(workdir, record, resuming=resuming)
+  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_hparams(config.to_dict())
 
   # Model, optimizer and state (resumed from the latest checkpoint, if any).
   model = models.create_model(config.model)
@@ -172,8 +180,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                steps.num_params(state) / 1e6)
   manager = checkpointing.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   if manager.latest_step() is not None:
-    state = checkpointing.restore(manager, state, [data.train_input.iterator])
+    state = checkpointing.restore(manager, state)
     logging.info('Resumed from step %d.', checkpointing.step_of(state))
+  data.train_input.start(checkpointing.step_of(state))
+  rescheduled = _warn_about_changes(config, changes, data, checkpointing.step_of(state))
 
   # Steps: the same loss, batches and member loop for the update and the gradient study.
   step_kw = dict(loss=losses.LossConfig.from_config(config.loss),
@@ -203,11 +213,41 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   # Evaluation.
   results = {'params': steps.num_params(state), 'steps': checkpointing.step_of(state),
+             **rescheduled,
              'num_seeds': config.num_seeds, 'train_seconds_this_run': round(time.time() - t0, 1),
              'train_examples': len(data.train.source), **data.train.info}
   results = _evaluate(config, state, model, workdir, data, results, writer)
   manager.close()
   return results
+
+
+def _warn_about_changes(config, changes: dict, data: '_Data', step: int) -> dict[str, Any]:
+  """Says what a resume with changed changeable fields does to the numbers: a new number of
+  steps re-stretches the learning rate's decay over the new total (the rate at the resumed
+  step jumps), so training 12 steps and extending to 24 is not training 24; a new threshold
+  moves every decision of the report (its tables say at which threshold). Returns the
+  metrics.json entry of a re-stretched schedule."""
+  out = {}
+  if {'num_train_steps', 'num_epochs'} & set(changes) and step:
+    old = ml_collections.ConfigDict(config.to_dict())
+    for k in ('num_train_steps', 'num_epochs'):
+      if k in changes:
+        old[k] = changes[k][0]
+    before = num_steps(old, data.train_input.examples_per_epoch)
+    if before != data.total_steps:
+      lr = lambda total: steps.learning_rate_schedule(config, total)(step)
+      logging.warning(
+          'The run had %d steps in all and now has %d: the learning rate decays over the new '
+          'total, so at step %d it jumps from %.3g to %.3g. This run is not the one a %d-step '
+          'run from the start would be (recorded in metrics.json as lr_schedule_restretched).',
+          before, data.total_steps, step, float(lr(before)), float(lr(data.total_steps)),
+          data.total_steps)
+      out['lr_schedule_restretched'] = {'at_step': step, 'from_total': before,
+                                        'to_total': data.total_steps}
+  if 'threshold' in changes:
+    logging.warning('threshold %s -> %s: every decision of the evaluation (the report\'s '
+                    'tables say at which threshold) is at the new one.', *changes['threshold'])
+  return out
 
 
 class _Data:
@@ -318,7 +358,7 @@ def _train_loop(state, train_step, train_input, manager, writer, progress, study
           pending = []
       validate(step, state)
       if save_now:
-        checkpointing.save(manager, state, [train_input.iterator])
+        checkpointing.save(manager, state)
       if preempted:
         writer.flush()
         raise Preempted(f'SIGTERM received: saved the checkpoint of step {step} in '
@@ -329,7 +369,13 @@ def _train_loop(state, train_step, train_input, manager, writer, progress, study
 def _evaluate(config, state, model, workdir: str, data: _Data, results: dict, writer) -> dict:
   """Evaluates on every set and the validation split; writes metrics.json, the report and the
   figures (process 0), and the headline numbers to the writers."""
-  if config.data.extra_melanomas and config.data.paper_protocol_train_on_test_images:
+  # By identity: how many images of each evaluation set the run trained on (0 but under the
+  # paper's protocol).
+  train_ids = set(data.train.ids)
+  overlap = {name: len(train_ids & set(split.ids)) for name, split in data.eval.items()}
+  results['trained_on_eval_images'] = overlap
+  if any(overlap.values()) or (config.data.extra_melanomas
+                               and config.data.paper_protocol_train_on_test_images):
     results['trained_on_test_images'] = True
   # Every process evaluates its own copy (no collectives); process 0 writes the artifacts.
   results = evaluate.evaluate_and_report(config, parallel.to_local(state), model, workdir,

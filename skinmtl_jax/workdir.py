@@ -15,6 +15,7 @@ having 0 (see ADDED_FIELDS).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -132,10 +133,24 @@ def has_started(workdir: str) -> bool:
 
 
 def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a rerun whose config differs from the saved one outside CHANGEABLE, before
-  anything is written; otherwise writes `workdir/config.json` (atomically)."""
+  """`check_config`, then `save_config`."""
+  check_config(config, workdir)
+  save_config(config, workdir)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes `workdir/config.json` (atomically; process 0)."""
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with atomic_write(os.path.join(workdir, 'config.json')) as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple]:
+  """Refuses a rerun whose config differs from the saved one outside CHANGEABLE; writes
+  nothing. Returns the (changeable) changes {field: (saved, new)}."""
   path = os.path.join(workdir, 'config.json')
+  changes = {}
   if os.path.exists(path) and has_started(workdir):
     try:
       with open(path, encoding='utf-8') as f:
@@ -154,9 +169,96 @@ def check_and_save_config(config: ml_collections.ConfigDict, workdir: str) -> No
     if changes:
       logging.info('Resuming %s with changed %s.', workdir,
                    ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items()))
-  if jax.process_index() == 0:
-    with atomic_write(path) as f:
-      f.write(config.to_json_best_effort(indent=1))
+  return changes
+
+
+# Files of an earlier run in the same workdir that a run starting afresh must not inherit: a
+# calibration fitted for another model (predict would apply it), its validation outputs.
+STALE_ON_A_FRESH_START = ('calibration.json', 'per_image_validation.csv')
+
+
+def clear_stale_files(workdir: str) -> None:
+  """Removes STALE_ON_A_FRESH_START from `workdir` (a run starting without a checkpoint)."""
+  for name in STALE_ON_A_FRESH_START:
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      os.remove(path)
+      logging.info('Removed %s of an earlier run in %s (this run starts afresh).', name,
+                   workdir)
+
+
+# ------------------------------------------------------------ what a run trains on, by identity
+
+TRAINING_SET = 'training_set.json'
+
+
+def _show(items: list, most: int = 5) -> str:
+  shown = ', '.join(str(x) for x in items[:most])
+  return shown + (f' and {len(items) - most} more' if len(items) > most else '')
+
+
+def training_set_difference(saved: dict, now: dict) -> str | None:
+  """What differs between two records of input_pipeline.training_set_record, in words, or
+  None when they are the same examples, labels, transforms and order."""
+  if saved.get('sha256') == now.get('sha256'):
+    return None
+  parts = []
+  old = collections.Counter(map(tuple, saved.get('examples', [])))
+  new = collections.Counter(map(tuple, now.get('examples', [])))
+  added, removed = sorted((new - old).elements()), sorted((old - new).elements())
+  relabelled = sorted({i for i, _ in added} & {i for i, _ in removed})
+  added = [i for i, _ in added if i not in relabelled]
+  removed = [i for i, _ in removed if i not in relabelled]
+  if added:
+    parts.append(f'{len(added)} examples added ({_show(added)})')
+  if removed:
+    parts.append(f'{len(removed)} removed ({_show(removed)})')
+  if relabelled:
+    parts.append(f'{len(relabelled)} relabelled ({_show(relabelled)})')
+  for key in ('transforms', 'validation'):
+    if saved.get(key) != now.get(key):
+      parts.append(f'other {key} ({saved.get(key) if key == "transforms" else "held-out IDs"}'
+                   f' -> {now.get(key) if key == "transforms" else "others"})')
+  if not parts:
+    parts.append('the same examples in another order')
+  return '; '.join(parts)
+
+
+def check_training_set(workdir: str, record: dict, *, resuming: bool) -> None:
+  """Refuses to resume a run on other training examples than it started with (they follow
+  data.eval_sets, data.data_dir, data.manual_dir and the prepared files as well as the
+  config's data fields), naming the difference; writes nothing."""
+  path = os.path.join(workdir, TRAINING_SET)
+  if not resuming or not os.path.exists(path):
+    return
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'{path} is unreadable ({e}): the examples this run was trained on '
+                      'cannot be checked. Give another --workdir.') from e
+  difference = training_set_difference(saved, record)
+  if difference:
+    raise ConfigError(
+        f'{workdir} was trained on other examples than the data now gives: {difference}. '
+        'Resuming would continue on another training set. The training set follows the data '
+        'the run reads (data.data_dir, data.manual_dir, the prepared files) and the images it '
+        'keeps out (data.eval_sets, the validation split): restore them, or give a new '
+        f'--workdir to train on this data. {workdir} was left as it was.')
+
+
+def save_training_set(workdir: str, record: dict, *, resuming: bool) -> None:
+  """Writes the record of what the run trains on (process 0), once: when it starts afresh,
+  or when a run saved before the record existed resumes (with a warning)."""
+  path = os.path.join(workdir, TRAINING_SET)
+  if jax.process_index() > 0 or (resuming and os.path.exists(path)):
+    return
+  if resuming:
+    logging.warning('%s has no %s (saved before the training set was recorded): recording the '
+                    'one this run resumes on; it cannot be checked against the start.',
+                    workdir, TRAINING_SET)
+  with atomic_write(path) as f:
+    json.dump(record, f)
 
 
 @contextlib.contextmanager

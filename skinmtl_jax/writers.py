@@ -89,20 +89,34 @@ class TensorboardWriter(interface.MetricWriter):
   not written (a warning says so once).
   """
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, checkpoint_dir: str | None = None):
     # Imported here: only runs that write event files need it (a few MB, no TensorFlow).
     from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
     from tensorboard.summary.writer import event_file_writer  # pylint: disable=import-outside-toplevel
     os.makedirs(logdir, exist_ok=True)
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     self._writer = event_file_writer.EventFileWriter(logdir, flush_secs=30)
+    self._checkpoint_dir = checkpoint_dir
+    self._started = checkpoint_dir is None
+
+  def _start(self) -> None:
+    """A resumed run (one with `checkpoint_dir`) first writes the restart marker that
+    TensorBoard honours: a SessionLog START at the step after the checkpoint it resumed from,
+    which purges that step and every later one of the earlier event files (written before the
+    run stopped, and written again now), so each step is shown once. Read at the first write,
+    after the run has restored."""
+    self._started = True
+    step = latest_checkpoint_step(self._checkpoint_dir) + 1
+    self._writer.add_event(self._event_pb2.Event(
+        wall_time=time.time(), step=step,
+        session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
 
   def _add(self, step: int, values: list) -> None:
-    summary = self._summary_pb2.Summary(value=values)
-    self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step),
-                                                 summary=summary))
+    self._add_summary(step, self._summary_pb2.Summary(value=values))
 
   def _add_summary(self, step: int, summary) -> None:
+    if not self._started:
+      self._start()
     self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step),
                                                  summary=summary))
 
@@ -146,7 +160,10 @@ class TensorboardWriter(interface.MetricWriter):
     from tensorboard.plugins.hparams import summary_v2  # pylint: disable=import-outside-toplevel
     flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
             for k, v in _flat(hparams).items()}
-    self._add_summary(0, summary_v2.hparams_pb(flat))
+    # Written directly (at step 0, which no restart marker purges): the run writes its hparams
+    # before it restores, and the marker's step is known only after.
+    self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=0,
+                                                 summary=summary_v2.hparams_pb(flat)))
 
   def flush(self):
     self._writer.flush()
@@ -251,7 +268,7 @@ def create_writer(workdir: str, *, just_logging: bool = False) -> RunWriter:
   if not just_logging:
     writers.append(JsonlWriter(os.path.join(workdir, 'scalars.jsonl'),
                                checkpoint_dir=os.path.join(workdir, 'checkpoints')))
-    tensorboard = TensorboardWriter(workdir)
+    tensorboard = TensorboardWriter(workdir, checkpoint_dir=os.path.join(workdir, 'checkpoints'))
     writers.append(tensorboard)
   return RunWriter(writers, tensorboard)
 

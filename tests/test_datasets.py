@@ -268,10 +268,12 @@ def test_mtl4_trains_on_the_shared_data_and_reports_both_test_sets(tmp_path, rea
     extra = m['extra_melanomas']
     assert extra['added'] + extra['dropped_in_validation'] == 404
     assert extra['in_eval_set_but_kept'] == 63 and m['trained_on_test_images'] is True
+    assert m['trained_on_eval_images'] == {'isic2016_test': 63, 'ph2': 0}   # by identity
     return
   assert m['extra_melanomas']['added'] == 194
   assert m['train_examples'] + m['validation_examples'] == 749 + 194
   assert 'trained_on_test_images' not in m
+  assert m['trained_on_eval_images'] == {'isic2016_test': 0, 'ph2': 0}
 
 
 def test_mask_of_another_size_than_its_image_is_refused(small_isic2016, tmp_path):
@@ -325,3 +327,28 @@ def test_prepare_command_builds_and_reports_and_refuses_a_wrong_folder(tmp_path,
   assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr
   assert f'manual_dir {empty} is empty' in r.stderr.splitlines()[-1]
   assert not (tmp_path / 'other' / 'ph2' / '32x32').exists()
+
+
+def test_a_test_image_copied_into_training_under_another_id_is_not_trained_on(small_isic2016,
+                                                                               tmp_path):
+  """Duplicates are caught by content, not only by ID: ISIC_0000003 (a test image) copied into
+  training as ISIC_0009999 is left out of training, and named."""
+  root = small_isic2016
+  for part, suffix in (('Data', '.jpg'), ('GroundTruth', '_Segmentation.png')):
+    folder = root / f'ISBI2016_ISIC_Part1_{{}}_{part}'
+    shutil.copy(pathlib.Path(str(folder).format('Test')) / f'ISIC_0000003{suffix}',
+                pathlib.Path(str(folder).format('Training')) / f'ISIC_0009999{suffix}')
+  with open(root / 'ISBI2016_ISIC_Part3_Training_GroundTruth.csv', 'a', encoding='utf-8') as f:
+    f.write('ISIC_0009999,benign\n')
+  cfg = ml_collections.ConfigDict({
+      'name': 'isic2016', 'manual_dir': str(root), 'image_size': SIZE,
+      'data_dir': str(tmp_path / 'tfds'), 'extra_melanomas': '',
+      'paper_protocol_train_on_test_images': False, 'eval_sets': ('isic2016_test',),
+      'enlarge_benign': 4, 'enlarge_melanoma': 16, 'num_workers': 0,
+      'validation_fraction': 0.0})
+  train, _ = input_pipeline.train_and_validation(cfg)
+  assert sorted(train.ids) == ['ISIC_0000000', 'ISIC_0000001', 'ISIC_0000002']
+  assert train.info['training_copies_of_eval_images'] == ['ISIC_0009999']
+  # The paper's protocol, asked for by name, keeps what the paper would have trained on.
+  cfg.paper_protocol_train_on_test_images = True
+  assert 'ISIC_0009999' in input_pipeline.train_and_validation(cfg)[0].ids

@@ -320,6 +320,36 @@ def test_exif_orientation_is_applied():
   assert img[:5].mean() > 200 and img[-5:].mean() < 50  # the white strip is now on top
 
 
+def test_a_training_image_and_its_mask_are_turned_alike():
+  """A square image with an EXIF rotation: the lesion in the prepared image is where the
+  prepared mask marks it (the image turned upright, its mask by the same turn)."""
+  arr = np.zeros((16, 16, 3), np.uint8)
+  arr[:4, :8] = 255  # the 'lesion', top left as stored
+  mask = np.zeros((16, 16), np.uint8)
+  mask[:4, :8] = 255
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  jpg, png = io.BytesIO(), io.BytesIO()
+  Image.fromarray(arr).save(jpg, format='JPEG', exif=exif.tobytes(), quality=95)
+  Image.fromarray(mask).save(png, format='PNG')
+  images = files.Folder('images', {'x.jpg': 'x.jpg'}, None)
+  images.read_bytes = lambda name: jpg.getvalue()
+  masks = files.Folder('masks', {'x.png': 'x.png'}, None)
+  masks.read_bytes = lambda name: png.getvalue()
+  img, m = files.load_pair(images, 'x.jpg', masks, 'x.png', (16, 16))
+  lesion = img.mean(axis=-1) > 128
+  assert (lesion == (m == 1)).mean() > 0.97
+  assert not np.array_equal(m, mask // 255)   # turned (upright), not as stored
+  assert m[:, -4:].sum() == 32                # rotated clockwise: the right edge
+
+
+def test_an_image_too_large_to_read_names_the_limit():
+  buf = io.BytesIO()
+  Image.new('1', (20000, 20000)).save(buf, format='PNG')
+  with pytest.raises(files.DataError, match='too large to read safely.*pixels are read'):
+    files.decode_image(buf.getvalue(), 'huge.png', mode='RGB')
+
+
 def test_predict_gives_every_input_its_own_outputs(trained, tmp_path):
   rng = np.random.default_rng(0)
   images = tmp_path / 'images'
@@ -384,3 +414,21 @@ def test_scalars_jsonl_keeps_every_row_once_across_a_resume(tmp_path):
     w.write_scalars(step, {'train/loss': step})
   w.close()
   assert [json.loads(l)['step'] for l in path.read_text().splitlines()] == [2, 4, 6, 8, 10]
+
+
+def test_sigterm_at_any_moment_of_the_start_exits_75(tmp_path):
+  """SIGTERM while Python imports, while the flags are parsed, while the data and the model are
+  set up: always 75 (cluster requeue), never a crash or a signal's own status."""
+  codes = []
+  for i, delay in enumerate((0.3, 1.5, 3.0, 4.5, 6.0, 8.0)):
+    p = subprocess.Popen([sys.executable, '-m', 'skinmtl_jax.main', *_main(tmp_path / f'r{i}')],
+                         cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    codes.append(p.returncode)
+    assert p.returncode in (train.PREEMPTED_EXIT_CODE, 0), (delay, p.returncode, err[-2000:])
+    if p.returncode:
+      assert 'SIGTERM' in err.strip().splitlines()[-1] and 'Traceback' not in err
+  assert codes.count(train.PREEMPTED_EXIT_CODE) >= 4, codes

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 from PIL import Image
@@ -57,3 +58,23 @@ def test_curves_figure_from_scalars_jsonl(tmp_path):
   with Image.open(path) as im:
     assert im.size[0] > 3 * im.size[1] // 2  # three panels side by side
   assert report.write_curves(str(tmp_path / 'nothing')) is None
+
+
+def test_a_resumed_runs_tensorboard_shows_every_step_once(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+  first = writers.TensorboardWriter(str(tmp_path), checkpoint_dir=str(tmp_path / 'checkpoints'))
+  for step in range(1, 9):  # trained to step 8, saved at 4, then killed
+    first.write_scalars(step, {'train/loss': float(step)})
+  first.close()
+  (tmp_path / 'checkpoints' / '4').mkdir(parents=True)
+  time.sleep(1.1)  # event files are named by the second they were opened in
+  resumed = writers.TensorboardWriter(str(tmp_path),
+                                      checkpoint_dir=str(tmp_path / 'checkpoints'))
+  for step in range(5, 11):  # resumed from 4: steps 5-8 again, then on
+    resumed.write_scalars(step, {'train/loss': 100.0 + step})
+  resumed.close()
+  acc = event_accumulator.EventAccumulator(str(tmp_path))
+  acc.Reload()
+  points = [(e.step, e.value) for e in acc.Scalars('train/loss')]
+  assert points == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)] + [(s, 100.0 + s)
+                                                               for s in range(5, 11)]

@@ -151,13 +151,33 @@ def _to_8_bits(img: Image.Image, where: str) -> Image.Image:
   return img
 
 
-def decode_image(data: bytes, where: str, *, mode: str) -> Image.Image:
+# EXIF orientation (tag 0x0112) -> the transpose that turns the stored pixels upright.
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                   8: Image.Transpose.ROTATE_90}
+
+
+def exif_turn(img: Image.Image):
+  """The transpose that `img`'s EXIF orientation asks for, or None."""
+  try:
+    return _EXIF_TRANSPOSE.get(int(img.getexif().get(0x0112, 1)))
+  except Exception:  # pylint: disable=broad-except  (a damaged EXIF block: no turn)
+    return None
+
+
+def decode_image(data: bytes, where: str, *, mode: str, upright: bool = True) -> Image.Image:
   """Decodes image bytes fully (so truncation is caught here) into PIL mode `mode`, upright as
-  its EXIF orientation says (as image viewers show it), high bit depths scaled to 8 bits."""
+  its EXIF orientation says (as image viewers show it; `upright=False`: as stored), high bit
+  depths scaled to 8 bits."""
   try:
     img = Image.open(io.BytesIO(data))
     img.load()
-    img = ImageOps.exif_transpose(img)
+    if upright:
+      img = ImageOps.exif_transpose(img)
+  except Image.DecompressionBombError as e:
+    raise DataError(f'{where} is too large to read safely ({e}); images up to '
+                    f'{Image.MAX_IMAGE_PIXELS:,} pixels are read: reduce it first.') from e
   except Exception as e:  # pylint: disable=broad-except
     # PIL's decoders raise many types on damaged input (OSError, ValueError, SyntaxError,
     # struct.error, EOFError, IndexError, DecompressionBombError...): all mean the same here.
@@ -195,12 +215,19 @@ def load_pair(images: Folder, image_name: str, masks: Folder, mask_name: str,
   """(image, mask) as load_image and load_mask give them; DataError naming both files when the
   mask's size is not its image's (the official data never has this: stretching it would
   misplace the lesion silently)."""
-  img = decode_image(images.read_bytes(image_name), images.location(image_name), mode='RGB')
-  mask = decode_image(masks.read_bytes(mask_name), masks.location(mask_name), mode='L')
+  img = decode_image(images.read_bytes(image_name), images.location(image_name), mode='RGB',
+                     upright=False)
+  mask = decode_image(masks.read_bytes(mask_name), masks.location(mask_name), mode='L',
+                      upright=False)
+  # Turned alike: the image upright as its EXIF orientation says, and its mask (drawn on the
+  # stored pixels; masks carry no orientation of their own) by the same turn.
+  turn = exif_turn(Image.open(io.BytesIO(images.read_bytes(image_name))))
+  if turn is not None:
+    img, mask = img.transpose(turn), mask.transpose(turn)
   if mask.size != img.size:
     raise DataError(f'{masks.location(mask_name)} is {mask.width}x{mask.height} pixels, but its '
-                    f'image {images.location(image_name)} is {img.width}x{img.height} (after its '
-                    'EXIF orientation); a mask must have its image\'s size. Replace one of them.')
+                    f'image {images.location(image_name)} is {img.width}x{img.height}; a mask must have its '
+                    'image\'s size. Replace one of them.')
   return _resize_image(img, size), _resize_mask(mask, size)
 
 
