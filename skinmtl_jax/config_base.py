@@ -197,6 +197,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if m.arch == 'mtl' and not m.classify and (m.attention_pool or m.reverse or m.cbam):
     raise ConfigError('model.attention_pool / model.reverse / model.cbam need the classifier; '
                      'set model.classify=True (the unet baseline has none).')
+  for name in ('cls_hidden', 'cbam_reduction', 'resnet_width'):
+    if not (isinstance(m.get(name, 1), int) and m.get(name, 1) >= 1):
+      raise ConfigError(f'model.{name}={m[name]}: must be a positive integer.')
   if m.encoder_pool_levels not in (1, 2):
     raise ConfigError(f'model.encoder_pool_levels={m.encoder_pool_levels}: expected 1 or 2.')
   if m.arch not in ARCHITECTURES:

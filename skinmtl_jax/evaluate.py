@@ -290,21 +290,38 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
 def main(argv):
   del argv
   checkpointing.quiet_orbax_logging()
+  f = flags.FLAGS
   try:
-    checkpointing.check_run_dir(flags.FLAGS.workdir)
-    # metrics.json and the report are the run's: not while it trains or is evaluated elsewhere.
-    with workdir_lib.lock(flags.FLAGS.workdir):
-      _evaluate(flags.FLAGS)
+    saved = checkpointing.check_run_dir(f.workdir)
+    out = _out_dir(f, saved)
+    if os.path.realpath(out) == os.path.realpath(f.workdir):
+      # metrics.json and the report are the run's: not while it trains or is evaluated
+      # elsewhere.
+      with workdir_lib.lock(f.workdir):
+        _evaluate(f, out)
+    else:  # writes only into --out: a read-only run will do
+      _evaluate(f, out)
   except (checkpointing.CheckpointError, ConfigError, DataError, OSError) as e:
     sys.exit(f'skinmtl_jax.evaluate: {e}')
 
 
-def _evaluate(f):
+def _out_dir(f, saved: ml_collections.ConfigDict) -> str:
+  """Where evaluate writes: --out, else the run (RUN/eval_<dtype> in another dtype)."""
+  trained = saved.model.get('dtype', 'float32')
+  dtype = f.dtype or trained
+  return f.out or (f.workdir if dtype == trained else os.path.join(f.workdir, f'eval_{dtype}'))
+
+
+def _evaluate(f, out: str):
   trained = checkpointing.check_run_dir(f.workdir).model.get('dtype', 'float32')
   dtype = f.dtype or trained
-  out = f.out or (f.workdir if dtype == trained else os.path.join(f.workdir, f'eval_{dtype}'))
   config, model, state = checkpointing.load_run(f.workdir, dtype=dtype)
   names = f.datasets or list(config.data.eval_sets)
+  known = ['test'] if config.data.name == 'synthetic' else sorted(input_pipeline.EVAL_SETS)
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ConfigError(f'--datasets names {", ".join(map(repr, unknown))}; this run\'s data '
+                      f'({config.data.name}) has the evaluation sets {", ".join(known)}.')
   splits = {n: input_pipeline.get_split(config.data, n) for n in names}
   try:
     validation = input_pipeline.validation_split(config.data)

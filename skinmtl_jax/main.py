@@ -62,12 +62,7 @@ RENAMED_FIELDS = {'model.weight_grad': 'model.conv_impl'}
 
 def unknown_field_message(argv: list[str]) -> str | None:
   """'--config.X: no such field; did you mean ...' for the first unknown override, or None."""
-  config_path = None
-  for i, a in enumerate(argv):
-    if a.startswith('--config='):
-      config_path = a.split('=', 1)[1]
-    elif a == '--config' and i + 1 < len(argv):
-      config_path = argv[i + 1]
+  config_path = _config_path(argv)
   if config_path is None or not os.path.exists(config_path.partition(':')[0]):
     return None
   try:
@@ -87,8 +82,21 @@ def unknown_field_message(argv: list[str]) -> str | None:
   return None
 
 
+def _config_path(argv: list[str]) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      return a.split('=', 1)[1]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def _parse_flags(argv):
   """absl's parser, but a mistake in --config ends in one line naming it, not a traceback."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path.partition(':')[0]):
+    sys.exit(f'skinmtl_jax: --config={path}: no such file (give a config file such as '
+             'configs/mtl4.py, relative to the folder you run in, or its full path).')
   try:
     return FLAGS(argv)
   except flags.Error as e:

@@ -21,10 +21,23 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['dataset', 'manual_dir'])
 
 
+def parse_size(text: str) -> tuple[int, int]:
+  """'192x256' -> (192, 256); DataError naming --size otherwise."""
+  parts = text.lower().split('x')
+  try:
+    size = tuple(int(v) for v in parts)
+  except ValueError:
+    size = ()
+  if len(size) != 2 or min(size) < 1:
+    raise DataError(f'--size={text}: expected the height and width in pixels as HxW, two '
+                    'positive integers (e.g. --size=192x256).')
+  return size
+
+
 def main(argv):
   del argv
   try:
-    size = tuple(int(v) for v in FLAGS.size.lower().split('x'))
+    size = parse_size(FLAGS.size)
     builder = builders.prepare(FLAGS.dataset, FLAGS.manual_dir, FLAGS.data_dir, size)
   except DataError as e:
     raise SystemExit(f'skinmtl_jax.prepare: {e}') from None

@@ -101,3 +101,10 @@ def test_bootstrap_interval_brackets_the_statistic():
   se = x.std() / np.sqrt(len(x))
   assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.2)   # the normal-theory width
   assert metrics.bootstrap_ci(lambda idx: 3.0, 10) == (3.0, 3.0)
+
+
+def test_the_recall_of_a_class_the_set_lacks_is_undefined_not_zero():
+  s = metrics.classification_scores_from_confusion(np.array([[3, 1], [0, 0]]))
+  assert s['recall_melanoma'] is None and s['tnr'] == s['recall_benign'] == 0.75
+  s = metrics.classification_scores_from_confusion(np.array([[0, 0], [1, 2]]))
+  assert s['tnr'] is None and s['recall_melanoma'] == pytest.approx(2 / 3)

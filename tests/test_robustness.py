@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, tiny_config
+from skinmtl_jax import calibration as calibration_lib
 from skinmtl_jax import checkpointing, config_base, train, workdir, writers
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets import files
@@ -432,3 +433,174 @@ def test_sigterm_at_any_moment_of_the_start_exits_75(tmp_path):
     if p.returncode:
       assert 'SIGTERM' in err.strip().splitlines()[-1] and 'Traceback' not in err
   assert codes.count(train.PREEMPTED_EXIT_CODE) >= 4, codes
+
+
+# ------------------------------------------ 9. nothing silently wrong after a resume (issue 27)
+
+def test_a_resume_on_other_training_examples_is_refused_by_name(trained, tmp_path):
+  run = _copy(trained, tmp_path)
+  record = json.loads((run / 'training_set.json').read_text())
+  assert len(record['examples']) == 21 and len(record['validation']) == 3
+  # As if the data the run reads had changed (another data_dir, another preparation): one
+  # example more, one relabelled.
+  record['examples'] = record['examples'][:-1] + [[record['examples'][-1][0], 1 - record[
+      'examples'][-1][1]]]
+  record['examples'].append(['synthetic_train_999', 0])
+  record['sha256'] = 'changed'
+  (run / 'training_set.json').write_text(json.dumps(record))
+  before = _snapshot(run)
+  r = _run('skinmtl_jax.main', *_main(run, '--config.num_train_steps=9'))
+  _assert_refused(r, 'trained on other examples', '1 removed (synthetic_train_999)',
+                  '1 relabelled', 'new --workdir')
+  assert _snapshot(run) == before        # config.json is not rewritten by a refused rerun
+  diff = workdir.training_set_difference(record, {**record, 'sha256': 'x', 'examples': list(
+      reversed(record['examples']))})
+  assert diff == 'the same examples in another order'
+
+
+def test_a_fresh_start_drops_the_previous_runs_calibration(trained, tmp_path):
+  run = tmp_path / 'reused'
+  run.mkdir()
+  shutil.copy(trained / 'calibration.json', run)        # left by a run that never saved
+  r = _run('skinmtl_jax.main', *_main(run, '--config.data.validation_fraction=0'))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert not (run / 'calibration.json').exists()
+  m = json.loads((run / 'metrics.json').read_text())
+  assert m['calibration'] is None and 'calibrated' not in m['test']
+
+
+@pytest.mark.parametrize('temperature', [float('nan'), 0.0, -1.0, 'x', 0.01])
+def test_an_invalid_calibration_is_not_applied(trained, tmp_path, temperature, caplog):
+  run = _copy(trained, tmp_path)
+  c = json.loads((run / 'calibration.json').read_text())
+  assert len(c['model']) == 64                           # tied to its model's fingerprint
+  good = calibration_lib.load(str(run), c['step'], c['model'])
+  assert good['temperature'] == c['temperature']
+  c['temperature'] = temperature
+  (run / 'calibration.json').write_text(json.dumps(c))
+  assert calibration_lib.load(str(run), c['step'], c['model']) is None
+  assert 'no calibration applied' in caplog.text
+
+
+def test_a_calibration_is_applied_only_to_the_model_it_was_fitted_on(trained, tmp_path, caplog):
+  c = json.loads((trained / 'calibration.json').read_text())
+  assert calibration_lib.load(str(trained), c['step'], 'another model') is None
+  assert 'fitted for another model' in caplog.text
+
+
+def test_a_fit_on_a_few_separable_images_stops_at_the_temperature_floor(caplog):
+  c = calibration_lib.fit(np.array([0, 0, 1, 1]), np.array([0.49, 0.495, 0.505, 0.51]))
+  assert c['temperature'] == pytest.approx(calibration_lib.T_MIN)
+  assert c['at_bound'] == ['temperature'] and 'reached the bound' in caplog.text
+
+
+def test_predict_says_when_there_is_no_calibration_and_records_its_mode(trained, tmp_path):
+  run = _copy(trained, tmp_path)
+  image = tmp_path / 'x.png'
+  Image.fromarray(np.full((40, 30, 3), 120, np.uint8)).save(image)
+  r = _run('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "a"}', '--tta',
+           str(image))
+  assert r.returncode == 0, r.stderr[-3000:]
+  line = json.loads(r.stdout.strip().splitlines()[-1])
+  assert line['tta'] is True and line['compute_dtype'] == 'float32'
+  assert 'single-view float32' in line['calibration_fitted_on']
+  assert 'applied to TTA-averaged float32 outputs' in r.stderr
+  (run / 'calibration.json').unlink()
+  r = _run('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "b"}', str(image))
+  assert r.returncode == 0 and 'calibration.json not found: no calibrated probability' in r.stderr
+  assert 'melanoma_prob_calibrated' not in json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_changing_the_input_workers_resumes_bit_exactly(tmp_path):
+  args = ('--config.data.on_device=off', '--config.checkpoint_every_steps=3')
+  straight = tmp_path / 'straight'
+  r = _run('skinmtl_jax.main', *_main(straight, *args), timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  run = _copy(straight, tmp_path, 'resumed')
+  shutil.rmtree(run / 'checkpoints' / '6')
+  (run / 'metrics.json').unlink()
+  r = _run('skinmtl_jax.main', *_main(run, *args, '--config.data.num_workers=2'), timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'Resumed from step 3' in r.stderr
+  _, _, a = checkpointing.load_run(str(straight))
+  _, _, b = checkpointing.load_run(str(run))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_checkpoint_rotated_away_while_read_is_tried_again_not_called_damaged(
+    trained, tmp_path, monkeypatch, caplog):
+  caplog.set_level('INFO')
+  run = _copy(trained, tmp_path)
+  real = checkpointing._restore_step  # pylint: disable=protected-access
+
+  def rotating(manager, template, step):
+    if step == 6 and (run / 'checkpoints' / '6').exists():  # a training run rotates 6 away
+      shutil.rmtree(run / 'checkpoints' / '6')
+      (run / 'checkpoints' / '9').mkdir()                     # ... after saving 9 (a copy of 3)
+      shutil.copytree(run / 'checkpoints' / '3', run / 'checkpoints' / '9', dirs_exist_ok=True)
+      raise FileNotFoundError('gone while reading')
+    return real(manager, template, step)
+  monkeypatch.setattr(checkpointing, '_restore_step', rotating)
+  _, _, state = checkpointing.load_run(str(run))
+  assert checkpointing.step_of(state) == 3        # the copy saved as 9 holds step 3's state
+  assert 'removed while it was read' in caplog.text and 'damaged' not in caplog.text
+
+
+def test_a_longer_schedule_and_another_threshold_are_said_and_recorded(trained, tmp_path):
+  run = _copy(trained, tmp_path)
+  r = _run('skinmtl_jax.main', *_main(run, '--config.num_train_steps=9',
+                                      '--config.threshold=0.4'), timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'the learning rate decays over the new total' in r.stderr
+  m = json.loads((run / 'metrics.json').read_text())
+  assert m['lr_schedule_restretched'] == {'at_step': 6, 'from_total': 6, 'to_total': 9}
+  assert 'threshold 0.5 -> 0.4' in r.stderr
+  assert "our decisions at the threshold 0.4, the paper's at 0.5" in (run / 'report.md').read_text()
+
+
+@pytest.mark.parametrize('saved', [[], {}, {'data': {}}, {'model': 'x', 'data': {}}])
+def test_a_malformed_config_json_ends_in_one_line(trained, tmp_path, saved):
+  run = _copy(trained, tmp_path)
+  (run / 'config.json').write_text(json.dumps(saved))
+  for module, extra in (('skinmtl_jax.evaluate', []),
+                        ('skinmtl_jax.predict', [f'--out={tmp_path / "o"}', 'x.png'])):
+    r = _run(module, f'--workdir={run}', *extra)
+    _assert_refused(r, 'config.json')
+
+
+def test_more_mistakes_end_in_one_line(trained, tmp_path):
+  r = _run('skinmtl_jax.main', '--config=configs/nosuch.py', f'--workdir={tmp_path / "x"}')
+  _assert_refused(r, '--config=configs/nosuch.py: no such file')
+  for field in ('model.cls_hidden', 'model.cbam_reduction'):
+    r = _run('skinmtl_jax.main', *_main(tmp_path / 'y', f'--config.{field}=0'))
+    _assert_refused(r, f'{field}=0')
+  for size in ('abc', '0x0', '32', '-32x32'):
+    r = _run('skinmtl_jax.prepare', '--dataset=isic2016', f'--manual_dir={tmp_path}',
+             f'--size={size}')
+    _assert_refused(r, f'--size={size}: expected the height and width')
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  r = _run('skinmtl_jax.predict', f'--workdir={trained}', f'--out={a_file}', 'x.png')
+  _assert_refused(r, 'is a file, not a folder')
+  r = _run('skinmtl_jax.predict', f'--workdir={trained}',
+           f'--out={trained / "checkpoints" / "6" / "out"}', 'x.png')
+  _assert_refused(r, 'which the run rotates')
+  assert not (trained / 'checkpoints' / '6' / 'out').exists()
+  r = _run('skinmtl_jax.evaluate', f'--workdir={trained}', '--datasets=nosuch')
+  _assert_refused(r, "--datasets names 'nosuch'", 'evaluation sets test')
+
+
+def test_evaluate_into_another_folder_needs_no_write_access_to_the_run(trained, tmp_path):
+  run = _copy(trained, tmp_path)
+  os.chmod(run, 0o555)
+  try:
+    # Root ignores permissions: a read-only run is one whose lock cannot be taken.
+    with open(run / '.lock', 'w', encoding='utf-8') as f:
+      import fcntl  # pylint: disable=import-outside-toplevel
+      fcntl.flock(f, fcntl.LOCK_EX)  # held by "another process" (this one)
+      r = _run('skinmtl_jax.evaluate', f'--workdir={run}', f'--out={tmp_path / "elsewhere"}')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / 'elsewhere' / 'metrics.json').exists()
+  finally:
+    os.chmod(run, 0o755)
