@@ -5,7 +5,7 @@
 For each layer at 192x256 (batch 10) it times the forward, the input gradient and the kernel
 gradient, each as XLA's (`lax.conv_general_dilated` and its VJP) and as ours
 (`skinmtl_jax.kernels`: GEMMs over gathered windows, and Winograd's F(2x2, 3x3) for stride 1),
-marks what `model.conv_impl='auto'` routes each to (`skinmtl_jax.models.conv.routes`), adds up
+marks what `model.conv_impl='auto'` routes each to (`skinmtl_jax.kernels.routes`), adds up
 the routed choices, and prints the largest difference of ours relative to XLA's largest
 value. The whole
 training step with either is `benchmarks/vs_monai.py --conv_impl=auto,xla`.
@@ -33,7 +33,7 @@ import numpy as np
 
 from conv_variants import _median_ms, _rel  # pylint: disable=g-import-not-at-top
 from skinmtl_jax import kernels
-from skinmtl_jax.models import conv
+from skinmtl_jax.kernels import routing
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -53,10 +53,10 @@ CHOICES = ('xla', 'gemm', 'winograd', 'amx')
 
 
 def _functions(h, w, s, pads, out_hw, amx):
-  """{part: {choice: jitted function of (x, k, g)}}, the choices `conv.routes` picks from."""
+  """{part: {choice: jitted function of (x, k, g)}}, the choices `routing.routes` picks from."""
   lead = (pads[0][0], pads[1][0])
   plain = lambda x, k: _plain(x, k, (s, s), pads)
-  in_f32 = conv._in_float32  # the float32 kernels on bfloat16 values too
+  in_f32 = routing._in_float32  # the float32 kernels on bfloat16 values too
   out = {'forward': {'xla': lambda x, k, g: plain(x, k)},
          'input_grad': {'xla': lambda x, k, g: jax.vjp(lambda x: plain(x, k), x)[1](g)[0]},
          'kernel_grad': {'xla': lambda x, k, g: jax.vjp(lambda k: plain(x, k), k)[1](g)[0],
@@ -67,10 +67,10 @@ def _functions(h, w, s, pads, out_hw, amx):
   choices += ('amx',) if amx else ()
   for choice in choices:
     out['forward'][choice] = functools.partial(
-        lambda c, x, k, g: conv._forward(c, x, k, (s, s), lead, out_hw), choice)
+        lambda c, x, k, g: routing._forward(c, x, k, (s, s), lead, out_hw), choice)
     if choice != 'amx' or s == 1:
       out['input_grad'][choice] = functools.partial(
-          lambda c, x, k, g: conv._input_grad(c, g, k, (s, s), lead, (h, w)), choice)
+          lambda c, x, k, g: routing._input_grad(c, g, k, (s, s), lead, (h, w)), choice)
   if s == 1:
     out['kernel_grad']['winograd'] = lambda x, k, g: in_f32(
         lambda x, g: kernels.winograd_conv3x3_weight_grad(x, g, lead), x, g)
@@ -85,7 +85,7 @@ def main(steps: int, batch: int, dtype: str):
     raise SystemExit(f'The CPU kernels are not available: {kernels.status()}')
   amx = dtype == 'bfloat16' and kernels.amx_available()
   names = CHOICES if amx else CHOICES[:3]
-  print(f'JAX {jax.__version__}, {jax.devices()[0].device_kind}, {kernels._threads()} threads, '
+  print(f'JAX {jax.__version__}, {jax.devices()[0].device_kind}, {kernels.threads()} threads, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; {dtype}, batch {batch}, median of '
         f'{steps} calls after one warm-up. ms as {" / ".join(names).replace("xla", "XLA")} '
         "(- where not applicable); * marks what model.conv_impl='auto' routes to\n")
@@ -100,7 +100,7 @@ def main(steps: int, batch: int, dtype: str):
     pads = tuple(tuple(p) for p in lax.padtype_to_pads((h, w), (3, 3), (s, s), 'SAME'))
     out_shape = _plain(x, k, (s, s), pads).shape
     g = jnp.asarray(rng.standard_normal(out_shape), dtype)
-    route = conv.routes(k.shape, (s, s), (h, w), out_shape[1:3], dtype, amx)
+    route = routing.routes(k.shape, (s, s), (h, w), out_shape[1:3], dtype, amx)
     cells, routed, xla_total, diff = [], 0.0, 0.0, 0.0
     for part, fs in _functions(h, w, s, pads, out_shape[1:3], amx).items():
       if part == 'input_grad' and cin == 3:  # the image needs none: not part of the step

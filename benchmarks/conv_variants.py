@@ -44,6 +44,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from skinmtl_jax import losses, models, steps
+from skinmtl_jax.models import conv
 from skinmtl_jax.models import unet as unet_module
 from skinmtl_jax.models.unet import UpConv2x2
 
@@ -60,8 +61,10 @@ def _define_flags():
 FLAGS = flags.FLAGS
 
 
-def _flax_upconv(features, dtype=jnp.float32, name=None):
-  """The decoder's up-convolution as it was before UpConv2x2: flax's `nn.ConvTranspose`."""
+def _flax_upconv(features, dtype=jnp.float32, conv_general_dilated=None, name=None):
+  """The decoder's up-convolution as it was before UpConv2x2: flax's `nn.ConvTranspose` (its
+  own convolution, whatever the model's is)."""
+  del conv_general_dilated
   return nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=dtype, name=name)
 
 
@@ -129,7 +132,7 @@ def part_layers(b, size):
   for cout in reversed(feats[:-1]):
     x = jnp.asarray(rng.standard_normal((b, h, w, cin), np.float32))
     ref = nn.ConvTranspose(cout, (2, 2), strides=(2, 2))
-    new = UpConv2x2(cout)
+    new = UpConv2x2(cout, conv_general_dilated=conv.select('auto'))  # as the model's
     variables = ref.init(jax.random.key(0), x)
     variables_new = new.init(jax.random.key(0), x)
     assert jax.tree.all(jax.tree.map(lambda p, q: bool(jnp.array_equal(p, q)), variables,

@@ -30,7 +30,7 @@ Runs on a GPU when there is one (torch on cuda, JAX on its default device).
 
 `--conv_impl=auto,xla` gives each of our models one row per `model.conv_impl`: 'auto' (as the
 configs are: on a CPU, the U-Net's convolutions routed to the compiled kernels of
-`skinmtl_jax/kernels` where XLA's are slow, `skinmtl_jax/models/conv.py`) and 'xla' (XLA's
+`skinmtl_jax/kernels` where XLA's are slow, `skinmtl_jax/kernels/routing.py`) and 'xla' (XLA's
 convolutions everywhere; the same values up to float32 summation order). The row names say
 which ran.
 

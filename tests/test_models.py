@@ -248,10 +248,12 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs(conv_impl):
 def test_upconv_is_flax_conv_transpose_with_the_same_parameters(conv_impl):
   """Both paths: our CPU kernels ('auto', where built) and the matmul ('xla')."""
   from skinmtl_jax import kernels  # pylint: disable=import-outside-toplevel
+  from skinmtl_jax.models import conv  # pylint: disable=import-outside-toplevel
   from skinmtl_jax.models.unet import UpConv2x2  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   x = jax.random.normal(jax.random.key(1), (2, 3, 5, 6))
-  ours, ref = UpConv2x2(4, conv_impl=conv_impl), nn.ConvTranspose(4, (2, 2), strides=(2, 2))
+  ours = UpConv2x2(4, conv_general_dilated=conv.select(conv_impl))
+  ref = nn.ConvTranspose(4, (2, 2), strides=(2, 2))
   v_ours, v_ref = ours.init(jax.random.key(0), x), ref.init(jax.random.key(0), x)
   # Same names, shapes and initial values: checkpoints of either load into the other.
   assert jax.tree.map(jnp.shape, v_ours) == jax.tree.map(jnp.shape, v_ref)

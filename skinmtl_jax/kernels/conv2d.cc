@@ -16,23 +16,30 @@
 // - bfloat16 on AMX (the last section): the direct convolution of bfloat16 operands on the
 //   tile unit of CPUs with AMX-BF16, accumulated in float32; no BLAS.
 //
-// Results do not depend on the thread count: blocks and chunks are sized by the shapes only,
-// each block's GEMMs write their own part of the result, and sums that span blocks are taken
-// in a fixed order. Each GEMM is single-threaded (the loader sets OpenBLAS to one thread); the
-// blocks are spread over `threads` threads (an attribute set by the caller). The BLAS is
-// scipy-openblas32's (a runtime dependency): the loader hands its `scipy_cblas_sgemm` to
-// `SkinmtlSetSgemm` before the first call, so no other copy of OpenBLAS in the process
+// Results do not depend on the thread count, on any OpenBLAS core type: blocks, chunks and
+// the GEMMs' shapes are set by the shapes only, each block's GEMMs write their own part of the
+// result, and sums that span blocks are taken in a fixed order. Each GEMM is single-threaded
+// (the loader sets OpenBLAS to one thread); the blocks are spread over up to `threads` threads
+// (an attribute set by the caller), fewer while other calls' threads run (ParallelFor). The
+// BLAS is scipy-openblas32's (a runtime dependency): the loader hands its `scipy_cblas_sgemm`
+// to `SkinmtlSetSgemm` before the first call, so no other copy of OpenBLAS in the process
 // (numpy's, scipy's) can stand in for it.
 //
 // The im2col kernels take attributes sh, sw (strides, >= 1), pt, pl (leading padding of the
 // input, top and left, any sign; the trailing padding follows from the shapes) and threads;
-// the Winograd ones pt, pl and threads.
+// the Winograd ones pt, pl and threads. Every call's shapes and attributes are checked before
+// it touches a buffer (Call::Check), and what a kernel throws (std::bad_alloc) becomes an FFI
+// error naming the kernel and the shapes (Call::Run).
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <initializer_list>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -71,21 +78,47 @@ constexpr int64_t kMinChunkRows = 4096;
 // channels) take about 128 KB, but at least 64 tiles (benchmarks/RESULTS.md: smaller blocks
 // are faster at batch 1, larger ones for wide layers).
 constexpr int64_t kWinogradBlockBytes = 128 << 10;
-// Work items a Winograd forward aims at, at least, splitting output channels when the image
-// has fewer blocks (a core count the shapes do not know: enough for the small machines).
+// Work items a Winograd forward and a kernel gradient aim at, at least, splitting output
+// channels (Winograd) or taps (kernel gradient) when the shapes give fewer (a core count the
+// shapes do not know: enough for the small machines). A split by the thread count would change
+// the GEMMs' shapes, and OpenBLAS rounds differently for different shapes on some core types.
 constexpr int64_t kMinItems = 4;
+
+// The largest extent (a dimension, a stride, a padding), element count (of an operand or of a
+// window, kh*kw*C) and thread count a call may have: every index the kernels compute then fits
+// an int64_t with room to spare.
+constexpr int64_t kMaxExtent = int64_t{1} << 31;
+constexpr int64_t kMaxElements = int64_t{1} << 40;
+constexpr int64_t kMaxThreads = 4096;
 
 int64_t BlockRows(int64_t rows, int64_t row_floats, int64_t bytes, int64_t min_rows) {
   return std::min(rows, std::max(min_rows, bytes / (4 * row_floats) / 16 * 16));
 }
 
+// Worker threads that calls of the kernels are running now, in all calls together: a call
+// starts at most threads - 1 of its own while fewer than threads - 1 run (XLA may run
+// independent calls at once, each from a thread of its own).
+std::atomic<int64_t> running_workers{0};
+
+int64_t ReserveWorkers(int64_t wanted, int64_t cap) {
+  int64_t now = running_workers.load();
+  for (;;) {
+    const int64_t take = std::clamp<int64_t>(cap - now, 0, wanted);
+    if (take == 0 || running_workers.compare_exchange_weak(now, now + take)) return take;
+  }
+}
+
 // Runs `body(item)` for items 0..items-1 on up to `threads` threads, the caller's among them.
 // Which thread takes which item is not fixed: every item writes its own part of the result.
 // Denormals are flushed to zero (FTZ) and read as zero (DAZ) in each, as in XLA's own CPU code,
-// whichever thread XLA made the call on.
+// whichever thread XLA made the call on. An exception in any thread (std::bad_alloc from a
+// buffer) stops the others taking items and is rethrown in the caller's, after the join.
 template <typename Body>
 void ParallelFor(int64_t items, int64_t threads, Body body) {
   std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_mutex;
 #if defined(__SSE__)
   const unsigned int caller_csr = _mm_getcsr();
   const unsigned int csr = caller_csr | 0x8040;  // FTZ | DAZ
@@ -94,19 +127,34 @@ void ParallelFor(int64_t items, int64_t threads, Body body) {
 #if defined(__SSE__)
     _mm_setcsr(csr);
 #endif
-    for (int64_t i; (i = next.fetch_add(1)) < items;) body(i);
+    try {
+      for (int64_t i; !failed.load(std::memory_order_relaxed) && (i = next.fetch_add(1)) < items;) {
+        body(i);
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+      failed = true;
+    }
   };
+  const int64_t workers =
+      ReserveWorkers(std::max<int64_t>(0, std::min(threads, items) - 1), threads - 1);
   std::vector<std::thread> pool;
   try {
-    for (int64_t j = 1; j < std::min(threads, items); ++j) pool.emplace_back(run);
-  } catch (const std::system_error&) {
-    // Fewer threads than asked for: the ones running take the remaining items.
+    pool.reserve(workers);
+    for (int64_t j = 0; j < workers; ++j) pool.emplace_back(run);
+  } catch (...) {
+    // Fewer threads than asked for (std::system_error, std::bad_alloc): the ones running take
+    // the remaining items.
   }
+  running_workers -= workers - static_cast<int64_t>(pool.size());
   run();
   for (auto& th : pool) th.join();
+  running_workers -= static_cast<int64_t>(pool.size());
 #if defined(__SSE__)
   _mm_setcsr(caller_csr);
 #endif
+  if (error) std::rethrow_exception(error);
 }
 
 struct Geometry {
@@ -124,32 +172,106 @@ bool AmxReady();  // below, with the bfloat16 kernels
 // What a kernel runs on: OpenBLAS's sgemm (handed over by the loader) or AMX.
 enum class Needs { kSgemm, kAmx };
 
-// Checks x (N, H, W, C), w (kh, kw, C, O), y (N, Ho, Wo, O), the strides, a kh x kw of 3x3
-// where `winograd`, and that what the kernel runs on is there.
-ffi::Error Check(const char* name, ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
-                 ffi::Span<const int64_t> y, int64_t sh, int64_t sw,
-                 Needs needs = Needs::kSgemm, bool winograd = false) {
-  if (x.size() != 4 || w.size() != 4 || y.size() != 4 || w[2] != x[3] || y[0] != x[0] ||
-      y[3] != w[3] || sh < 1 || sw < 1 || (winograd && (w[0] != 3 || w[1] != 3))) {
-    return ffi::Error::InvalidArgument(
-        std::string(name) + ": expected an input (N, H, W, C), a kernel (" +
-        (winograd ? "3, 3" : "kh, kw") + ", C, O), an output (N, Ho, Wo, O) and positive "
-        "strides");
-  }
-  if (needs == Needs::kSgemm && sgemm.load() == nullptr) {
-    return ffi::Error::Internal(std::string(name) + ": SkinmtlSetSgemm was not called");
-  }
-  if (needs == Needs::kAmx && !AmxReady()) {
-    return ffi::Error::Internal(std::string(name) + ": this CPU (or its kernel) offers no "
-                                "AMX-BF16; skinmtl_jax.kernels.amx_available() says so first");
-  }
-  return ffi::Error::Success();
+std::string Dims(ffi::Span<const int64_t> s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + ")";
 }
 
-Geometry Make(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
-              ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
-  return {x[0], x[1], x[2], x[3], y[1], y[2], w[3], w[0], w[1], sh, sw, pt, pl};
+// The product of `s` (0 where a factor is), or -1 where it exceeds kMaxElements.
+int64_t Elements(std::initializer_list<int64_t> s) {
+  for (int64_t v : s) {
+    if (v == 0) return 0;
+  }
+  int64_t n = 1;
+  for (int64_t v : s) {
+    if (v < 0 || __builtin_mul_overflow(n, v, &n) || n > kMaxElements) return -1;
+  }
+  return n;
 }
+
+// One call of a kernel: the shapes of the convolution it computes (or whose gradient it
+// computes) and its attributes. `Run` checks them all before the kernel touches a buffer, and
+// turns what the kernel throws into an FFI error naming the kernel and these shapes, where it
+// would otherwise reach XLA's C interface and end the process (std::terminate).
+struct Call {
+  const char* name;
+  ffi::Span<const int64_t> x, w, y;  // input (N, H, W, C), kernel (kh, kw, C, O), output
+  int64_t sh, sw, pt, pl, threads;   // strides, leading padding, threads
+  Needs needs = Needs::kSgemm;
+  bool winograd = false;             // a 3x3 kernel, stride 1
+
+  std::string Describe() const {
+    return std::string(name) + " (input " + Dims(x) + ", kernel " + Dims(w) + ", output " +
+           Dims(y) + ", strides (" + std::to_string(sh) + ", " + std::to_string(sw) +
+           "), leading pads (" + std::to_string(pt) + ", " + std::to_string(pl) +
+           "), threads " + std::to_string(threads) + ")";
+  }
+
+  ffi::Error Invalid(const std::string& why) const {
+    return ffi::Error::InvalidArgument(Describe() + ": " + why);
+  }
+
+  // The ranks, the shapes against one another, the extents, the attributes, and that what the
+  // kernel runs on is there. Any padding of either sign is valid: the trailing padding
+  // follows from the output's size.
+  ffi::Error Check() const {
+    if (x.size() != 4 || w.size() != 4 || y.size() != 4) {
+      return Invalid("expected an input (N, H, W, C), a kernel (kh, kw, C, O) and an output "
+                     "(N, Ho, Wo, O)");
+    }
+    if (w[2] != x[3] || y[0] != x[0] || y[3] != w[3]) {
+      return Invalid("the kernel's C is not the input's, or the output's N or O differ");
+    }
+    if (winograd && (w[0] != 3 || w[1] != 3)) return Invalid("expected a 3x3 kernel");
+    for (auto s : {x, w, y}) {
+      for (int64_t v : s) {
+        if (v < 0 || v > kMaxExtent) return Invalid("a dimension outside [0, 2^31]");
+      }
+      if (Elements({s[0], s[1], s[2], s[3]}) < 0) return Invalid("more than 2^40 elements");
+    }
+    if (Elements({w[0], w[1], w[2]}) < 0) return Invalid("a window of more than 2^40 values");
+    if (sh < 1 || sw < 1 || sh > kMaxExtent || sw > kMaxExtent) {
+      return Invalid("strides outside [1, 2^31]");
+    }
+    if (pt < -kMaxExtent || pt > kMaxExtent || pl < -kMaxExtent || pl > kMaxExtent) {
+      return Invalid("leading pads outside [-2^31, 2^31]");
+    }
+    if (threads < 1 || threads > kMaxThreads) return Invalid("threads outside [1, 4096]");
+    if (needs == Needs::kSgemm && sgemm.load() == nullptr) {
+      return ffi::Error::Internal(std::string(name) + ": SkinmtlSetSgemm was not called");
+    }
+    if (needs == Needs::kAmx && !AmxReady()) {
+      return ffi::Error::Internal(std::string(name) + ": this CPU (or its kernel) offers no "
+                                  "AMX-BF16; skinmtl_jax.kernels.amx_available() says so first");
+    }
+    return ffi::Error::Success();
+  }
+
+  // Checks, then body(geometry) -> ffi::Error, catching what it throws.
+  template <typename Body>
+  ffi::Error Run(Body body) const {
+    try {
+      if (auto e = Check(); e.failure()) return e;
+      return body(Geometry{x[0], x[1], x[2], x[3], y[1], y[2], w[3], w[0], w[1], sh, sw, pt,
+                           pl});
+    } catch (const std::bad_alloc&) {
+      return Failed(ffi::ErrorCode::kResourceExhausted, "out of memory");
+    } catch (const std::exception& e) {
+      return Failed(ffi::ErrorCode::kInternal, e.what());
+    } catch (...) {
+      return Failed(ffi::ErrorCode::kInternal, "an unknown exception");
+    }
+  }
+
+  ffi::Error Failed(ffi::ErrorCode code, const char* what) const {
+    try {
+      return ffi::Error(code, Describe() + ": " + what);
+    } catch (...) {  // no memory left for the message
+      return ffi::Error(code, "out of memory");
+    }
+  }
+};
 
 // The C channels of pixel (r, s) of one image xi (h x w x C) into dst; zeros outside the image.
 inline void CopyPixel(const float* xi, int64_t h, int64_t w, int64_t c, int64_t r, int64_t s,
@@ -178,31 +300,30 @@ void Im2col(const Geometry& d, const float* x, int64_t p0, int64_t m, int64_t t0
 ffi::Error Conv2d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                   int64_t pl, int64_t threads) {
-  if (auto e = Check("skinmtl_conv2d", x.dimensions(), w.dimensions(), y->dimensions(), sh, sw);
-      e.failure()) {
-    return e;
-  }
-  const Geometry d = Make(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl);
-  const int64_t k = d.window(), pixels = d.pixels();
-  float* yp = y->typed_data();
-  if (d.n * pixels * d.o == 0) return ffi::Error::Success();
-  if (k == 0) {
-    std::fill(yp, yp + d.n * pixels * d.o, 0.0f);
+  const Call call{"skinmtl_conv2d", x.dimensions(), w.dimensions(), y->dimensions(), sh, sw,
+                  pt, pl, threads};
+  return call.Run([&](const Geometry& d) -> ffi::Error {
+    const int64_t k = d.window(), pixels = d.pixels();
+    float* yp = y->typed_data();
+    if (d.n * pixels * d.o == 0) return ffi::Error::Success();
+    if (k == 0) {
+      std::fill(yp, yp + d.n * pixels * d.o, 0.0f);
+      return ffi::Error::Success();
+    }
+    const int64_t block = BlockRows(pixels, k, kBlockBytes, kMinBlockRows);
+    const int64_t blocks = (pixels + block - 1) / block;
+    const Sgemm gemm = sgemm.load();
+    ParallelFor(d.n * blocks, threads, [&](int64_t item) {
+      thread_local std::vector<float> col;
+      col.resize(block * k);
+      const int64_t p = (item / blocks) * pixels + (item % blocks) * block;
+      const int64_t m = std::min(block, pixels - (item % blocks) * block);
+      Im2col(d, x.typed_data(), p, m, 0, d.taps(), col.data());
+      gemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, d.o, k, 1.0f, col.data(), k,
+           w.typed_data(), d.o, 0.0f, yp + p * d.o, d.o);
+    });
     return ffi::Error::Success();
-  }
-  const int64_t block = BlockRows(pixels, k, kBlockBytes, kMinBlockRows);
-  const int64_t blocks = (pixels + block - 1) / block;
-  const Sgemm gemm = sgemm.load();
-  ParallelFor(d.n * blocks, threads, [&](int64_t item) {
-    thread_local std::vector<float> col;
-    col.resize(block * k);
-    const int64_t p = (item / blocks) * pixels + (item % blocks) * block;
-    const int64_t m = std::min(block, pixels - (item % blocks) * block);
-    Im2col(d, x.typed_data(), p, m, 0, d.taps(), col.data());
-    gemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, d.o, k, 1.0f, col.data(), k,
-         w.typed_data(), d.o, 0.0f, yp + p * d.o, d.o);
   });
-  return ffi::Error::Success();
 }
 
 // dx from g (N, Ho, Wo, O). Where the windows of one image overlap, an image is one work item and
@@ -210,91 +331,89 @@ ffi::Error Conv2d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 ffi::Error Conv2dInputGrad(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                            int64_t pl, int64_t threads) {
-  if (auto e = Check("skinmtl_conv2d_input_grad", dx->dimensions(), w.dimensions(),
-                     g.dimensions(), sh, sw);
-      e.failure()) {
-    return e;
-  }
-  const Geometry d = Make(dx->dimensions(), w.dimensions(), g.dimensions(), sh, sw, pt, pl);
-  const int64_t k = d.window(), pixels = d.pixels();
-  float* xp = dx->typed_data();
-  std::fill(xp, xp + d.n * d.h * d.w * d.c, 0.0f);
-  if (d.n * pixels * d.o * k == 0) return ffi::Error::Success();
-  const int64_t block = BlockRows(pixels, k, kBlockBytes, kMinBlockRows);
-  // Windows that do not overlap (kernel within the stride, as in a 2x2 stride-2 up-convolution)
-  // write disjoint pixels: their blocks can run in parallel too.
-  const bool disjoint = d.kh <= d.sh && d.kw <= d.sw;
-  const int64_t per_item = disjoint ? block : pixels;
-  const int64_t items = (pixels + per_item - 1) / per_item;
-  const Sgemm gemm = sgemm.load();
-  ParallelFor(d.n * items, threads, [&](int64_t item) {
-    thread_local std::vector<float> col;
-    col.resize(block * k);
-    const int64_t img = item / items, first = (item % items) * per_item;
-    float* xi = xp + img * d.h * d.w * d.c;
-    for (int64_t p0 = first; p0 < std::min(pixels, first + per_item); p0 += block) {
-      const int64_t m = std::min(block, pixels - p0);
-      gemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, k, d.o, 1.0f,
-           g.typed_data() + (img * pixels + p0) * d.o, d.o, w.typed_data(), d.o, 0.0f,
-           col.data(), k);
-      const float* src = col.data();
-      for (int64_t p = p0; p < p0 + m; ++p) {
-        const int64_t i = p / d.wo, j = p % d.wo;
-        for (int64_t t = 0; t < d.taps(); ++t, src += d.c) {
-          const int64_t r = i * d.sh + t / d.kw - d.pt, s = j * d.sw + t % d.kw - d.pl;
-          if (r < 0 || r >= d.h || s < 0 || s >= d.w) continue;
-          float* dst = xi + (r * d.w + s) * d.c;
-          for (int64_t q = 0; q < d.c; ++q) dst[q] += src[q];
+  // The shapes of the convolution whose input gradient this is: (dx, w, g) as its (x, w, y).
+  const Call call{"skinmtl_conv2d_input_grad", dx->dimensions(), w.dimensions(), g.dimensions(),
+                  sh, sw, pt, pl, threads};
+  return call.Run([&](const Geometry& d) -> ffi::Error {
+    const int64_t k = d.window(), pixels = d.pixels();
+    float* xp = dx->typed_data();
+    std::fill(xp, xp + d.n * d.h * d.w * d.c, 0.0f);
+    if (d.n * pixels * d.o == 0 || k == 0) return ffi::Error::Success();
+    const int64_t block = BlockRows(pixels, k, kBlockBytes, kMinBlockRows);
+    // Windows that do not overlap (kernel within the stride, as in a 2x2 stride-2 up-convolution)
+    // write disjoint pixels: their blocks can run in parallel too.
+    const bool disjoint = d.kh <= d.sh && d.kw <= d.sw;
+    const int64_t per_item = disjoint ? block : pixels;
+    const int64_t items = (pixels + per_item - 1) / per_item;
+    const Sgemm gemm = sgemm.load();
+    ParallelFor(d.n * items, threads, [&](int64_t item) {
+      thread_local std::vector<float> col;
+      col.resize(block * k);
+      const int64_t img = item / items, first = (item % items) * per_item;
+      float* xi = xp + img * d.h * d.w * d.c;
+      for (int64_t p0 = first; p0 < std::min(pixels, first + per_item); p0 += block) {
+        const int64_t m = std::min(block, pixels - p0);
+        gemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, k, d.o, 1.0f,
+             g.typed_data() + (img * pixels + p0) * d.o, d.o, w.typed_data(), d.o, 0.0f,
+             col.data(), k);
+        const float* src = col.data();
+        for (int64_t p = p0; p < p0 + m; ++p) {
+          const int64_t i = p / d.wo, j = p % d.wo;
+          for (int64_t t = 0; t < d.taps(); ++t, src += d.c) {
+            const int64_t r = i * d.sh + t / d.kw - d.pt, s = j * d.sw + t % d.kw - d.pl;
+            if (r < 0 || r >= d.h || s < 0 || s >= d.w) continue;
+            float* dst = xi + (r * d.w + s) * d.c;
+            for (int64_t q = 0; q < d.c; ++q) dst[q] += src[q];
+          }
         }
       }
-    }
+    });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
 // dw from x and g. The batch's pixels are cut into chunks (their number set by the shapes);
 // each chunk sums its blocks in order into its own buffer, and the chunks are added in order.
-// A work item is a chunk and a group of taps: its columns of col, its rows of dw.
+// A work item is a chunk and a group of taps (their number set by the shapes too): its columns
+// of col, its rows of dw.
 ffi::Error Conv2dWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                             ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
                             int64_t pt, int64_t pl, int64_t threads) {
-  if (auto e = Check("skinmtl_conv2d_weight_grad", x.dimensions(), dw->dimensions(),
-                     g.dimensions(), sh, sw);
-      e.failure()) {
-    return e;
-  }
-  const Geometry d = Make(x.dimensions(), dw->dimensions(), g.dimensions(), sh, sw, pt, pl);
-  const int64_t k = d.window(), total = d.n * d.pixels();
-  float* out = dw->typed_data();
-  if (total == 0 || k * d.o == 0) {
-    std::fill(out, out + k * d.o, 0.0f);
-    return ffi::Error::Success();
-  }
-  const int64_t chunks = std::clamp<int64_t>(total / kMinChunkRows, 1, kMaxChunks);
-  const int64_t block = BlockRows(total, k + d.o, kGradBlockBytes, 16);
-  const int64_t groups = std::clamp<int64_t>((threads + chunks - 1) / chunks, 1, d.taps());
-  std::vector<float> parts((chunks - 1) * k * d.o);
-  const Sgemm gemm = sgemm.load();
-  ParallelFor(chunks * groups, threads, [&](int64_t item) {
-    thread_local std::vector<float> col;
-    const int64_t ch = item / groups, group = item % groups;
-    const int64_t lo = total * ch / chunks, hi = total * (ch + 1) / chunks;
-    const int64_t t0 = d.taps() * group / groups, t1 = d.taps() * (group + 1) / groups;
-    const int64_t kg = (t1 - t0) * d.c;
-    col.resize(block * kg);
-    float* dst = (ch == 0 ? out : parts.data() + (ch - 1) * k * d.o) + t0 * d.c * d.o;
-    for (int64_t p = lo; p < hi; p += block) {
-      const int64_t m = std::min(block, hi - p);
-      Im2col(d, x.typed_data(), p, m, t0, t1, col.data());
-      gemm(CblasRowMajor, CblasTrans, CblasNoTrans, kg, d.o, m, 1.0f, col.data(), kg,
-           g.typed_data() + p * d.o, d.o, p == lo ? 0.0f : 1.0f, dst, d.o);
+  const Call call{"skinmtl_conv2d_weight_grad", x.dimensions(), dw->dimensions(),
+                  g.dimensions(), sh, sw, pt, pl, threads};
+  return call.Run([&](const Geometry& d) -> ffi::Error {
+    const int64_t k = d.window(), total = d.n * d.pixels();
+    float* out = dw->typed_data();
+    if (total == 0 || k * d.o == 0) {
+      std::fill(out, out + k * d.o, 0.0f);
+      return ffi::Error::Success();
     }
+    const int64_t chunks = std::clamp<int64_t>(total / kMinChunkRows, 1, kMaxChunks);
+    const int64_t block = BlockRows(total, k + d.o, kGradBlockBytes, 16);
+    const int64_t groups = std::clamp<int64_t>((kMinItems + chunks - 1) / chunks, 1, d.taps());
+    std::vector<float> parts((chunks - 1) * k * d.o);
+    const Sgemm gemm = sgemm.load();
+    ParallelFor(chunks * groups, threads, [&](int64_t item) {
+      thread_local std::vector<float> col;
+      const int64_t ch = item / groups, group = item % groups;
+      const int64_t lo = total * ch / chunks, hi = total * (ch + 1) / chunks;
+      const int64_t t0 = d.taps() * group / groups, t1 = d.taps() * (group + 1) / groups;
+      const int64_t kg = (t1 - t0) * d.c;
+      col.resize(block * kg);
+      float* dst = (ch == 0 ? out : parts.data() + (ch - 1) * k * d.o) + t0 * d.c * d.o;
+      for (int64_t p = lo; p < hi; p += block) {
+        const int64_t m = std::min(block, hi - p);
+        Im2col(d, x.typed_data(), p, m, t0, t1, col.data());
+        gemm(CblasRowMajor, CblasTrans, CblasNoTrans, kg, d.o, m, 1.0f, col.data(), kg,
+             g.typed_data() + p * d.o, d.o, p == lo ? 0.0f : 1.0f, dst, d.o);
+      }
+    });
+    for (int64_t ch = 1; ch < chunks; ++ch) {
+      const float* q = parts.data() + (ch - 1) * k * d.o;
+      for (int64_t j = 0; j < k * d.o; ++j) out[j] += q[j];
+    }
+    return ffi::Error::Success();
   });
-  for (int64_t ch = 1; ch < chunks; ++ch) {
-    const float* q = parts.data() + (ch - 1) * k * d.o;
-    for (int64_t j = 0; j < k * d.o; ++j) out[j] += q[j];
-  }
-  return ffi::Error::Success();
 }
 
 // The transforms of one tile, over channels q (contiguous: vectorised, in clones for AVX-512,
@@ -411,66 +530,66 @@ ffi::Error Winograd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   const auto xd = x.dimensions();
   const auto ud = w.dimensions();
   const auto yd = y->dimensions();
-  if (auto e = Check("skinmtl_winograd", xd, ud, yd, 1, 1, Needs::kSgemm, true); e.failure()) {
-    return e;
-  }
-  const int64_t n = xd[0], h = xd[1], wi = xd[2], c = xd[3], o = ud[3], ho = yd[1], wo = yd[2];
-  const int64_t tw = (wo + 1) / 2, tiles = ((ho + 1) / 2) * tw;
-  float* yp = y->typed_data();
-  if (n * ho * wo * o == 0) return ffi::Error::Success();
-  if (c == 0) {
-    std::fill(yp, yp + n * ho * wo * o, 0.0f);
-    return ffi::Error::Success();
-  }
-  const int64_t block = BlockRows(tiles, 16 * std::max(c, o), kWinogradBlockBytes, 64);
-  const int64_t blocks = (tiles + block - 1) / block;
-  const Sgemm gemm = sgemm.load();
-  const float* xp = x.typed_data();
-  std::vector<float> u(16 * c * o);
-  const int64_t rows = std::max<int64_t>(1, 4096 / o);  // input channels per item
-  ParallelFor((c + rows - 1) / rows, threads, [&](int64_t item) {
-    for (int64_t q = item * rows; q < std::min(c, (item + 1) * rows); ++q) {
-      KernelTransform(w.typed_data() + q * o, u.data() + q * o, c * o, o);
+  const Call call{"skinmtl_winograd", xd, ud, yd, 1, 1, pt, pl, threads, Needs::kSgemm, true};
+  return call.Run([&](const Geometry&) -> ffi::Error {
+    const int64_t n = xd[0], h = xd[1], wi = xd[2], c = xd[3], o = ud[3], ho = yd[1], wo = yd[2];
+    const int64_t tw = (wo + 1) / 2, tiles = ((ho + 1) / 2) * tw;
+    float* yp = y->typed_data();
+    if (n * ho * wo * o == 0) return ffi::Error::Success();
+    if (c == 0) {
+      std::fill(yp, yp + n * ho * wo * o, 0.0f);
+      return ffi::Error::Success();
     }
-  });
-  const float* up = u.data();
-  // Few blocks (one small image): the output channels are split into groups too, so that the
-  // cores share the GEMMs; each group transforms the block's input again. The groups follow
-  // from the shapes only, and a group's outputs are the same dot products either way.
-  const int64_t groups = std::clamp<int64_t>((kMinItems + n * blocks - 1) / (n * blocks), 1,
-                                             std::max<int64_t>(1, o / 32));
-  ParallelFor(n * blocks * groups, threads, [&](int64_t job) {
-    thread_local std::vector<float> v, m, patch;
-    const int64_t item = job / groups, group = job % groups;
-    const int64_t o0 = o * group / groups, ow = o * (group + 1) / groups - o0;
-    v.resize(16 * block * c);
-    m.resize(16 * block * ow);
-    patch.resize(16 * c);
-    const int64_t img = item / blocks, t0 = (item % blocks) * block;
-    const int64_t count = std::min(block, tiles - t0);
-    const float* xi = xp + img * h * wi * c;
-    for (int64_t t = 0; t < count; ++t) {
-      WinogradInput(xi, h, wi, c, (t0 + t) / tw * 2 - pt, (t0 + t) % tw * 2 - pl,
-                    patch.data(), v.data() + t * c, block * c);
-    }
-    for (int e = 0; e < 16; ++e) {
-      gemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, count, ow, c, 1.0f,
-           v.data() + e * block * c, c, up + e * c * o + o0, o, 0.0f,
-           m.data() + e * block * ow, ow);
-    }
-    float* yi = yp + img * ho * wo * o + o0;
-    for (int64_t t = 0; t < count; ++t) {
-      const int64_t r0 = (t0 + t) / tw * 2, s0 = (t0 + t) % tw * 2;
-      const float* mt = m.data() + t * ow;
-      float* out[4];
-      for (int e = 0; e < 4; ++e) {
-        const int64_t r = r0 + e / 2, s = s0 + e % 2;
-        out[e] = (r < ho && s < wo) ? yi + (r * wo + s) * o : nullptr;
+    const int64_t block = BlockRows(tiles, 16 * std::max(c, o), kWinogradBlockBytes, 64);
+    const int64_t blocks = (tiles + block - 1) / block;
+    const Sgemm gemm = sgemm.load();
+    const float* xp = x.typed_data();
+    std::vector<float> u(16 * c * o);
+    const int64_t rows = std::max<int64_t>(1, 4096 / o);  // input channels per item
+    ParallelFor((c + rows - 1) / rows, threads, [&](int64_t item) {
+      for (int64_t q = item * rows; q < std::min(c, (item + 1) * rows); ++q) {
+        KernelTransform(w.typed_data() + q * o, u.data() + q * o, c * o, o);
       }
-      OutputTile(mt, block * ow, ow, out);
-    }
+    });
+    const float* up = u.data();
+    // Few blocks (one small image): the output channels are split into groups too, so that the
+    // cores share the GEMMs; each group transforms the block's input again. The groups follow
+    // from the shapes only, and a group's outputs are the same dot products either way.
+    const int64_t groups = std::clamp<int64_t>((kMinItems + n * blocks - 1) / (n * blocks), 1,
+                                               std::max<int64_t>(1, o / 32));
+    ParallelFor(n * blocks * groups, threads, [&](int64_t job) {
+      thread_local std::vector<float> v, m, patch;
+      const int64_t item = job / groups, group = job % groups;
+      const int64_t o0 = o * group / groups, ow = o * (group + 1) / groups - o0;
+      v.resize(16 * block * c);
+      m.resize(16 * block * ow);
+      patch.resize(16 * c);
+      const int64_t img = item / blocks, t0 = (item % blocks) * block;
+      const int64_t count = std::min(block, tiles - t0);
+      const float* xi = xp + img * h * wi * c;
+      for (int64_t t = 0; t < count; ++t) {
+        WinogradInput(xi, h, wi, c, (t0 + t) / tw * 2 - pt, (t0 + t) % tw * 2 - pl,
+                      patch.data(), v.data() + t * c, block * c);
+      }
+      for (int e = 0; e < 16; ++e) {
+        gemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, count, ow, c, 1.0f,
+             v.data() + e * block * c, c, up + e * c * o + o0, o, 0.0f,
+             m.data() + e * block * ow, ow);
+      }
+      float* yi = yp + img * ho * wo * o + o0;
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t r0 = (t0 + t) / tw * 2, s0 = (t0 + t) % tw * 2;
+        const float* mt = m.data() + t * ow;
+        float* out[4];
+        for (int e = 0; e < 4; ++e) {
+          const int64_t r = r0 + e / 2, s = s0 + e % 2;
+          out[e] = (r < ho && s < wo) ? yi + (r * wo + s) * o : nullptr;
+        }
+        OutputTile(mt, block * ow, ow, out);
+      }
+    });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
 // The output-gradient transform of one 2x2 tile for the kernel gradient: m[e] = (A g A^T)[e]
@@ -530,59 +649,59 @@ ffi::Error WinogradWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
   const auto xd = x.dimensions();
   const auto gd = g.dimensions();
   const auto wd = dw->dimensions();
-  if (auto e = Check("skinmtl_winograd_weight_grad", xd, wd, gd, 1, 1, Needs::kSgemm, true);
-      e.failure()) {
-    return e;
-  }
-  const int64_t h = xd[1], wi = xd[2], c = xd[3], ho = gd[1], wo = gd[2], o = gd[3];
-  const int64_t tw = (wo + 1) / 2, per_image = ((ho + 1) / 2) * tw, total = xd[0] * per_image;
-  float* out = dw->typed_data();
-  if (total == 0 || c * o == 0) {
-    std::fill(out, out + 9 * c * o, 0.0f);
-    return ffi::Error::Success();
-  }
-  const int64_t chunks = std::clamp<int64_t>(total / (kMinChunkRows / 4), 1, kMaxChunks);
-  const int64_t block = BlockRows(total, 16 * (c + o), 2 * kBlockBytes, 32);
-  std::vector<float> z(chunks * 16 * c * o);
-  const Sgemm gemm = sgemm.load();
-  const float* xp = x.typed_data();
-  const float* gp = g.typed_data();
-  ParallelFor(chunks, threads, [&](int64_t ch) {
-    thread_local std::vector<float> v, m, patch, zeros;
-    v.resize(16 * block * c);
-    m.resize(16 * block * o);
-    patch.resize(16 * c);
-    zeros.assign(o, 0.0f);
-    const int64_t lo = total * ch / chunks, hi = total * (ch + 1) / chunks;
-    float* zc = z.data() + ch * 16 * c * o;
-    for (int64_t b0 = lo; b0 < hi; b0 += block) {
-      const int64_t count = std::min(block, hi - b0);
-      for (int64_t t = 0; t < count; ++t) {
-        const int64_t img = (b0 + t) / per_image, tile = (b0 + t) % per_image;
-        const int64_t i0 = tile / tw * 2, j0 = tile % tw * 2;
-        const float* xi = xp + img * h * wi * c;
-        WinogradInput(xi, h, wi, c, i0 - pt, j0 - pl, patch.data(), v.data() + t * c,
-                      block * c);
-        const float* gt[4];
-        for (int e = 0; e < 4; ++e) {
-          const int64_t r = i0 + e / 2, s = j0 + e % 2;
-          gt[e] = (r < ho && s < wo) ? gp + ((img * ho + r) * wo + s) * o : nullptr;
-        }
-        GradTile(gt, m.data() + t * o, block * o, o, zeros.data());
-      }
-      for (int e = 0; e < 16; ++e) {
-        gemm(CblasRowMajor, CblasTrans, CblasNoTrans, c, o, count, 1.0f,
-             v.data() + e * block * c, c, m.data() + e * block * o, o, b0 == lo ? 0.0f : 1.0f,
-             zc + e * c * o, o);
-      }
+  const Call call{"skinmtl_winograd_weight_grad", xd, wd, gd, 1, 1, pt, pl, threads,
+                  Needs::kSgemm, true};
+  return call.Run([&](const Geometry&) -> ffi::Error {
+    const int64_t h = xd[1], wi = xd[2], c = xd[3], ho = gd[1], wo = gd[2], o = gd[3];
+    const int64_t tw = (wo + 1) / 2, per_image = ((ho + 1) / 2) * tw, total = xd[0] * per_image;
+    float* out = dw->typed_data();
+    if (total == 0 || c * o == 0) {
+      std::fill(out, out + 9 * c * o, 0.0f);
+      return ffi::Error::Success();
     }
+    const int64_t chunks = std::clamp<int64_t>(total / (kMinChunkRows / 4), 1, kMaxChunks);
+    const int64_t block = BlockRows(total, 16 * (c + o), 2 * kBlockBytes, 32);
+    std::vector<float> z(chunks * 16 * c * o);
+    const Sgemm gemm = sgemm.load();
+    const float* xp = x.typed_data();
+    const float* gp = g.typed_data();
+    ParallelFor(chunks, threads, [&](int64_t ch) {
+      thread_local std::vector<float> v, m, patch, zeros;
+      v.resize(16 * block * c);
+      m.resize(16 * block * o);
+      patch.resize(16 * c);
+      zeros.assign(o, 0.0f);
+      const int64_t lo = total * ch / chunks, hi = total * (ch + 1) / chunks;
+      float* zc = z.data() + ch * 16 * c * o;
+      for (int64_t b0 = lo; b0 < hi; b0 += block) {
+        const int64_t count = std::min(block, hi - b0);
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t img = (b0 + t) / per_image, tile = (b0 + t) % per_image;
+          const int64_t i0 = tile / tw * 2, j0 = tile % tw * 2;
+          const float* xi = xp + img * h * wi * c;
+          WinogradInput(xi, h, wi, c, i0 - pt, j0 - pl, patch.data(), v.data() + t * c,
+                        block * c);
+          const float* gt[4];
+          for (int e = 0; e < 4; ++e) {
+            const int64_t r = i0 + e / 2, s = j0 + e % 2;
+            gt[e] = (r < ho && s < wo) ? gp + ((img * ho + r) * wo + s) * o : nullptr;
+          }
+          GradTile(gt, m.data() + t * o, block * o, o, zeros.data());
+        }
+        for (int e = 0; e < 16; ++e) {
+          gemm(CblasRowMajor, CblasTrans, CblasNoTrans, c, o, count, 1.0f,
+               v.data() + e * block * c, c, m.data() + e * block * o, o, b0 == lo ? 0.0f : 1.0f,
+               zc + e * c * o, o);
+        }
+      }
+    });
+    for (int64_t ch = 1; ch < chunks; ++ch) {
+      const float* q = z.data() + ch * 16 * c * o;
+      for (int64_t j = 0; j < 16 * c * o; ++j) z[j] += q[j];
+    }
+    for (int64_t q = 0; q < c; ++q) KernelGradTransform(z.data() + q * o, out + q * o, c * o, o);
+    return ffi::Error::Success();
   });
-  for (int64_t ch = 1; ch < chunks; ++ch) {
-    const float* q = z.data() + ch * 16 * c * o;
-    for (int64_t j = 0; j < 16 * c * o; ++j) z[j] += q[j];
-  }
-  for (int64_t q = 0; q < c; ++q) KernelGradTransform(z.data() + q * o, out + q * o, c * o, o);
-  return ffi::Error::Success();
 }
 
 
@@ -881,39 +1000,41 @@ ffi::Error ConvBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<DW> w,
                     int64_t threads) {
   const char* name = "skinmtl_conv2d_bf16";
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (auto e = Check(name, xd, wd, yd, sh, sw, Needs::kAmx); e.failure()) return e;
+  const Call call{name, xd, wd, yd, sh, sw, pt, pl, threads, Needs::kAmx};
+  return call.Run([&](const Geometry& d) -> ffi::Error {
 #ifdef SKINMTL_AMX
-  const Geometry d = Make(xd, wd, yd, sh, sw, pt, pl);
-  T* yp = reinterpret_cast<T*>(y->untyped_data());
-  if (d.n * d.pixels() * d.o == 0) return ffi::Error::Success();
-  const int64_t cp = std::max<int64_t>(32, (d.c + 31) / 32 * 32), kb = cp / 32;
-  const int64_t nt = (d.o + 15) / 16, tiles = d.ho * ((d.wo + 15) / 16);
-  std::unique_ptr<uint16_t[]> wt(new uint16_t[d.taps() * kb * nt * 512]);
-  const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
-  const auto* ws = reinterpret_cast<const W*>(w.untyped_data());
-  ParallelFor(d.taps() * kb, threads, [&](int64_t item) {
-    PackKernel(ws, d, item / kb, item % kb, nt, wt.get() + item * nt * 512);
-  });
-  // Items: pairs of 16-pixel tiles x pairs of 16-output blocks, a run of `run` pairs per item
-  // (a row of a wide image; at least 2 tiles).
-  const int64_t pairs = (tiles + 1) / 2, npairs = (nt + 1) / 2;
-  const int64_t run = std::max<int64_t>(1, (d.wo + 31) / 32);
-  const int64_t runs = (pairs + run - 1) / run;
-  ParallelFor(d.n * runs * npairs, threads, [&](int64_t item) {
-    thread_local std::vector<uint16_t> stage;
-    stage.resize(32 * cp);
-    ConfigureTiles();
-    const int64_t img = item / (runs * npairs), rest = item % (runs * npairs);
-    const int64_t nb = 2 * (rest % npairs), p0 = rest / npairs * run;
-    for (int64_t p = p0; p < std::min(pairs, p0 + run); ++p) {
-      AmxItem(xs, wt.get(), yp, img, 2 * p, nb, d, cp, nt, stage.data());
-    }
-    ReleaseTiles();
-  });
-  return ffi::Error::Success();
+    T* yp = reinterpret_cast<T*>(y->untyped_data());
+    if (d.n * d.pixels() * d.o == 0) return ffi::Error::Success();
+    const int64_t cp = std::max<int64_t>(32, (d.c + 31) / 32 * 32), kb = cp / 32;
+    const int64_t nt = (d.o + 15) / 16, tiles = d.ho * ((d.wo + 15) / 16);
+    std::unique_ptr<uint16_t[]> wt(new uint16_t[d.taps() * kb * nt * 512]);
+    const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
+    const auto* ws = reinterpret_cast<const W*>(w.untyped_data());
+    ParallelFor(d.taps() * kb, threads, [&](int64_t item) {
+      PackKernel(ws, d, item / kb, item % kb, nt, wt.get() + item * nt * 512);
+    });
+    // Items: pairs of 16-pixel tiles x pairs of 16-output blocks, a run of `run` pairs per item
+    // (a row of a wide image; at least 2 tiles).
+    const int64_t pairs = (tiles + 1) / 2, npairs = (nt + 1) / 2;
+    const int64_t run = std::max<int64_t>(1, (d.wo + 31) / 32);
+    const int64_t runs = (pairs + run - 1) / run;
+    ParallelFor(d.n * runs * npairs, threads, [&](int64_t item) {
+      thread_local std::vector<uint16_t> stage;
+      stage.resize(32 * cp);
+      ConfigureTiles();
+      const int64_t img = item / (runs * npairs), rest = item % (runs * npairs);
+      const int64_t nb = 2 * (rest % npairs), p0 = rest / npairs * run;
+      for (int64_t p = p0; p < std::min(pairs, p0 + run); ++p) {
+        AmxItem(xs, wt.get(), yp, img, 2 * p, nb, d, cp, nt, stage.data());
+      }
+      ReleaseTiles();
+    });
+    return ffi::Error::Success();
 #else
-  return ffi::Error::Internal(name);
+    static_cast<void>(d);
+    return ffi::Error::Internal(name);
 #endif
+  });
 }
 
 
@@ -926,86 +1047,88 @@ ffi::Error ConvBf16WeightGrad(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> g
   const char* name = "skinmtl_conv2d_bf16_weight_grad";
   const auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
   // As the kernel gradient's (x, dw, g): the shapes of the convolution's (x, w, y).
-  if (auto e = Check(name, xd, wd, gd, 1, 1, Needs::kAmx); e.failure()) return e;
+  const Call call{name, xd, wd, gd, 1, 1, pt, pl, threads, Needs::kAmx};
+  return call.Run([&](const Geometry& d) -> ffi::Error {
 #ifdef SKINMTL_AMX
-  const Geometry d = Make(xd, wd, gd, 1, 1, pt, pl);
-  float* out = dw->typed_data();
-  if (d.taps() * d.c * d.o == 0) return ffi::Error::Success();
-  if (d.n * d.pixels() == 0) {
-    std::fill(out, out + d.taps() * d.c * d.o, 0.0f);
-    return ffi::Error::Success();
-  }
-  const int64_t c16 = (d.c + 15) / 16 * 16, nt = (d.o + 15) / 16;
-  const int64_t jbs = (d.wo + 31) / 32, wt = 32 * jbs + d.kw - 1;
-  std::unique_ptr<uint16_t[]> xt(new uint16_t[d.n * d.h * c16 * wt]);
-  std::unique_ptr<uint16_t[]> gv(new uint16_t[d.n * d.ho * jbs * nt * 512]);
-  const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
-  const auto* gs = reinterpret_cast<const uint16_t*>(g.untyped_data());
-  ParallelFor(d.n * d.h, threads, [&](int64_t row) {  // xt[row][c][u] = x[row][u - pl][c]
-    uint16_t* dst = xt.get() + row * c16 * wt;
-    const uint16_t* src = xs + row * d.w * d.c;
-    // Columns u0..u1-1 hold the image (a left padding may exceed wt: then none).
-    const int64_t u0 = std::clamp<int64_t>(pl, 0, wt), u1 = std::clamp(d.w + pl, u0, wt);
-    for (int64_t c = 0; c < c16; ++c) {  // zeros outside the image and past C
-      std::fill(dst + c * wt, dst + c * wt + (c < d.c ? u0 : wt), uint16_t{0});
-      if (c < d.c) std::fill(dst + c * wt + u1, dst + (c + 1) * wt, uint16_t{0});
+    float* out = dw->typed_data();
+    if (d.taps() * d.c * d.o == 0) return ffi::Error::Success();
+    if (d.n * d.pixels() == 0) {
+      std::fill(out, out + d.taps() * d.c * d.o, 0.0f);
+      return ffi::Error::Success();
     }
-    for (int64_t ub = u0; ub < u1; ub += 16) {  // in blocks of 16 x 16, for the caches
-      for (int64_t cb = 0; cb < d.c; cb += 16) {
-        for (int64_t u = ub; u < std::min(u1, ub + 16); ++u) {
-          const uint16_t* px = src + (u - pl) * d.c;
-          for (int64_t c = cb; c < std::min(d.c, cb + 16); ++c) dst[c * wt + u] = px[c];
+    const int64_t c16 = (d.c + 15) / 16 * 16, nt = (d.o + 15) / 16;
+    const int64_t jbs = (d.wo + 31) / 32, wt = 32 * jbs + d.kw - 1;
+    std::unique_ptr<uint16_t[]> xt(new uint16_t[d.n * d.h * c16 * wt]);
+    std::unique_ptr<uint16_t[]> gv(new uint16_t[d.n * d.ho * jbs * nt * 512]);
+    const auto* xs = reinterpret_cast<const uint16_t*>(x.untyped_data());
+    const auto* gs = reinterpret_cast<const uint16_t*>(g.untyped_data());
+    ParallelFor(d.n * d.h, threads, [&](int64_t row) {  // xt[row][c][u] = x[row][u - pl][c]
+      uint16_t* dst = xt.get() + row * c16 * wt;
+      const uint16_t* src = xs + row * d.w * d.c;
+      // Columns u0..u1-1 hold the image (a left padding may exceed wt: then none).
+      const int64_t u0 = std::clamp<int64_t>(pl, 0, wt), u1 = std::clamp(d.w + pl, u0, wt);
+      for (int64_t c = 0; c < c16; ++c) {  // zeros outside the image and past C
+        std::fill(dst + c * wt, dst + c * wt + (c < d.c ? u0 : wt), uint16_t{0});
+        if (c < d.c) std::fill(dst + c * wt + u1, dst + (c + 1) * wt, uint16_t{0});
+      }
+      for (int64_t ub = u0; ub < u1; ub += 16) {  // in blocks of 16 x 16, for the caches
+        for (int64_t cb = 0; cb < d.c; cb += 16) {
+          for (int64_t u = ub; u < std::min(u1, ub + 16); ++u) {
+            const uint16_t* px = src + (u - pl) * d.c;
+            for (int64_t c = cb; c < std::min(d.c, cb + 16); ++c) dst[c * wt + u] = px[c];
+          }
         }
       }
-    }
-  });
-  ParallelFor(d.n * d.ho, threads, [&](int64_t row) {  // gv: tiles (jb, ob) of pairs
-    uint16_t* dst = gv.get() + row * jbs * nt * 512;
-    std::fill(dst, dst + jbs * nt * 512, uint16_t{0});
-    const uint16_t* src = gs + row * d.wo * d.o;
-    for (int64_t j = 0; j + 1 < d.wo; j += 2) {  // pixel pairs: PackPairs per 16 outputs
-      uint16_t* tile = dst + (j / 32) * nt * 512 + (j % 32 / 2) * 32;
-      for (int64_t o = 0; o + 16 <= d.o; o += 16) {
-        PackPairs(src + j * d.o + o, src + (j + 1) * d.o + o, tile + (o / 16) * 512);
+    });
+    ParallelFor(d.n * d.ho, threads, [&](int64_t row) {  // gv: tiles (jb, ob) of pairs
+      uint16_t* dst = gv.get() + row * jbs * nt * 512;
+      std::fill(dst, dst + jbs * nt * 512, uint16_t{0});
+      const uint16_t* src = gs + row * d.wo * d.o;
+      for (int64_t j = 0; j + 1 < d.wo; j += 2) {  // pixel pairs: PackPairs per 16 outputs
+        uint16_t* tile = dst + (j / 32) * nt * 512 + (j % 32 / 2) * 32;
+        for (int64_t o = 0; o + 16 <= d.o; o += 16) {
+          PackPairs(src + j * d.o + o, src + (j + 1) * d.o + o, tile + (o / 16) * 512);
+        }
       }
-    }
-    for (int64_t j = 0; j < d.wo; ++j) {  // the rest: an odd last pixel, outputs past 16k
-      const int64_t o0 = j + 1 < d.wo ? d.o / 16 * 16 : 0;
-      uint16_t* tile = dst + (j / 32) * nt * 512 + (j % 32 / 2) * 32 + j % 2;
-      for (int64_t o = o0; o < d.o; ++o) tile[(o / 16) * 512 + (o % 16) * 2] = src[j * d.o + o];
-    }
-  });
-  // Chunks of about 4096 output pixels (whole rows, numbered over all images); items: chunk x
-  // channel pair x output pair.
-  const int64_t rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d.wo));
-  const int64_t chunks = (d.n * d.ho + rows - 1) / rows;
-  const int64_t cpairs = (c16 / 16 + 1) / 2, opairs = (nt + 1) / 2, o16 = 16 * nt;
-  const int64_t part_size = d.taps() * c16 * o16;
-  std::unique_ptr<float[]> part(new float[chunks * part_size]);
-  ParallelFor(chunks * cpairs * opairs, threads, [&](int64_t item) {
-    thread_local std::vector<float> acc;
-    acc.resize(d.taps() * 1024);
-    ConfigureTiles();
-    const int64_t chunk = item / (cpairs * opairs), rest = item % (cpairs * opairs);
-    AmxGradItem(xt.get(), gv.get(), part.get() + chunk * part_size, chunk * rows,
-                std::min(d.n * d.ho, (chunk + 1) * rows), 2 * (rest / opairs),
-                2 * (rest % opairs), d, c16, nt, wt, jbs, acc.data());
-    ReleaseTiles();
-  });
-  ParallelFor(d.taps() * d.c, threads, [&](int64_t row) {  // dw[t][c] = sum over chunks
-    const int64_t t = row / d.c, c = row % d.c;
-    float* dst = out + row * d.o;
-    const float* src = part.get() + (t * c16 + c) * o16;
-    std::copy(src, src + d.o, dst);
-    for (int64_t ch = 1; ch < chunks; ++ch) {
-      const float* q = src + ch * part_size;
-      for (int64_t o = 0; o < d.o; ++o) dst[o] += q[o];
-    }
-  });
-  return ffi::Error::Success();
+      for (int64_t j = 0; j < d.wo; ++j) {  // the rest: an odd last pixel, outputs past 16k
+        const int64_t o0 = j + 1 < d.wo ? d.o / 16 * 16 : 0;
+        uint16_t* tile = dst + (j / 32) * nt * 512 + (j % 32 / 2) * 32 + j % 2;
+        for (int64_t o = o0; o < d.o; ++o) tile[(o / 16) * 512 + (o % 16) * 2] = src[j * d.o + o];
+      }
+    });
+    // Chunks of about 4096 output pixels (whole rows, numbered over all images); items: chunk x
+    // channel pair x output pair.
+    const int64_t rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d.wo));
+    const int64_t chunks = (d.n * d.ho + rows - 1) / rows;
+    const int64_t cpairs = (c16 / 16 + 1) / 2, opairs = (nt + 1) / 2, o16 = 16 * nt;
+    const int64_t part_size = d.taps() * c16 * o16;
+    std::unique_ptr<float[]> part(new float[chunks * part_size]);
+    ParallelFor(chunks * cpairs * opairs, threads, [&](int64_t item) {
+      thread_local std::vector<float> acc;
+      acc.resize(d.taps() * 1024);
+      ConfigureTiles();
+      const int64_t chunk = item / (cpairs * opairs), rest = item % (cpairs * opairs);
+      AmxGradItem(xt.get(), gv.get(), part.get() + chunk * part_size, chunk * rows,
+                  std::min(d.n * d.ho, (chunk + 1) * rows), 2 * (rest / opairs),
+                  2 * (rest % opairs), d, c16, nt, wt, jbs, acc.data());
+      ReleaseTiles();
+    });
+    ParallelFor(d.taps() * d.c, threads, [&](int64_t row) {  // dw[t][c] = sum over chunks
+      const int64_t t = row / d.c, c = row % d.c;
+      float* dst = out + row * d.o;
+      const float* src = part.get() + (t * c16 + c) * o16;
+      std::copy(src, src + d.o, dst);
+      for (int64_t ch = 1; ch < chunks; ++ch) {
+        const float* q = src + ch * part_size;
+        for (int64_t o = 0; o < d.o; ++o) dst[o] += q[o];
+      }
+    });
+    return ffi::Error::Success();
 #else
-  return ffi::Error::Internal(name);
+    static_cast<void>(d);
+    return ffi::Error::Internal(name);
 #endif
+  });
 }
 
 }  // namespace
@@ -1014,6 +1137,15 @@ extern "C" void SkinmtlSetSgemm(void* fn) { sgemm.store(reinterpret_cast<Sgemm>(
 
 // 1 where the bfloat16 kernels can run here (AMX-BF16, and Linux grants the tile data).
 extern "C" int SkinmtlAmxAvailable() { return AmxReady() ? 1 : 0; }
+
+// The XLA FFI API of the headers these kernels were built with (major * 1000 + minor) and the
+// jaxlib that brought them (setup.py defines SKINMTL_JAXLIB): the loader compares them with the
+// installed jaxlib's before it registers anything.
+extern "C" int SkinmtlFfiApiVersion() { return XLA_FFI_API_MAJOR * 1000 + XLA_FFI_API_MINOR; }
+#ifndef SKINMTL_JAXLIB
+#define SKINMTL_JAXLIB "unknown"
+#endif
+extern "C" const char* SkinmtlBuiltWithJaxlib() { return SKINMTL_JAXLIB; }
 
 #define SKINMTL_CONV(name, fn)                                     \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                          \

@@ -26,7 +26,7 @@ FC_cls^k (the paper leaves it open) has two readings, chosen by `reverse_mode`:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from skinmtl_jax.config_base import REVERSE_MODES
+from skinmtl_jax.models import conv
 from skinmtl_jax.models.unet import DecoderLevel, Encoder, SegHead
 
 Array = Any
@@ -116,7 +117,9 @@ class SkinMTL(nn.Module):
   num_seg_classes: int = 2
   num_cls_classes: int = 2
   dtype: Any = jnp.float32
-  conv_impl: str = 'auto'      # model.conv_impl: see skinmtl_jax/models/conv.py
+  # The U-Net's convolution, chosen where the model is created (models.create_model, by
+  # model.conv_impl: skinmtl_jax/models/conv.py). By default XLA's.
+  conv_general_dilated: Callable = conv.xla_conv_general_dilated
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
@@ -134,12 +137,13 @@ class SkinMTL(nn.Module):
       raise ValueError(f'Input size {x.shape[1:3]} must be divisible by {factor} '
                        f'for {len(feats)} levels (set data.image_size accordingly).')
 
-    skips = Encoder(feats, self.dtype, self.conv_impl, name='encoder')(
+    convolution = self.conv_general_dilated
+    skips = Encoder(feats, self.dtype, convolution, name='encoder')(
         x.astype(self.dtype), train)
     # Decoder levels from deep to shallow; level j reads skip skips[-2 - j].
-    levels = [DecoderLevel(f, self.dtype, self.conv_impl, name=f'decoder{i + 1}')
+    levels = [DecoderLevel(f, self.dtype, convolution, name=f'decoder{i + 1}')
               for i, f in reversed(list(enumerate(feats[:-1])))]
-    seg_head = SegHead(self.num_seg_classes, self.dtype, self.conv_impl, name='seg_head')
+    seg_head = SegHead(self.num_seg_classes, self.dtype, convolution, name='seg_head')
     h = skips[-1]
     for j, level in enumerate(levels[:-2]):
       h = level(h, skips[-2 - j], train)

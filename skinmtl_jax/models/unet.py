@@ -14,7 +14,7 @@ demo). The scale and bias parameters are shared, so both passes still use the sa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import functools
 from typing import Any
 
@@ -72,14 +72,15 @@ class ConvBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: Any = jnp.float32
-  conv_impl: str = 'auto'      # model.conv_impl: see skinmtl_jax/models/conv.py
+  # The convolution, chosen where the model is created (skinmtl_jax/models/conv.py: select).
+  conv_general_dilated: Callable = conv.xla_conv_general_dilated
 
   @nn.compact
   def __call__(self, x: Array, train: bool, stats: str = '') -> Array:
     x = nn.Conv(self.features, (3, 3), strides=(self.strides, self.strides),
                 padding='SAME', dtype=self.dtype, name='conv',
                 promote_dtype=conv.promote_keep_params,
-                conv_general_dilated=conv.for_impl(self.conv_impl))(x)
+                conv_general_dilated=self.conv_general_dilated)(x)
     x = BatchNorm(dtype=self.dtype, name='bn')(x, train, stats)
     return nn.relu(x)
 
@@ -90,11 +91,12 @@ class EncoderStage(nn.Module):
   features: int
   strides: int
   dtype: Any = jnp.float32
-  conv_impl: str = 'auto'
+  conv_general_dilated: Callable = conv.xla_conv_general_dilated
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    block = functools.partial(ConvBlock, dtype=self.dtype, conv_impl=self.conv_impl)
+    block = functools.partial(ConvBlock, dtype=self.dtype,
+                              conv_general_dilated=self.conv_general_dilated)
     x = block(self.features, self.strides, name='block1')(x, train)
     return block(self.features, 1, name='block2')(x, train)
 
@@ -104,33 +106,34 @@ class Encoder(nn.Module):
 
   features: Sequence[int]
   dtype: Any = jnp.float32
-  conv_impl: str = 'auto'
+  conv_general_dilated: Callable = conv.xla_conv_general_dilated
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> list[Array]:
     skips = []
     for i, f in enumerate(self.features):
-      x = EncoderStage(f, 1 if i == 0 else 2, self.dtype, self.conv_impl,
+      x = EncoderStage(f, 1 if i == 0 else 2, self.dtype, self.conv_general_dilated,
                        name=f'stage{i + 1}')(x, train)
       skips.append(x)
     return skips
 
 
 class UpConv2x2(nn.Module):
-  """`nn.ConvTranspose(features, (2, 2), strides=(2, 2))` as one matmul and a depth-to-space.
+  """`nn.ConvTranspose(features, (2, 2), strides=(2, 2))` by `conv_general_dilated`.
 
   Same parameter names, shapes and initialisers (kernel (2, 2, in, out) lecun_normal, bias
   zeros) and the same outputs. The 2x2 stride-2 windows do not overlap, so
   out[2i + a, 2j + c] = x[i, j] @ kernel[1 - a, 1 - c] + bias (lax.conv_transpose without
-  transpose_kernel flips the kernel). Its gradients are matmuls, whereas flax's kernel gradient
-  is a dilated convolution with a huge window that XLA's CPU backend runs 20-70x slower: it
-  took 22 of the 36 s of a full-size U-Net step (benchmarks/conv_variants.py). On a CPU
-  (`conv_impl='auto'`) the matmul and its gradients are our kernels (`conv.upconv2x2`).
+  transpose_kernel flips the kernel). The models' convolutions compute it as one matmul and a
+  depth-to-space (`conv.upconv2x2`), with matmuls as its gradients (on CPUs our kernels),
+  whereas flax's kernel gradient is a dilated convolution with a huge window that XLA's CPU
+  backend runs 20-70x slower: it took 22 of the 36 s of a full-size U-Net step
+  (benchmarks/conv_variants.py).
   """
 
   features: int
   dtype: Any = jnp.float32
-  conv_impl: str = 'auto'        # model.conv_impl: see skinmtl_jax/models/conv.py
+  conv_general_dilated: Callable = conv.xla_conv_general_dilated
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -140,7 +143,7 @@ class UpConv2x2(nn.Module):
     x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
     # The bias in float32, rounded with the sum: its gradient is then a float32 sum (see
     # conv.promote_keep_params).
-    return (conv.upconv2x2(x, kernel, self.conv_impl) + bias).astype(self.dtype)
+    return (conv.upconv2x2(self.conv_general_dilated, x, kernel) + bias).astype(self.dtype)
 
 
 class DecoderLevel(nn.Module):
@@ -153,11 +156,11 @@ class DecoderLevel(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
-  conv_impl: str = 'auto'
+  conv_general_dilated: Callable = conv.xla_conv_general_dilated
 
   @nn.compact
   def __call__(self, x: Array, skip: Array, train: bool, gate: Array | None = None) -> Array:
-    up = UpConv2x2(self.features, self.dtype, self.conv_impl, name='upconv')(x)
+    up = UpConv2x2(self.features, self.dtype, self.conv_general_dilated, name='upconv')(x)
     stats = ''
     if gate is not None:
       g = gate.reshape(gate.shape[:-1] + (1, 1, gate.shape[-1])) if gate.ndim == 2 else gate
@@ -169,7 +172,8 @@ class DecoderLevel(nn.Module):
       # the gradient at the channel-scaled feature maps. Both are no-ops in training.
       self.sow('intermediates', 'gate', gate)
       x = self.perturb('gated_input', x)
-    block = functools.partial(ConvBlock, dtype=self.dtype, conv_impl=self.conv_impl)
+    block = functools.partial(ConvBlock, dtype=self.dtype,
+                              conv_general_dilated=self.conv_general_dilated)
     x = block(self.features, 1, name='block1')(x, train, stats)
     return block(self.features, 1, name='block2')(x, train, stats)
 
@@ -179,10 +183,10 @@ class SegHead(nn.Module):
 
   num_classes: int = 2
   dtype: Any = jnp.float32
-  conv_impl: str = 'auto'        # model.conv_impl: see skinmtl_jax/models/conv.py
+  conv_general_dilated: Callable = conv.xla_conv_general_dilated
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='conv',
                    promote_dtype=conv.promote_keep_params,
-                   conv_general_dilated=conv.for_impl(self.conv_impl))(x).astype(jnp.float32)
+                   conv_general_dilated=self.conv_general_dilated)(x).astype(jnp.float32)
