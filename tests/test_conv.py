@@ -529,14 +529,15 @@ def test_bad_geometry_is_an_ffi_error_naming_the_kernel_and_the_shapes(target, a
 @needs_kernel
 def test_out_of_memory_is_an_ffi_error_not_an_abort():
   """A buffer the kernel cannot allocate (here: the 1 GB of windows of a 16x16 kernel over 4096
-  channels, under an address-space limit of 512 MB more than the process has) is an error
-  naming the kernel and the shapes; std::bad_alloc used to end the process (std::terminate)."""
+  channels, in each of two threads, under an address-space limit of 512 MB more than the
+  process has) is an error naming the kernel and the shapes; std::bad_alloc used to end the
+  process (std::terminate), from the caller's thread or a worker's."""
   script = textwrap.dedent('''
       import re, resource, sys
       sys.path.insert(0, sys.argv[1])
       import jax, jax.numpy as jnp
       from skinmtl_jax import kernels
-      x, w = jnp.ones((1, 1, 1, 4096)), jnp.ones((16, 16, 4096, 1))
+      x, w = jnp.ones((2, 1, 1, 4096)), jnp.ones((16, 16, 4096, 1))
       f = jax.jit(lambda x, w: kernels.conv2d(x, w, (1, 1), (15, 15), (16, 16)))
       f = f.lower(x, w).compile()
       vm = int(re.search(r'VmSize:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))
@@ -548,10 +549,11 @@ def test_out_of_memory_is_an_ffi_error_not_an_abort():
         print(e)
       ''')
   r = subprocess.run([sys.executable, '-c', script, str(ROOT)], capture_output=True, text=True,
-                     timeout=600, check=False)
+                     env=dict(os.environ, **{ffi.THREADS_VARIABLE: '2'}), timeout=600,
+                     check=False)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert re.search(r'RESOURCE_EXHAUSTED: skinmtl_conv2d \(input \(1, 1, 1, 4096\), kernel '
-                   r'\(16, 16, 4096, 1\), output \(1, 16, 16, 1\).*: out of memory', r.stdout), (
+  assert re.search(r'RESOURCE_EXHAUSTED: skinmtl_conv2d \(input \(2, 1, 1, 4096\), kernel '
+                   r'\(16, 16, 4096, 1\), output \(2, 16, 16, 1\).*: out of memory', r.stdout), (
                        r.stdout + r.stderr[-3000:])
 
 
