@@ -63,13 +63,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype. 'bfloat16' is mixed precision: convolutions and activations in bfloat16;
   # parameters, BatchNorm (statistics and arithmetic), the classifier, the losses and the
   # optimizer in float32. For GPUs, and for CPUs with AMX-BF16 (Intel Xeon since Sapphire
-  # Rapids), where the convolutions run on its tile unit (skinmtl_jax/models/conv.py).
+  # Rapids), where the convolutions run on its tile unit (skinmtl_jax/kernels/routing.py).
   # Evaluation and predict can run a float32 run in bfloat16 (their --dtype).
   m.dtype = 'float32'
-  # The U-Net's convolutions: 'auto' is XLA's on GPUs; on CPUs it routes each by shape to the
-  # compiled kernels of skinmtl_jax/kernels (Winograd for 3x3 stride 1, im2col GEMMs) or to
-  # XLA's (skinmtl_jax/models/conv.py; 2.7x faster unet training on our 2-core CPU).
-  # 'xla' is XLA's everywhere. The same values up to float32 rounding.
+  # The U-Net's convolutions, chosen once when the model is created (models/conv.py: select):
+  # 'auto' is XLA's on GPUs and where the kernels are not built; on CPUs it routes each by shape
+  # to the compiled kernels of skinmtl_jax/kernels (Winograd for 3x3 stride 1, im2col GEMMs) or
+  # to XLA's (2.7x faster unet training on our 2-core CPU). 'xla' is XLA's everywhere. The same
+  # values up to float32 rounding.
   m.conv_impl = 'auto'
 
   # Loss (Eq. 3): lambda_1 Dice + lambda_2 cross-entropy.
