@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from skinmtl_jax import augment, input_pipeline, parallel
+from skinmtl_jax import augment, input_pipeline, parallel, splits
 
 
 
@@ -148,7 +148,7 @@ class TrainInput:
   without it, the first); then `next(train_input)` gives one global batch per step.
   """
 
-  def __init__(self, split: input_pipeline.Split, config: ml_collections.ConfigDict,
+  def __init__(self, split: splits.Split, config: ml_collections.ConfigDict,
                mesh: Mesh):
     data_cfg = config.data
     self._split, self._data_cfg = split, data_cfg
@@ -162,7 +162,7 @@ class TrainInput:
     members = [0] if self._shared else list(range(k))[self._local[0]]
     self._seeds = [data_seed + i for i in members]
     self.resident = decide_on_device(data_cfg, len(split.source))
-    self.examples_per_epoch = len(input_pipeline.enlarged_index(
+    self.examples_per_epoch = len(splits.enlarged_index(
         split.labels, (data_cfg.enlarge_benign, data_cfg.enlarge_melanoma)))
     self._iterator = None
 

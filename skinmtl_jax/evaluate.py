@@ -35,7 +35,7 @@ import numpy as np
 
 from skinmtl_jax import calibration as calibration_lib
 from skinmtl_jax import workdir as workdir_lib
-from skinmtl_jax import checkpointing, input_pipeline, metrics, report, steps, writers
+from skinmtl_jax import checkpointing, input_pipeline, metrics, report, splits, steps, writers
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets.files import DataError
 
@@ -114,7 +114,7 @@ def aggregate_members(members: list[dict]) -> dict[str, Any]:
   return out
 
 
-def evaluate_split(eval_step, state, split: input_pipeline.Split, *, batch_size: int,
+def evaluate_split(eval_step, state, split: splits.Split, *, batch_size: int,
                    threshold: float, bootstrap_samples: int = 1000) -> dict[str, Any]:
   """Runs the jitted `eval_step` over every example of `split` once.
 
@@ -180,7 +180,7 @@ def calibrated_scores(labels, probs, calibration: dict[str, Any], *,
   return out
 
 
-def fit_calibration(eval_step, state, validation: input_pipeline.Split, *,
+def fit_calibration(eval_step, state, validation: splits.Split, *,
                     batch_size: int) -> tuple[dict[str, Any] | None, dict[str, list]]:
   """Platt scaling of the melanoma probability (of the single model, or the ensemble's
   average, what `predict` gives) on the validation split (None without a classifier), and the
@@ -201,9 +201,9 @@ def fit_calibration(eval_step, state, validation: input_pipeline.Split, *,
 
 
 def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir: str,
-                        splits: dict[str, input_pipeline.Split],
+                        splits: dict[str, splits.Split],
                         results: dict[str, Any], write: bool = True,
-                        validation: input_pipeline.Split | None = None,
+                        validation: splits.Split | None = None,
                         calibration_dir: str | None = None) -> dict[str, Any]:
   """Evaluates `state` on each split (by eval set name) and writes every artifact into `workdir`.
 

@@ -1,4 +1,5 @@
-"""grain input pipelines: enlargement by index expansion, per-epoch shuffling, batching.
+"""The data's splits, loaded, and the grain pipelines: enlargement by index expansion,
+per-epoch shuffling, batching. Which image goes into which split is skinmtl_jax/splits.py's.
 
 Images travel as uint8 (H, W, 3) and become float32 in [0, 1] inside the jitted step: a
 quarter of the bytes to move between worker processes and to the device.
@@ -14,9 +15,6 @@ eval step compiles once).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,10 +23,11 @@ import grain
 import ml_collections
 import numpy as np
 
-from skinmtl_jax import augment
+from skinmtl_jax import splits
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets import builders
 from skinmtl_jax.datasets.synthetic import SyntheticLesions
+from skinmtl_jax.splits import Split
 
 REAL_DATASETS = ('isic2016', 'isic2017', 'ph2')
 # Eval set names in configs -> (dataset, split).
@@ -38,21 +37,6 @@ EVAL_SETS = {'isic2016_test': ('isic2016', 'test'), 'ph2': ('ph2', 'test'),
 
 class DatasetUnavailableError(ConfigError):
   """The config names a dataset or split that does not exist."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-  """A data source and the labels of its examples (labels are needed to plan enlargement).
-
-  `info` records where the examples came from (for metrics.json), e.g. mtl4's extra melanomas.
-  """
-
-  name: str
-  source: Any  # random access: len() and [i] -> {'image', 'mask', 'label', 'id'}
-  labels: np.ndarray
-  ids: tuple[str, ...] = ()
-  info: dict = dataclasses.field(default_factory=dict)
-  digests: tuple[str, ...] = ()  # SHA-256 of each stored image (real data): copies by content
 
 
 class TfdsSource:
@@ -74,89 +58,12 @@ class TfdsSource:
             'id': image_id.decode() if isinstance(image_id, bytes) else str(image_id)}
 
 
-class ConcatSource:
-  """Several random-access sources one after another."""
-
-  def __init__(self, sources: Sequence[Any]):
-    self._sources = list(sources)
-    self._ends = np.cumsum([len(s) for s in self._sources])
-
-  def __len__(self) -> int:
-    return int(self._ends[-1]) if len(self._ends) else 0
-
-  def __getitem__(self, i: int) -> dict:
-    k = int(np.searchsorted(self._ends, i, side='right'))
-    return self._sources[k][i - (int(self._ends[k - 1]) if k else 0)]
-
-
-def _digest(image: np.ndarray) -> str:
-  return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
-
-
 def _real_split(name: str, dataset: str, split: str, data_cfg) -> Split:
   source = TfdsSource(builders.load(dataset, split, data_cfg))
   examples = [source[i] for i in range(len(source))]
   return Split(name, source, np.array([e['label'] for e in examples], np.int32),
-               tuple(e['id'] for e in examples), digests=tuple(_digest(e['image'])
+               tuple(e['id'] for e in examples), digests=tuple(splits.digest(e['image'])
                                                               for e in examples))
-
-
-class SubsetSource:
-  """The examples `indices` of a random-access source, in that order."""
-
-  def __init__(self, source, indices: Sequence[int]):
-    self._source = source
-    self._indices = np.asarray(indices, np.int64)
-
-  def __len__(self) -> int:
-    return len(self._indices)
-
-  def __getitem__(self, i: int) -> dict:
-    return self._source[int(self._indices[i])]
-
-
-def _subset(split: Split, name: str, indices: Sequence[int], info: dict | None = None) -> Split:
-  indices = np.asarray(indices, np.int64)
-  source = ([split.source[int(i)] for i in indices] if isinstance(split.source, list)
-            else SubsetSource(split.source, indices))
-  return Split(name, source, np.asarray(split.labels)[indices],
-               tuple(split.ids[int(i)] for i in indices), info or {},
-               tuple(split.digests[int(i)] for i in indices) if split.digests else ())
-
-
-def validation_indices(ids: Sequence[str], labels: np.ndarray, fraction: float) -> np.ndarray:
-  """Which examples of a training split are held out for validation (sorted indices).
-
-  Stratified: of each class, round(fraction x its count) examples (at least one when the
-  fraction is positive and the class has two or more), so the held-out part keeps the
-  training data's natural class balance. Chosen by ISIC ID (the examples whose SHA-256 of the
-  ID sorts first), so an image's place depends on its ID alone, not on the order or on other
-  images; no enlargement applies to it.
-  """
-  labels = np.asarray(labels)
-  if fraction <= 0:
-    return np.zeros(0, np.int64)
-  keep = []
-  for c in np.unique(labels):
-    members = np.flatnonzero(labels == c)
-    n = int(round(fraction * len(members)))
-    if len(members) >= 2:
-      n = min(max(n, 1), len(members) - 1)
-    keep += sorted(members.tolist(), key=lambda i: _id_order(ids[i]))[:n]
-  return np.asarray(sorted(keep), np.int64)
-
-
-def _hold_out(full: Split, data_cfg) -> tuple[Split, Split | None]:
-  """(training part, validation part or None) of the training split `full`."""
-  fraction = float(data_cfg.get('validation_fraction', 0.0))
-  held = validation_indices(full.ids, full.labels, fraction)
-  if not len(held):
-    return full, None
-  rest = np.setdiff1d(np.arange(len(full.labels)), held)
-  info = {'validation_fraction': fraction, 'validation_examples': len(held),
-          'validation_melanomas': int(np.sum(np.asarray(full.labels)[held] == 1))}
-  return (_subset(full, full.name, rest, {**full.info, **info}),
-          _subset(full, f'{full.name}_validation', held))
 
 
 def _full_train(data_cfg) -> Split:
@@ -178,61 +85,39 @@ def _full_train(data_cfg) -> Split:
 
 def train_and_validation(data_cfg: ml_collections.ConfigDict) -> tuple[Split, Split | None]:
   """The training split and the validation split held out of it (None when
-  data.validation_fraction is 0), made together so the training data is read once.
-
-  The validation split comes from the ISIC 2016 (or synthetic) training images only, at their
-  natural class balance: never from an evaluation set, never from mtl4's extra melanomas (and
-  an extra melanoma that is a validation image is not added to training).
+  data.validation_fraction is 0), made together so the training data is read once; the
+  protocol (which image goes where) is skinmtl_jax/splits.py's.
   """
   full, known_ids, protected = _training_images(data_cfg)
-  train, validation = _hold_out(full, data_cfg)
+  train, validation = splits.hold_out(full, float(data_cfg.get('validation_fraction', 0.0)))
   if protected is not None and data_cfg.extra_melanomas:
-    train = _with_extra_melanomas(train, data_cfg, protected, known_ids=known_ids)
+    if data_cfg.extra_melanomas != 'isic2017':
+      raise DatasetUnavailableError(
+          f'data.extra_melanomas={data_cfg.extra_melanomas!r}: only "isic2017" is known.')
+    extras = [_real_split(f'isic2017_{s}', 'isic2017', s, data_cfg)
+              for s in ('train', 'validation')]
+    try:
+      train = splits.with_extra_melanomas(
+          train, extras, protected, known_ids=known_ids,
+          paper=bool(data_cfg.paper_protocol_train_on_test_images),
+          control=bool(data_cfg.get('paper_protocol_matched_control', False)))
+    except ValueError as e:
+      raise DatasetUnavailableError(str(e)) from e
   return train, validation
 
 
-def _training_images(data_cfg) -> tuple[Split, set[str], '_Protected | None']:
+def _training_images(data_cfg) -> tuple[Split, set[str], splits.Protected | None]:
   """(the training split before the validation hold-out, less copies of protected images;
   every ID it had; the protected images, None for synthetic data)."""
   full = _full_train(data_cfg)
   known_ids = set(full.ids)
   if data_cfg.name == 'synthetic':
     return full, known_ids, None
-  protected = _protected(data_cfg)
+  protected = splits.Protected.of({name: get_split(data_cfg, name)
+                                   for name in splits.protected_sets(data_cfg.eval_sets)})
   if not data_cfg.paper_protocol_train_on_test_images:
-    full = _without_copies(full, protected)
+    full = splits.without_copies(full, protected)
   return full, known_ids, protected
-
-
-@dataclasses.dataclass(frozen=True)
-class _Protected:
-  """The images never trained on (but under the paper's protocol): PROTECTED_SETS and the
-  evaluation sets, by ID and by content."""
-  sets: tuple[str, ...]
-  ids: frozenset
-  digests: frozenset
-
-
-def _protected(data_cfg) -> _Protected:
-  sets = tuple(dict.fromkeys((*PROTECTED_SETS, *data_cfg.eval_sets)))
-  splits = [get_split(data_cfg, name) for name in sets]
-  return _Protected(sets, frozenset(i for s in splits for i in s.ids),
-                    frozenset(d for s in splits for d in s.digests))
-
-
-def _without_copies(full: Split, protected: _Protected) -> Split:
-  """`full` less the images whose stored pixels are those of a protected image (a test image
-  copied into training under another ID), with a warning naming them."""
-  copies = [i for i, d in enumerate(full.digests) if d in protected.digests]
-  if not copies:
-    return full
-  logging.warning('%d training images are copies of images of %s (the same pixels under another '
-                  'ID): %s. They are not trained on (training_copies_of_eval_images in '
-                  'metrics.json).', len(copies), ', '.join(protected.sets),
-                  ', '.join(full.ids[i] for i in copies[:10]))
-  keep = np.setdiff1d(np.arange(len(full.labels)), copies)
-  return _subset(full, full.name, keep, {**full.info, 'training_copies_of_eval_images':
-                                         [full.ids[i] for i in copies]})
 
 
 def validation_split(data_cfg: ml_collections.ConfigDict) -> Split | None:
@@ -240,7 +125,8 @@ def validation_split(data_cfg: ml_collections.ConfigDict) -> Split | None:
   needs to fit the calibration again, without reading mtl4's extra melanomas."""
   if float(data_cfg.get('validation_fraction', 0.0)) <= 0:
     return None
-  return _hold_out(_training_images(data_cfg)[0], data_cfg)[1]
+  return splits.hold_out(_training_images(data_cfg)[0],
+                         float(data_cfg.validation_fraction))[1]
 
 
 def get_split(data_cfg: ml_collections.ConfigDict, split: str) -> Split:
@@ -272,118 +158,6 @@ def get_split(data_cfg: ml_collections.ConfigDict, split: str) -> Split:
     raise DatasetUnavailableError(
         f'data.eval_sets names {split!r}; expected some of {sorted(EVAL_SETS)}.')
   return _real_split(split, *EVAL_SETS[split], data_cfg)
-
-
-# Never trained on (except under data.paper_protocol_train_on_test_images), whatever
-# data.eval_sets holds: the official test set of ISIC 2016. (ISIC 2017's test set and PH2 are
-# never read for training at all: mtl4's extra melanomas come from ISIC 2017 train and
-# validation.)
-PROTECTED_SETS = ('isic2016_test',)
-
-
-def _id_order(image_id: str) -> str:
-  """The order in which images are chosen by ID: the SHA-256 of the ID (independent of the
-  others and of file order)."""
-  return hashlib.sha256(str(image_id).encode()).hexdigest()
-
-
-def _with_extra_melanomas(train: Split, data_cfg, protected: _Protected,
-                          known_ids: set[str] | None = None) -> Split:
-  """ISIC 2016 training plus the ISIC 2017 train + validation melanomas (mtl4), minus every
-  image of ISIC 2016's test set or of an evaluation set (by ISIC ID) and every image already in
-  ISIC 2016 training (`known_ids`: all of it, the held-out validation images included).
-
-  data.paper_protocol_train_on_test_images restores the paper's all-404 protocol (which still
-  keeps the validation images out). data.paper_protocol_matched_control is its control: the
-  paper protocol's list, in its order, with each test or evaluation image replaced by one of
-  the melanomas the leak-free list adds (chosen in ID-hash order, cycled): the same number of
-  extra melanomas (so the same steps and melanoma share) and no test image.
-  """
-  if data_cfg.extra_melanomas != 'isic2017':
-    raise DatasetUnavailableError(
-        f'data.extra_melanomas={data_cfg.extra_melanomas!r}: only "isic2017" is known.')
-  paper = bool(data_cfg.paper_protocol_train_on_test_images)
-  control = bool(data_cfg.get('paper_protocol_matched_control', False))
-  protected_sets, eval_ids = protected.sets, protected.ids
-  train_ids = set(train.ids) if known_ids is None else set(known_ids)
-  held_out = train_ids - set(train.ids)  # the validation images: never trained on
-  info = {'available': 0, 'added': 0, 'dropped_in_eval_set': 0, 'dropped_already_in_train': 0,
-          'dropped_in_validation': 0, 'in_eval_set_but_kept': 0,
-          'paper_protocol_train_on_test_images': paper, 'protected_sets': list(protected_sets)}
-  if control:
-    info.update(paper_protocol_matched_control=True, replaced_eval_images=0)
-  extras = [_real_split(f'isic2017_{split}', 'isic2017', split, data_cfg)
-            for split in ('train', 'validation')]
-  ids = [i for e in extras for i in e.ids]
-  digests = [d for e in extras for d in e.digests]
-  labels = np.concatenate([e.labels for e in extras])
-  keep, replace = [], []  # indices into `ids`; positions in `keep` to replace (control)
-  for i, (image_id, label) in enumerate(zip(ids, labels)):
-    if label != 1:
-      continue
-    info['available'] += 1
-    if not paper and (image_id in eval_ids or digests[i] in protected.digests):
-      info['dropped_in_eval_set'] += 1
-      if control:
-        replace.append(len(keep))
-        keep.append(-1)
-      continue
-    if image_id in held_out:
-      info['dropped_in_validation'] += 1
-      continue
-    if not paper and not control and image_id in train_ids:
-      info['dropped_already_in_train'] += 1
-      continue
-    info['in_eval_set_but_kept'] += int(image_id in eval_ids)
-    keep.append(i)
-  if replace:
-    pool = sorted((i for i in keep if i >= 0 and ids[i] not in train_ids),
-                  key=lambda i: _id_order(ids[i]))
-    if not pool:
-      raise DatasetUnavailableError(
-          'data.paper_protocol_matched_control: no ISIC 2017 melanoma outside ISIC 2016 and '
-          'the evaluation sets is left to stand in for the test images.')
-    for j, position in enumerate(replace):
-      keep[position] = pool[j % len(pool)]
-    info['replaced_eval_images'] = len(replace)
-  info['added'] = len(keep)
-  if paper:
-    logging.warning('!' * 78)
-    logging.warning('data.paper_protocol_train_on_test_images=True: training on %d ISIC 2017 '
-                    'melanomas, %d of them images of the evaluation sets. Results are NOT a '
-                    'fair test.', info['added'], info['in_eval_set_but_kept'])
-    logging.warning('!' * 78)
-  logging.info('Extra melanomas from ISIC 2017: %s', info)
-  source = SubsetSource(ConcatSource([e.source for e in extras]), keep)
-  return Split('isic2016_train+isic2017_melanomas', ConcatSource([train.source, source]),
-               np.concatenate([train.labels, labels[keep]]),
-               tuple(train.ids) + tuple(ids[i] for i in keep),
-               {**train.info, 'extra_melanomas': info},
-               tuple(train.digests) + tuple(digests[i] for i in keep))
-
-
-def training_set_record(train: Split, validation: Split | None, data_cfg) -> dict[str, Any]:
-  """What a run trains on, by identity (workdir/training_set.json): every training example's
-  ID and label in the pipeline's order, the transforms per class, the held-out validation IDs,
-  and their SHA-256. A resume whose record differs is refused (workdir.check_training_set)."""
-  record = {'examples': [[str(i), int(l)] for i, l in zip(train.ids, train.labels)],
-            'transforms': {'benign': int(data_cfg.enlarge_benign),
-                           'melanoma': int(data_cfg.enlarge_melanoma)},
-            'validation': sorted(validation.ids) if validation is not None else []}
-  record['sha256'] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-  return record
-
-
-def enlarged_index(labels: np.ndarray, multiplicities: Sequence[int]) -> np.ndarray:
-  """(example, transform id) pairs of the enlarged training set, shape (N_enlarged, 2).
-
-  Args:
-    labels: class of each example.
-    multiplicities: multiplicities[c] transforms for class c (paper: benign 4, melanoma 16).
-  """
-  ids = [augment.transform_ids(m) for m in multiplicities]
-  pairs = [(i, t) for i, c in enumerate(np.asarray(labels)) for t in ids[int(c)]]
-  return np.asarray(pairs, np.int64).reshape(-1, 2)
 
 
 def _stack(examples: Sequence[dict]) -> dict:
@@ -433,7 +207,8 @@ def train_dataset(split: Split, data_cfg: ml_collections.ConfigDict, *, batch_si
   access), so a run that resumes after s steps starts at batch s: its position needs no state
   of its own, and survives a change of data.num_workers or data.on_device.
   """
-  pairs = enlarged_index(split.labels, (data_cfg.enlarge_benign, data_cfg.enlarge_melanoma))
+  pairs = splits.enlarged_index(split.labels,
+                                (data_cfg.enlarge_benign, data_cfg.enlarge_melanoma))
   if len(pairs) < batch_size:
     raise ConfigError(f'{split.name}: {len(pairs)} enlarged examples are fewer than one batch '
                      f'(batch_size={batch_size}).')

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from skinmtl_jax import (checkpointing, device_input, evaluate, grad_study, input_pipeline,
-                         losses, models, parallel, report, steps, writers)
+                         losses, models, parallel, report, splits, steps, writers)
 from skinmtl_jax import workdir as workdir_lib
 from skinmtl_jax import config_base
 
@@ -158,7 +158,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                jax.device_count(), jax.process_count())
   data = _Data(config, mesh)
   resuming = checkpointing.has_checkpoint(workdir)
-  record = input_pipeline.training_set_record(data.train, data.validation, config.data)
+  record = splits.training_set_record(
+      data.train, data.validation, (config.data.enlarge_benign, config.data.enlarge_melanoma))
   workdir_lib.check_training_set(workdir, record, resuming=resuming)
 
   # The run's files.

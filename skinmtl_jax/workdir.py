@@ -40,7 +40,8 @@ CHANGEABLE = frozenset({
     'eval_every_epochs',
     'sharding', 'data.eval_sets', 'data.manual_dir', 'data.data_dir', 'data.num_workers',
     'data.on_device', 'data.on_device_fraction', 'data.prefetch_batches', 'member_loop',
-    'model.conv_impl',
+    'model.conv_impl', 'decision.target_sensitivity', 'decision.review_share',
+    'decision.seg_error_dice',
 })
 
 
@@ -173,8 +174,9 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, t
 
 
 # Files of an earlier run in the same workdir that a run starting afresh must not inherit: a
-# calibration fitted for another model (predict would apply it), its validation outputs.
-STALE_ON_A_FRESH_START = ('calibration.json', 'per_image_validation.csv')
+# calibration and decision fitted for another model (predict would apply them), their
+# validation outputs.
+STALE_ON_A_FRESH_START = ('calibration.json', 'decision.json', 'per_image_validation.csv')
 
 
 def clear_stale_files(workdir: str) -> None:
@@ -198,7 +200,7 @@ def _show(items: list, most: int = 5) -> str:
 
 
 def training_set_difference(saved: dict, now: dict) -> str | None:
-  """What differs between two records of input_pipeline.training_set_record, in words, or
+  """What differs between two records of splits.training_set_record, in words, or
   None when they are the same examples, labels, transforms and order."""
   if saved.get('sha256') == now.get('sha256'):
     return None

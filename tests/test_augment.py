@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from skinmtl_jax import augment, input_pipeline
+from skinmtl_jax import augment, splits
 
 # Outputs of the former host implementation (numpy bilinear, commit 8fd64dc) for every id, on
 # an 18x28 picture and a 17x17 one: the device transforms must reproduce them.
@@ -103,7 +103,7 @@ def test_rotation_leaves_uncovered_corners_zero():
 
 def test_paper_enlargement_counts():
   labels = np.array([0] * 727 + [1] * 173)  # ISIC 2016 training, paper Table 2
-  pairs = input_pipeline.enlarged_index(labels, (4, 16))
+  pairs = splits.enlarged_index(labels, (4, 16))
   assert len(pairs) == 727 * 4 + 173 * 16 == 5676
   benign_tids = set(pairs[pairs[:, 0] == 0][:, 1].tolist())
   assert benign_tids == {0, 2, 4, 6}               # rotations by 0/90/180/270

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from skinmtl_jax import calibration, evaluate, input_pipeline, metrics, report, workdir
+from skinmtl_jax import calibration, evaluate, input_pipeline, metrics, report, splits, workdir
 from skinmtl_jax.config_base import ConfigError
 
 
@@ -72,13 +72,13 @@ def test_calibrated_scores_and_the_report_show_both_rows():
 def test_validation_indices_are_stratified_and_chosen_by_id():
   ids = [f'ISIC_{i:07d}' for i in range(200)]
   labels = np.array([1 if i % 5 == 0 else 0 for i in range(200)])  # 20 % melanomas
-  held = input_pipeline.validation_indices(ids, labels, 0.1)
+  held = splits.validation_indices(ids, labels, 0.1)
   assert len(held) == 20 and labels[held].sum() == 4               # the natural balance
   # The choice follows the IDs, not their order or the other images.
   order = np.random.default_rng(0).permutation(200)
-  again = input_pipeline.validation_indices([ids[i] for i in order], labels[order], 0.1)
+  again = splits.validation_indices([ids[i] for i in order], labels[order], 0.1)
   assert sorted(ids[order[i]] for i in again) == sorted(ids[i] for i in held)
-  assert len(input_pipeline.validation_indices(ids, labels, 0.0)) == 0
+  assert len(splits.validation_indices(ids, labels, 0.0)) == 0
 
 
 def test_validation_split_is_held_out_of_training():
