@@ -1,0 +1,142 @@
+"""The study's statistics against hand-computed cases, and its tables and figures from run files
+laid out as launch/real_data_study.sh leaves them."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from skinmtl_jax import metrics, study, tables
+
+
+def test_youden_threshold_hand_computed():
+  y = np.array([0, 0, 1, 1])
+  p = np.array([0.1, 0.4, 0.35, 0.8])
+  # Cuts below 0.35 give TPR 1, TNR 0.5; above 0.4, TPR 0.5, TNR 1: J = 0.5 both; the lowest.
+  assert study.youden_threshold(y, p) == pytest.approx((0.1 + 0.35) / 2)
+  assert study.youden_threshold(np.array([0, 0, 1]), np.array([0.2, 0.3, 0.9])) == \
+      pytest.approx(0.6)
+  assert study.youden_threshold(np.array([1, 1]), np.array([0.2, 0.3])) == 0.5  # one class
+
+
+def test_decisions_hand_computed():
+  d = study.decisions(np.array([0, 0, 0, 1, 1]), np.array([0.1, 0.6, 0.2, 0.7, 0.3]), 0.5)
+  assert d == pytest.approx({'tpr': 0.5, 'tnr': 2 / 3, 'ba': (0.5 + 2 / 3) / 2})
+
+
+def test_delong_matches_the_auc_and_the_bootstrap_variance():
+  rng = np.random.default_rng(0)
+  y = np.r_[np.zeros(300, int), np.ones(100, int)]
+  a = rng.normal(y * 1.0, 1.0)
+  b = a + rng.normal(y * 0.3, 0.7)
+  auc_a, auc_b, p = study.delong(y, a, b)
+  assert auc_a == pytest.approx(metrics.roc_auc(y, a)) and auc_b == pytest.approx(
+      metrics.roc_auc(y, b))
+  # The same test from the bootstrap of the paired difference: close p-values.
+  diffs = []
+  for _ in range(1000):
+    idx = rng.integers(0, len(y), len(y))
+    diffs.append(metrics.roc_auc(y[idx], b[idx]) - metrics.roc_auc(y[idx], a[idx]))
+  from scipy import stats
+  p_boot = 2 * stats.norm.sf(abs(auc_b - auc_a) / np.std(diffs))
+  assert 0 < p < 0.5 and p == pytest.approx(p_boot, rel=0.35)
+  assert study.delong(y, a, a)[2] == 1.0
+
+
+def test_power_and_welch_hand_computed():
+  # d = 2, pooled s = 1: n = 2 (1.95996 + 0.84162)^2 / 4 = 3.92 -> 4 seeds per arm.
+  assert study.seeds_for_power([0, 1, 2], [2, 3, 4]) == 4
+  assert study.seeds_for_power([1, 2, 3], [1, 2, 3]) == math.inf
+  from scipy import stats
+  assert study.welch_p([0, 1, 2], [2, 3, 4]) == pytest.approx(
+      stats.ttest_ind([2, 3, 4], [0, 1, 2], equal_var=False).pvalue)
+
+
+def test_paired_bootstrap_interval_and_p():
+  lo, hi, p = study.paired_bootstrap(lambda idx: 0.3, 10)
+  assert (lo, hi, p) == (0.3, 0.3, 0.0)
+  x = np.random.default_rng(1).normal(size=200)
+  lo, hi, p = study.paired_bootstrap(lambda idx: float(np.mean(x[idx]) - np.mean(x)), 200)
+  assert lo < 0 < hi and p > 0.5
+
+
+def _write_run(folder, rng, *, k=3, n=80, classify=True, shift=0.0):
+  """A run of k seeds on n test images (a quarter melanomas) and 20 validation images, its
+  metrics.json computed from its CSVs, as evaluate writes them."""
+  folder.mkdir(parents=True)
+  y = (np.arange(n) % 4 == 0).astype(int)
+  yv = (np.arange(20) % 4 == 0).astype(int)
+  dice = [np.clip(rng.normal(0.8 + shift, 0.05, n), 0, 1) for _ in range(k)]
+  probs = [1 / (1 + np.exp(-rng.normal((0.3 + 10 * shift) * y - 1, 1.5))) for _ in range(k)]
+  vprobs = [1 / (1 + np.exp(-rng.normal(2 * yv - 1, 1.0))) for _ in range(k)]
+  members = [{'dice': float(np.mean(d)), **({'auc': metrics.roc_auc(y, p)} if classify else {})}
+             for d, p in zip(dice, probs)]
+  (folder / 'metrics.json').write_text(json.dumps(
+      {'num_seeds': k, 'steps': 100, study.EVAL_SET: {'members': members}}))
+  with open(folder / f'per_image_{study.EVAL_SET}.csv', 'w', newline='', encoding='utf-8') as f:
+    w = csv.writer(f)
+    cols = ['id', 'label', 'dice'] + [f'dice_member{i}' for i in range(k)]
+    if classify:
+      cols += ['melanoma_prob'] + [f'melanoma_prob_member{i}' for i in range(k)]
+    w.writerow(cols)
+    for j in range(n):
+      row = [f'ISIC_{j:07d}', y[j], np.mean([d[j] for d in dice])] + [d[j] for d in dice]
+      if classify:
+        row += [np.mean([p[j] for p in probs])] + [p[j] for p in probs]
+      w.writerow(row)
+  if classify:
+    with open(folder / 'per_image_validation.csv', 'w', newline='', encoding='utf-8') as f:
+      w = csv.writer(f)
+      w.writerow(['id', 'label', 'melanoma_prob'] + [f'melanoma_prob_member{i}'
+                                                     for i in range(k)])
+      for j in range(20):
+        w.writerow([f'ISIC_9{j:06d}', yv[j], np.mean([p[j] for p in vprobs])]
+                   + [p[j] for p in vprobs])
+  (folder / 'validation_curve.jsonl').write_text(''.join(
+      json.dumps({'step': 10 * e, 'validation/dice': 0.7 + 0.01 * e,
+                  'validation/auc': 0.6 + 0.02 * e}) + '\n' for e in range(1, 6)))
+  return dice, probs, y
+
+
+def test_the_study_tables_and_figures_from_run_files(tmp_path):
+  rng = np.random.default_rng(0)
+  docs = tmp_path / 'docs'
+  made = {}
+  for name, config, override in study.ARMS:
+    shift = 0.3 if 'paper' in name else 0.0
+    made[name] = _write_run(docs / 'arms' / f'{config}-study' / 'seed0' / override, rng,
+                            classify=config != 'unet', shift=shift)
+  _write_run(docs / 'pilot' / 'mtl3-study' / 'seed0', rng)
+  out = study.write_study(str(docs), str(tmp_path / 'figures'), num_samples=200)
+  assert set(out) == {'study_pilot.md', 'study_arms.md', 'study_thresholds.md',
+                      'study_comparisons.md'}
+  assert (tmp_path / 'figures' / 'real_data_study_pilot.png').exists()
+  assert (tmp_path / 'figures' / 'real_data_study_arms.png').exists()
+  # The arms table: DSC mean ± std over the three seeds, by hand.
+  dice, _, _ = made['mtl0']
+  mean, std = tables.mean_std([100 * np.mean(d) for d in dice])
+  row = next(l for l in out['study_arms.md'].splitlines() if l.startswith('| mtl0 |'))
+  assert f'{mean:.2f} ± {std:.2f}' in row
+  assert next(l for l in out['study_arms.md'].splitlines()
+              if l.startswith('| unet |')).count(' - ') >= 5             # no classifier
+  # Every comparison whose arms exist, each of its measures; the leak is large here.
+  lines = out['study_comparisons.md'].splitlines()[2:]
+  assert len(lines) == sum(len(c[3]) for c in study.COMPARISONS)
+  leak = next(l for l in lines if l.startswith('| the leak') and '| AUC |' in l)
+  assert leak.split('|')[5].strip().startswith('+')
+  delong_p = leak.split('|')[8].strip()
+  assert delong_p == '< 0.001' or float(delong_p) < 0.05
+  page = '# x\n<!-- table study_arms.md -->\nold\n<!-- end table -->\n'
+  assert 'old' not in tables.fill_page(page, out)
+
+
+def test_a_run_whose_csv_is_not_its_metrics_is_refused(tmp_path):
+  folder = tmp_path / 'arms' / 'mtl0-study' / 'seed0'
+  _write_run(folder, np.random.default_rng(0))
+  m = json.loads((folder / 'metrics.json').read_text())
+  m[study.EVAL_SET]['members'][1]['dice'] += 0.1
+  (folder / 'metrics.json').write_text(json.dumps(m))
+  with pytest.raises(ValueError, match='Dice do not give'):
+    study.find_arms(str(tmp_path))
