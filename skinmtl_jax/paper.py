@@ -44,6 +44,18 @@ TABLE4_PH2 = {
 
 PAPER_TABLES = {'isic2016_test': TABLE3_ISIC2016, 'ph2': TABLE4_PH2}
 
+# Cells of the paper's tables that its own numbers contradict: (config, eval set, field) ->
+# why. Tables print them with a dagger and this note beneath.
+DOUBTFUL = {
+    ('mtl3', 'isic2016_test', 'f1'): 'Table 3 prints 81.79 for MTL3\'s F1; its confusion matrix '
+                                     'gives 81.00, as the paper\'s text says',
+}
+
+
+def doubtful(config_name: str, eval_set: str, field: str) -> str | None:
+  """Why the paper's cell is doubtful, or None."""
+  return DOUBTFUL.get((config_name, eval_set, field))
+
 
 def paper_row(config_name: str, eval_set: str) -> PaperRow | None:
   """The paper's row for `config_name` on `eval_set`, or None when the paper has none."""

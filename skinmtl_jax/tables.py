@@ -164,9 +164,16 @@ def seed_table(groups: list[Group], eval_set: str) -> str:
     if row is not None and g.rung not in shown_paper:
       shown_paper.add(g.rung)
       lines.append(f'| {g.rung} | paper (one run) | | {row.params:.2f} | '
-                   + ' | '.join('-' if f is None else _fmt(getattr(row, f))
+                   + ' | '.join('-' if f is None else _paper_cell(row, g.rung, eval_set, f)
                                 for _, _, f in SEED_COLUMNS) + ' | |')
-  return '\n'.join(lines) + '\n'
+  notes = [paper.doubtful(rung, eval_set, f) for rung in sorted(shown_paper)
+           for _, _, f in SEED_COLUMNS if f and paper.doubtful(rung, eval_set, f)]
+  return '\n'.join(lines + ([''] + [f'† {n}.' for n in notes] if notes else [])) + '\n'
+
+
+def _paper_cell(row, rung: str, eval_set: str, field: str) -> str:
+  """A cell of the paper's row, with a dagger where its own numbers contradict it."""
+  return _fmt(getattr(row, field)) + ('†' if paper.doubtful(rung, eval_set, field) else '')
 
 
 # ------------------------------------------------------------------------ the cost of leakage
