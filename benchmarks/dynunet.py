@@ -72,6 +72,9 @@ class DynUNet:
       self.torch.cuda.synchronize()
 
   def train_steps(self, n):
+    """n training steps, waiting for the device only after the last (and after the very first,
+    whose time is `compile_s`): on a GPU the next step is queued while one runs, as in a
+    training loop."""
     self.torch.set_num_threads(self.threads)
     self.net.train()
     for _ in range(n):
@@ -82,9 +85,10 @@ class DynUNet:
         loss = self.loss(out.float(), self.masks)
       loss.backward()
       self.opt.step()
-      self._sync()
       if not self.compile_s:
+        self._sync()
         self.compile_s = time.perf_counter() - t
+    self._sync()
 
   def infer_fn(self, b, rng):
     images = self._images(random_batch(b, self.size, rng)['image'])

@@ -56,6 +56,8 @@ def runs(tmp_path_factory):
           'per_member': run('per_member', seed=5, num_seeds=2, seed_data_order='per_member'),
           'per_member_vmap': run('per_member_vmap', seed=5, num_seeds=2,
                                  seed_data_order='per_member', member_loop='vmap'),
+          'shared_vmap': run('shared_vmap', seed=5, num_seeds=2, seed_data_order='shared',
+                             member_loop='vmap'),
           (5, 5): run('s5d5', seed=5), (6, 5): run('s6d5', seed=6, data_seed=5),
           (6, 6): run('s6d6', seed=6)}
 
@@ -103,6 +105,17 @@ def test_member_i_equals_a_single_run_with_its_seed(runs, order):
                          jax.tree.leaves(steps.member(runs[order], 1).params)[0])
   assert not np.allclose(jax.tree.leaves(runs[(6, 5)].params)[0],
                          jax.tree.leaves(runs[(6, 6)].params)[0])
+
+
+def test_vmapped_members_with_the_shared_order_equal_single_runs(runs):
+  """What the GPU check trains (benchmarks/device_check.sh): the members vmapped in the step
+  (the accelerators' member loop) and one data order shared by all. Member i is the single run
+  with seed 5 + i on data order 5, member by member, and the members differ."""
+  lr = tiny_config('mtl2').optim.learning_rate
+  _assert_member_equals(runs['shared_vmap'], 0, runs[(5, 5)], lr)
+  _assert_member_equals(runs['shared_vmap'], 1, runs[(6, 5)], lr)
+  assert not np.allclose(jax.tree.leaves(steps.member(runs['shared_vmap'], 0).params)[0],
+                         jax.tree.leaves(steps.member(runs['shared_vmap'], 1).params)[0])
 
 
 def test_stacked_checkpoint_round_trips(tmp_path):
