@@ -15,7 +15,9 @@ monotonic, so AUC and AP do not change; the decisions at the threshold and ECE /
 the fingerprint of that checkpoint's model (steps.model_fingerprint); `predict` applies it only
 to that model. T is kept within [T_MIN, T_MAX]: a fit on a few separable images drives T
 towards 0 (a step function), which no probability should be read through; a fit at the bound
-says so in the log and in the file ('at_bound').
+says so in the log and in the file ('at_bound'). `save_fitted` and `load_fitted` tie any file
+fitted on the validation split to its checkpoint and model this way (decision.json, the
+operating point and review thresholds of skinmtl_jax/uncertainty.py, too).
 """
 
 from __future__ import annotations
@@ -100,20 +102,29 @@ def fit(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any] | None:
   return result
 
 
-def save(workdir: str, calibration: dict[str, Any] | None, step: int, model: str) -> None:
-  """Writes `workdir/calibration.json` for checkpoint `step` whose model has the fingerprint
-  `model` (removes the file when there is no calibration)."""
-  path = os.path.join(workdir, FILE_NAME)
-  if calibration is None:
+def save_fitted(workdir: str, name: str, fitted: dict[str, Any] | None, step: int,
+                model: str) -> None:
+  """Writes `workdir/name`, what was fitted on the validation split for checkpoint `step` whose
+  model has the fingerprint `model` (removes the file for None): calibration.json here,
+  decision.json (skinmtl_jax/uncertainty.py)."""
+  path = os.path.join(workdir, name)
+  if fitted is None:
     if os.path.exists(path):
       os.remove(path)
     return
   with workdir_lib.atomic_write(path) as f:
-    json.dump({**calibration, 'step': int(step), 'model': model}, f, indent=1)
+    json.dump({**fitted, 'step': int(step), 'model': model}, f, indent=1)
+
+
+def save(workdir: str, calibration: dict[str, Any] | None, step: int, model: str) -> None:
+  """Writes `workdir/calibration.json` for checkpoint `step` whose model has the fingerprint
+  `model` (removes the file when there is no calibration)."""
+  save_fitted(workdir, FILE_NAME, calibration, step, model)
 
 
 class Invalid(ValueError):
-  """calibration.json holds what no calibration can be."""
+  """A file fitted on the validation split (calibration.json, decision.json) holds what no fit
+  can be."""
 
 
 def _validated(c: Any) -> dict[str, Any]:
@@ -129,32 +140,42 @@ def _validated(c: Any) -> dict[str, Any]:
   return {**c, 'temperature': float(t), 'bias': float(b)}
 
 
+def load_fitted(workdir: str, name: str, step: int, model: str | None, validated, *,
+                warn_missing: bool = False, what: str,
+                what_missing: str | None = None) -> dict[str, Any] | None:
+  """`workdir/name` as `save_fitted` wrote it, checked by `validated` (raises Invalid), if it
+  was fitted for checkpoint `step` (and, given `model`, the model with that fingerprint);
+  otherwise None with a warning saying `what` is then missing: when the file is for another
+  checkpoint (evaluate fits it again), another model, unreadable or invalid, and, with
+  `warn_missing`, when there is none (then saying `what_missing`, if given)."""
+  path = os.path.join(workdir, name)
+  refit = 'python -m skinmtl_jax.evaluate --workdir=... fits it again'
+  if not os.path.exists(path):
+    if warn_missing:
+      logging.warning('%s not found: %s (%s).', path, what_missing or what, refit)
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      c = validated(json.load(f))
+    if int(c['step']) != int(step):
+      logging.warning('%s was fitted for step %s, the checkpoint is step %d: %s (%s).', path,
+                      c['step'], step, what, refit)
+      return None
+    if model is not None and c.get('model') != model:
+      logging.warning('%s was fitted for another model than the checkpoint of step %d (%s): %s '
+                      '(%s).', path, step, 'no model fingerprint in the file'
+                      if 'model' not in c else 'its fingerprint differs', what, refit)
+      return None
+    return c
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    logging.warning('%s is unreadable or invalid (%s): %s (%s).', path, e, what, refit)
+    return None
+
+
 def load(workdir: str, step: int, model: str | None = None, *,
          warn_missing: bool = False) -> dict[str, Any] | None:
   """The calibration fitted for checkpoint `step` (and, given `model`, for the model with that
   fingerprint), or None with a warning: when the file is for another checkpoint (evaluate refits
   it), for another model, unreadable or invalid, and, with `warn_missing`, when there is none."""
-  path = os.path.join(workdir, FILE_NAME)
-  refit = 'python -m skinmtl_jax.evaluate --workdir=... fits it again'
-  if not os.path.exists(path):
-    if warn_missing:
-      logging.warning('%s not found: no calibrated probability (%s).', path, refit)
-    return None
-  try:
-    with open(path, encoding='utf-8') as f:
-      c = _validated(json.load(f))
-    if int(c['step']) != int(step):
-      logging.warning('%s was fitted for step %s, the checkpoint is step %d: no calibration '
-                      'applied (%s).', path, c['step'], step, refit)
-      return None
-    if model is not None and c.get('model') != model:
-      logging.warning('%s was fitted for another model than the checkpoint of step %d (%s): no '
-                      'calibration applied (%s).', path, step,
-                      'no model fingerprint in the file' if 'model' not in c else
-                      'its fingerprint differs', refit)
-      return None
-    return c
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    logging.warning('%s is unreadable or invalid (%s): no calibration applied (%s).', path, e,
-                    refit)
-    return None
+  return load_fitted(workdir, FILE_NAME, step, model, _validated, warn_missing=warn_missing,
+                     what='no calibration applied', what_missing='no calibrated probability')

@@ -95,6 +95,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_train_steps = -1         # > 0 overrides num_epochs
   c.eval_batch_size = 10
   c.threshold = 0.5              # melanoma decision and lesion mask threshold
+  # The decision predict prints and its review flag (skinmtl_jax/uncertainty.py), fitted on the
+  # validation split by evaluation (decision.json). The operating point: the threshold on the
+  # melanoma probability that finds this share of the validation melanomas (0: the decision is
+  # at `threshold`). review_share: the share of validation images whose members' masks agree
+  # least, below which an image is flagged. seg_error_dice: a mask with a lower Dice counts as
+  # an error when the flag is judged (report.md).
+  c.decision = ml_collections.ConfigDict()
+  c.decision.target_sensitivity = 0.9
+  c.decision.review_share = 0.1
+  c.decision.seg_error_dice = 0.7
 
   # Data: ISIC 2016 train, evaluated on ISIC 2016 test and PH2.
   c.data = d = ml_collections.ConfigDict()
@@ -263,6 +273,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'optim.{name}={config.optim[name]} must be positive.')
   if not 0 < config.threshold < 1:
     raise ConfigError(f'threshold={config.threshold} must be between 0 and 1 (exclusive).')
+  decision = config.get('decision', None) or {}
+  if not 0 <= decision.get('target_sensitivity', 0.9) <= 1:
+    raise ConfigError(f'decision.target_sensitivity={decision.target_sensitivity}: the share of '
+                      'validation melanomas the operating point finds, in [0, 1] (0: decide at '
+                      'threshold).')
+  if not 0 < decision.get('review_share', 0.1) < 1:
+    raise ConfigError(f'decision.review_share={decision.review_share}: a share of the validation '
+                      'images in (0, 1).')
+  if not 0 < decision.get('seg_error_dice', 0.7) <= 1:
+    raise ConfigError(f'decision.seg_error_dice={decision.seg_error_dice}: a Dice in (0, 1].')
   size = tuple(config.data.image_size)
   if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
     raise ConfigError(f'data.image_size={size}: expected two positive integers (H, W).')

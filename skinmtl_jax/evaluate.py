@@ -35,7 +35,8 @@ import numpy as np
 
 from skinmtl_jax import calibration as calibration_lib
 from skinmtl_jax import workdir as workdir_lib
-from skinmtl_jax import checkpointing, input_pipeline, metrics, report, splits, steps, writers
+from skinmtl_jax import checkpointing, input_pipeline, metrics, report, splits, steps
+from skinmtl_jax import uncertainty, writers
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets.files import DataError
 
@@ -114,6 +115,18 @@ def aggregate_members(members: list[dict]) -> dict[str, Any]:
   return out
 
 
+def evaluation_step(state, batch: dict[str, Any], *, model, threshold: float = 0.5
+                    ) -> dict[str, Any]:
+  """`steps.eval_step`'s outputs and, under 'uncertainty', the members' mask measures per image
+  (uncertainty.mask_measures at `threshold`). Jitted as one program, the members' forward pass
+  runs once: XLA merges the two identical ones (tests/test_uncertainty.py counts them)."""
+  out = steps.eval_step(state, batch, model=model, threshold=threshold)
+  members = steps.member_predictions(state, batch['image'], model=model)
+  if 'lesion_prob' in members:
+    out['uncertainty'] = uncertainty.mask_measures(members['lesion_prob'], threshold)
+  return out
+
+
 def evaluate_split(eval_step, state, split: splits.Split, *, batch_size: int,
                    threshold: float, bootstrap_samples: int = 1000) -> dict[str, Any]:
   """Runs the jitted `eval_step` over every example of `split` once.
@@ -121,7 +134,8 @@ def evaluate_split(eval_step, state, split: splits.Split, *, batch_size: int,
   With one member, returns its measures ('ci95' by bootstrap over images). With K > 1, the
   top-level measures are the members' means, with 'std', 'ci95_across_members', 'members'
   (each member's measures) and 'ensemble' (the measures of the members' averaged
-  probabilities). 'per_image' (of the single model or the ensemble) is for the report.
+  probabilities). 'per_image' (of the single model or the ensemble) is for the report, with
+  the mask measures of `evaluation_step`'s 'uncertainty', if it gives them.
   """
   outs, ids = [], []
   total, t0 = len(split.source), time.time()
@@ -129,8 +143,10 @@ def evaluate_split(eval_step, state, split: splits.Split, *, batch_size: int,
   for batch, batch_ids in input_pipeline.eval_batches(split, batch_size):
     valid = batch.pop('valid')
     out = jax.device_get(eval_step(state, batch))
+    per_image_measures = out.pop('uncertainty', {})
     outs.append({k: (v[:, valid] if not k.startswith('ensemble') else v[valid])
                  for k, v in out.items()})
+    outs[-1]['uncertainty'] = {k: v[valid] for k, v in per_image_measures.items()}
     ids += batch_ids
     if time.time() - last_log > 10 and len(ids) < total:
       last_log = time.time()
@@ -139,8 +155,10 @@ def evaluate_split(eval_step, state, split: splits.Split, *, batch_size: int,
   seconds = time.time() - t0
   logging.info('Evaluated %s: %d images in %.1f s, %.1f images/s.', split.name, len(ids),
                seconds, len(ids) / max(seconds, 1e-9))
+  measures = {k: np.concatenate([o['uncertainty'][k] for o in outs])
+              for k in outs[0]['uncertainty']}
   cat = {k: np.concatenate([o[k] for o in outs], axis=0 if k.startswith('ensemble') else 1)
-         for k in outs[0]}
+         for k in outs[0] if k != 'uncertainty'}
   labels = np.asarray(split.labels)
   num = (cat.get('seg_counts') if 'seg_counts' in cat else cat['melanoma_prob']).shape[0]
   member_arrays = lambda i: (cat['seg_counts'][i] if 'seg_counts' in cat else None,
@@ -163,6 +181,8 @@ def evaluate_split(eval_step, state, split: splits.Split, *, batch_size: int,
     if 'seg_counts' in cat:
       per_image.update({f'dice_member{i}': metrics.segmentation_scores(
           cat['seg_counts'][i])['per_image']['dice'].tolist() for i in range(num)})
+  per_image.update({k: (v.astype(int) if v.dtype == bool else v).tolist()
+                    for k, v in measures.items()})
   per_image['id'] = ids
   result['per_image'] = per_image
   return result
@@ -211,25 +231,39 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
   entries are added to it and the whole is written as metrics.json. With a `validation` split,
   the calibration of the melanoma probability is fitted on it first ('calibration' in
   metrics.json, calibration.json; without one, the calibration.json fitted earlier for this
-  checkpoint in `calibration_dir`, by default `workdir`, if any, is used) and each set's entry (the ensemble's, for K > 1) gets
-  'calibrated': the same measures of the calibrated probabilities. With `write=False`
-  (processes other than the first of a multi-host run) nothing is written.
+  checkpoint in `calibration_dir`, by default `workdir`, if any, is used) and each set's
+  entry (the ensemble's, for K > 1) gets 'calibrated': the same measures of the calibrated
+  probabilities. The operating point and the review flag's thresholds are fitted on it too
+  ('decision', decision.json; skinmtl_jax/uncertainty.py; loaded like the calibration without
+  one), and every set's entry gets 'operating_point' (its decisions there) and 'review'
+  (whether the flag finds the errors; the validation split's, in-sample, under 'validation').
+  With `write=False` (processes other than the first of a multi-host run) nothing is written.
   """
-  eval_step = jax.jit(functools.partial(steps.eval_step, model=model, threshold=config.threshold))
+  eval_step = jax.jit(functools.partial(evaluation_step, model=model,
+                                        threshold=config.threshold))
   step = checkpointing.step_of(state)
   fingerprint = steps.model_fingerprint(state)
+  dtype = config.model.get('dtype', 'float32')
+  decision_cfg = uncertainty.DecisionConfig.from_config(config)
+  judged = {}  # name -> (labels, per_image): the sets whose review is assessed and reported
   if validation is not None and len(validation.source):
     calibration, per_image = fit_calibration(eval_step, state, validation,
                                              batch_size=config.eval_batch_size)
     if calibration is not None:  # what it was fitted on: single views, this compute dtype
-      calibration['dtype'] = config.model.get('dtype', 'float32')
+      calibration['dtype'] = dtype
+    decision = uncertainty.fit_decision(validation.labels, per_image, decision_cfg,
+                                        calibration=calibration)
+    decision['fitted_on']['dtype'] = dtype
+    judged['validation'] = (validation.labels, per_image)
     if write:
       calibration_lib.save(workdir, calibration, step, fingerprint)
-      report.write_per_image(os.path.join(workdir, 'per_image_validation.csv'), per_image)
+      uncertainty.save(workdir, decision, step, fingerprint)
   else:
     # Fitted earlier for this checkpoint's model, if at all.
     calibration = calibration_lib.load(calibration_dir or workdir, step, fingerprint)
+    decision = uncertainty.load(calibration_dir or workdir, step, fingerprint)
   results['calibration'] = calibration
+  results['decision'] = decision
   predict_jit = jax.jit(functools.partial(steps.ensemble_predictions, model=model))
   predict_fn = lambda images: jax.device_get(predict_jit(state, images))
   sections = [f'# Results of {config.experiment}', '',
@@ -243,6 +277,22 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
   if config.model.arch == 'resnet50':
     sections += ['ResNet-50 is trained from scratch (no pretrained weights can be downloaded '
                  'here); the paper does not say whether its baseline was pretrained.', '']
+  sections.append(report.decision_section(decision, calibration))
+  if 'validation' in judged:
+    labels, per_image = judged['validation']
+    review = _review(labels, per_image, decision, config, decision_cfg)
+    results['validation'] = {'n': len(labels), 'review': review,
+                             'operating_point': uncertainty.at_operating_point(
+                                 labels, per_image.get('melanoma_prob'), decision)}
+    sections.append(report.review_section(
+        'validation', review, decision, seg_error_dice=decision_cfg.seg_error_dice,
+        note='In-sample: the thresholds were fitted on these images. '))
+    if write:
+      report.write_per_image(os.path.join(workdir, 'per_image_validation.csv'), per_image)
+      report.referral(os.path.join(workdir, 'referral_validation.png'), review,
+                      f'{config.experiment}: validation (in-sample)',
+                      seg_error_dice=decision_cfg.seg_error_dice)
+    review.pop('per_image')
   for name, split in splits.items():
     r = evaluate_split(eval_step, state, split, batch_size=config.eval_batch_size,
                        threshold=config.threshold)
@@ -261,9 +311,21 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
       sections.append(report.report_section(name, r['ensemble'], f'{config.experiment} ensemble of '
                                      f'{len(r["members"])}', results.get('params', 0),
                                      paper_config=config.experiment, heading=False))
-    sections.append(report.calibration_section(
-        target, calibration, f'{config.experiment} ensemble' if 'ensemble' in r else
-        config.experiment, threshold=config.threshold))
+    label = f'{config.experiment} ensemble' if 'ensemble' in r else config.experiment
+    sections.append(report.calibration_section(target, calibration, label,
+                                               threshold=config.threshold))
+    op = uncertainty.at_operating_point(split.labels, per_image.get('melanoma_prob'), decision)
+    if op is not None:
+      target['operating_point'] = op
+      sections.append(report.operating_point_section(target, label, threshold=config.threshold))
+    review = _review(split.labels, per_image, decision, config, decision_cfg)
+    target['review'] = review
+    sections.append(report.review_section(name, review, decision,
+                                          seg_error_dice=decision_cfg.seg_error_dice))
+    if write:
+      report.referral(os.path.join(workdir, f'referral_{name}.png'), review,
+                      f'{config.experiment}: {name}', seg_error_dice=decision_cfg.seg_error_dice)
+    review.pop('per_image')
     if not write:
       continue
     report.write_per_image(os.path.join(workdir, f'per_image_{name}.csv'), per_image)
@@ -283,6 +345,15 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
   with workdir_lib.atomic_write(os.path.join(workdir, 'report.md')) as f:
     f.write('\n'.join(sections))
   return results
+
+
+def _review(labels, per_image: dict[str, list], decision, config, decision_cfg) -> dict:
+  """uncertainty.assess on one set; its per-image columns are added to `per_image` (for the
+  CSV)."""
+  review = uncertainty.assess(labels, per_image, decision, fallback_threshold=config.threshold,
+                              seg_error_dice=decision_cfg.seg_error_dice)
+  per_image.update(review['per_image']['columns'])
+  return review
 
 
 # ---------------------------------------------------------------------------- command line
@@ -337,7 +408,7 @@ def _evaluate(f, out: str):
       with open(path, encoding='utf-8') as fh:
         results = json.load(fh)
       if os.path.dirname(path) != out:  # the run's provenance, not its measures
-        for name in (*config.data.eval_sets, *names, 'calibration'):
+        for name in (*config.data.eval_sets, *names, 'calibration', 'decision', 'validation'):
           results.pop(name, None)
       break
   results.update({'params': steps.num_params(state), 'steps': checkpointing.step_of(state)})
@@ -354,7 +425,8 @@ def _evaluate(f, out: str):
     tensorboard.close()
   for n in names:
     print(n, {k: v for k, v in results[n].items()
-              if k not in ('ci95', 'confusion', 'calibrated', 'members')})
+              if k not in ('ci95', 'confusion', 'calibrated', 'members', 'review',
+                           'operating_point')})
 
 
 def define_flags() -> None:

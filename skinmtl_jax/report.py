@@ -1,7 +1,8 @@
 """What an evaluation leaves for people: report.md's sections (our rows in the layout of the
-paper's Tables 3-4 beside the paper's, and the calibration), per_image_<set>.csv, metrics.json,
-and the figures: boxplot_<set>.png, roc_<set>.png, reliability_<set>.png, overlays_<set>.png and
-curves.png (training curves from scalars.jsonl). Every file is written whole or not at all
+paper's Tables 3-4 beside the paper's, the calibration, the decisions at the operating point,
+and whether the review flag finds the errors), per_image_<set>.csv, metrics.json, and the
+figures: boxplot_<set>.png, roc_<set>.png, reliability_<set>.png, overlays_<set>.png,
+referral_<set>.png and curves.png (training curves from scalars.jsonl). Every file is written whole or not at all
 (workdir.atomic_write). The measures themselves come from skinmtl_jax/evaluate.py.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from skinmtl_jax import metrics, paper
+from skinmtl_jax import metrics, paper, uncertainty
 from skinmtl_jax import workdir as workdir_lib
 
 
@@ -26,9 +27,15 @@ def save_figure(fig, path: str, dpi: int) -> None:
   _plt().close(fig)
 
 
+# The uncertainty columns of per_image_<set>.csv (skinmtl_jax/uncertainty.py), where present.
+UNCERTAINTY_COLUMNS = (uncertainty.MELANOMA_COLUMNS + uncertainty.MASK_COLUMNS + ('review',)
+                       + tuple(f'review_{r}' for r in uncertainty.REASONS))
+
+
 def write_per_image(path: str, per_image: dict[str, list]) -> None:
   keys = [k for k in ('id', 'label', 'melanoma_prob', 'dice', 'iou', 'mcc') if k in per_image]
   keys += [k for k in per_image if k.startswith(('melanoma_prob_member', 'dice_member'))]
+  keys += [k for k in UNCERTAINTY_COLUMNS if k in per_image]
   with workdir_lib.atomic_write(path, newline='') as f:
     w = csv.writer(f)
     w.writerow(keys)
@@ -274,3 +281,176 @@ def calibration_section(r: dict, calibration: dict[str, Any] | None, label: str,
     lines.append('| calibrated | no calibration: data.validation_fraction is 0, or the '
                  'validation split lacks a class | | | | | | | |')
   return '\n'.join(lines + ['', ''])
+
+
+# ------------------------------------------------ the decision and the review flag (uncertainty.py)
+
+ERROR_NAMES = {'decision_wrong': 'decision wrong', 'dice_below': 'Dice < {dice:g}'}
+
+
+def _reason_name(reason: str, decision: dict[str, Any] | None) -> str:
+  review = (decision or {}).get('review') or {}
+  if reason == 'decision_disagreement':
+    return 'members disagree on the decision'
+  if reason == 'mask_agreement':
+    return f'mask agreement (members\' mean Dice) below {review["mask_dice_min"]:.3f}'
+  if reason == 'near_threshold':
+    lo, hi = review['near_threshold']
+    return f'probability within the threshold\'s interval [{lo:.3f}, {hi:.3f}]'
+  return {'lesion_at_border': 'lesion touches the border', 'lesion_empty': 'no lesion found'}[reason]
+
+
+def decision_section(decision: dict[str, Any] | None, calibration: dict[str, Any] | None) -> str:
+  """Markdown: the operating point and the review flag's thresholds, as fitted on the
+  validation split (decision.json)."""
+  lines = ['## The decision and the review flag', '']
+  if decision is None:
+    return '\n'.join(lines + ['No decision.json for this checkpoint (data.validation_fraction is '
+                              '0, or it was not fitted): the decisions are at the run\'s '
+                              'threshold and the review flag checks only what needs no '
+                              'threshold.', '', ''])
+  f = decision.get('fitted_on', {})
+  lines += [f'Fitted on the validation split ({f.get("images")} images, {f.get("melanomas")} '
+            f'melanomas; {f.get("members")} member(s), single views; decision.json):', '']
+  op = decision.get('operating_point')
+  if op is None:
+    lines.append(f'- **Operating point**: none ({decision.get("operating_point_missing")}); '
+                 '`predict` decides at the run\'s threshold.')
+  else:
+    lo, hi = op['threshold_ci95']
+    cal = (f' ({op["threshold_calibrated"]:.3f} on the calibrated probability)'
+           if op.get('threshold_calibrated') is not None else '')
+    ci = lambda c: f'[{pct(c[0])}, {pct(c[1])}]' if c else '-'
+    oob = op.get('sensitivity_out_of_bag')
+    lines.append(
+        f'- **Operating point** (the decision `predict` prints): melanoma sensitivity '
+        f'{op["target_sensitivity"]:.2f} on the validation split, reached at the threshold '
+        f'{op["threshold"]:.3f} on the melanoma probability{cal}; 95 % bootstrap interval of '
+        f'the threshold over the validation images [{lo:.3f}, {hi:.3f}] '
+        f'({op["bootstrap_samples"]} resamples). On the validation split, in-sample (the '
+        f'threshold was chosen there): sensitivity {pct(op["sensitivity"])} % '
+        f'{ci(op["sensitivity_ci95"])} ({op["melanomas"]} melanomas; Wilson 95 %), '
+        f'specificity {pct(op["specificity"])} % {ci(op["specificity_ci95"])} '
+        f'({op["benign"]} benign). Out of bag (chosen on each resample, measured on the '
+        f'melanomas it left out): sensitivity '
+        f'{"-" if oob is None else pct(oob) + " %"}, what to expect on new images.')
+  review = decision.get('review') or {}
+  parts = ['members disagreeing on the decision', 'a lesion touching the border',
+           'no lesion found']
+  if review.get('mask_dice_min') is not None:
+    parts.insert(1, f'mask agreement (the members\' mean Dice) below '
+                    f'{review["mask_dice_min"]:.3f}, the lowest '
+                    f'{100 * decision.get("review_share", 0):g} % of the validation images')
+  if review.get('near_threshold') is not None:
+    lo, hi = review['near_threshold']
+    parts.insert(2, f'a probability within the operating threshold\'s interval '
+                    f'[{lo:.3f}, {hi:.3f}]')
+  lines.append('- **Review flag**: ' + '; '.join(parts) + '.')
+  if calibration is None and op is not None:
+    lines.append('- No calibration: the threshold is on the probability as trained.')
+  return '\n'.join(lines + ['', ''])
+
+
+def operating_point_section(r: dict, label: str, *, threshold: float) -> str:
+  """Markdown: sensitivity and specificity of `r`'s decisions at the run's threshold, after
+  calibration, and at the operating point (r['operating_point'])."""
+  op = r.get('operating_point')
+  if op is None:
+    return ''
+
+  def row(name, t, sens, spec, cm, ci=None):
+    ci = ci or {}
+    cell = lambda v, k: pct(v) + (f' [{pct(ci[k][0])}, {pct(ci[k][1])}]' if k in ci else '')
+    b, m = confusion_cells(cm)
+    return f'| {name} | {t} | {cell(sens, "sensitivity")} | {cell(spec, "specificity")} | ' \
+           f'{b[1]} | {m[1]} |'
+  lines = [f'Decisions of {label} at the operating point, beside those at the threshold '
+           f'{threshold:g} (sensitivity = melanoma recall, specificity = benign recall; 95 % '
+           'bootstrap intervals over images):', '',
+           '| decision | threshold | sensitivity | specificity | B called M | M called M |',
+           '| --- | --- | --- | --- | --- | --- |',
+           row('as trained (the rows above)', f'{threshold:g}', r.get('recall_melanoma'),
+               r.get('recall_benign'), r.get('confusion'))]
+  c = r.get('calibrated')
+  if c:
+    lines.append(row('calibrated', f'{threshold:g}', c.get('recall_melanoma'),
+                     c.get('recall_benign'), c.get('confusion')))
+  lines.append(row('**operating point**', f'{op["threshold"]:.3f}', op['sensitivity'],
+                   op['specificity'], op['confusion'], op.get('ci95')))
+  return '\n'.join(lines + ['', ''])
+
+
+def review_section(eval_set: str, a: dict[str, Any], decision: dict[str, Any] | None, *,
+                   seg_error_dice: float, note: str = '') -> str:
+  """Markdown: the error rates among the images the review flag refers and the others, per
+  reason, and the AUC of each uncertainty measure for finding an error (`a`:
+  uncertainty.assess's result); `note` is said after the first sentence."""
+  errs = [e for e in ('decision_wrong', 'dice_below') if a['all'].get(e) is not None]
+  names = [ERROR_NAMES[e].format(dice=seg_error_dice) for e in errs]
+
+  def row(name, x):
+    cells = [f'{pct(x[e])} ({x[f"{e}_n"]})' if x[e] is not None else '-' for e in errs]
+    return f'| {name} | {x["n"]} | {pct(x["share"])} | ' + ' | '.join(cells) + ' |'
+  opinions = a.get('opinions') or 1
+  at = ('the operating point' if (decision or {}).get('operating_point') else
+        'the run\'s threshold')
+  lines = [f'Review flag on {eval_set}: {a["all"]["n"]} images, {opinions} '
+           f'opinion{"s" if opinions > 1 else ""} each, decisions at {at} '
+           f'({a["threshold"]:.3f}). {note}An error: ' + ', '.join(names) +
+           '. Percentages (counts):', '',
+           '| images | n | share | ' + ' | '.join(names) + ' |',
+           '| --- | --- | --- | ' + ' | '.join('---' for _ in names) + ' |',
+           row('**flagged for review**', a['flagged']), row('not flagged', a['not_flagged']),
+           row('all', a['all'])]
+  lines += [row(f'reason: {_reason_name(k, decision)}', v) for k, v in a['by_reason'].items()]
+  if a['unchecked']:
+    lines += ['', 'Not checked: ' + '; '.join(f'{k.replace("_", " ")} ({why})'
+                                              for k, why in a['unchecked'].items()) + '.']
+  lines += ['', 'ROC AUC of each measure for finding an error (0.5: chance; -: no error of that '
+            'kind, or none correct):', '', '| measure | ' + ' | '.join(names) + ' |',
+            '| --- | ' + ' | '.join('---' for _ in names) + ' |']
+  for k, label in uncertainty.SCORES:
+    if k in a['auc']:
+      cells = ['-' if a['auc'][k][e] is None else f'{a["auc"][k][e]:.3f}' for e in errs]
+      lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines + ['', f'Referral curves: referral_{eval_set}.png.', '', ''])
+
+
+# Which measures each referral panel draws.
+_REFERRAL = {'decision_wrong': ('near_threshold', 'mutual_information', 'melanoma_prob_std',
+                                'melanoma_prob_range', 'votes_against'),
+             'dice_below': ('mask_dice_between', 'mask_disagreement')}
+
+
+def referral(path: str, a: dict[str, Any], title: str, *, seg_error_dice: float) -> bool:
+  """Referral curves (uncertainty.referral_curve): the error rate of the images kept against
+  the share referred for review, most uncertain first, per measure and kind of error; the
+  review flag as a star; referring at random keeps the overall rate (dashed). False (nothing
+  written) when the set has no kind of error to show."""
+  errors, sc = a['per_image']['errors'], a['per_image']['scores']
+  panels = [e for e in ('decision_wrong', 'dice_below') if e in errors]
+  if not panels or not len(next(iter(errors.values()))):
+    return False
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.2), squeeze=False)
+  names = dict(uncertainty.SCORES)
+  for ax, e in zip(axes[0], panels):
+    err = np.asarray(errors[e], np.float64)
+    for k in _REFERRAL[e]:
+      if k in sc:
+        x, y = uncertainty.referral_curve(sc[k], err)
+        ax.plot(100 * x, 100 * y, lw=1.5, label=names[k])
+    ax.axhline(100 * err.mean(), color='k', ls='--', lw=1, label='referred at random')
+    kept = a['not_flagged'][e]
+    if kept is not None:
+      ax.plot(100 * a['flagged']['share'], 100 * kept, 'k*', ms=11, label='the review flag')
+    ax.set_xlabel('images referred for review (%)')
+    ax.set_ylabel(f'{ERROR_NAMES[e].format(dice=seg_error_dice)}: % of the images kept')
+    ax.set_xlim(0, 100)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  save_figure(fig, path, dpi=110)
+  return True

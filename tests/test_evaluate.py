@@ -37,8 +37,8 @@ def test_a_run_writes_tensorboard_files_curves_progress_and_calibration(tiny_run
   acc.Reload()
   assert [e.step for e in acc.Scalars('train/loss')] == [2, 4, 6]
   assert acc.Scalars('test/dice')[0].step == 6 and 'images_per_sec' in acc.Tags()['scalars']
-  assert {'figures/roc_test', 'figures/reliability_test', 'figures/curves'} <= set(
-      acc.Tags()['images'])
+  assert {'figures/roc_test', 'figures/reliability_test', 'figures/curves',
+          'figures/referral_test'} <= set(acc.Tags()['images'])
   with Image.open(tiny_run / 'curves.png') as im:
     assert im.size[0] > 600
   log = (tiny_run / 'main_stderr.txt').read_text()
@@ -63,7 +63,8 @@ def test_a_run_writes_tensorboard_files_curves_progress_and_calibration(tiny_run
 
 def test_evaluate_writes_every_artifact(tiny_run):
   for name in ('report.md', 'per_image_test.csv', 'boxplot_test.png', 'overlays_test.png',
-               'roc_test.png', 'reliability_test.png', 'calibration.json'):
+               'roc_test.png', 'reliability_test.png', 'calibration.json', 'decision.json',
+               'referral_test.png', 'referral_validation.png'):
     os.remove(tiny_run / name)
   r = _run('skinmtl_jax.evaluate', f'--workdir={tiny_run}')
   assert r.returncode == 0, r.stderr[-3000:]
@@ -79,8 +80,17 @@ def test_evaluate_writes_every_artifact(tiny_run):
   report = (tiny_run / 'report.md').read_text()
   assert '| tiny (ours) |' in report and '95 % bootstrap' in report
   rows = (tiny_run / 'per_image_test.csv').read_text().splitlines()
-  assert rows[0] == 'id,label,melanoma_prob,dice,iou,mcc' and len(rows) == 13
-  for png in ('boxplot_test.png', 'overlays_test.png', 'roc_test.png', 'reliability_test.png'):
+  assert rows[0].startswith('id,label,melanoma_prob,dice,iou,mcc,') and len(rows) == 13
+  # One member: the flag's columns, and no measure of a spread (there is none to measure).
+  assert {'lesion_at_border', 'lesion_empty', 'review'} <= set(rows[0].split(','))
+  assert 'mask_dice_between' not in rows[0] and 'mutual_information' not in rows[0]
+  decision = json.loads((tiny_run / 'decision.json').read_text())
+  assert decision['step'] == 6 and decision['fitted_on']['images'] == 3
+  assert t['review']['all']['n'] == 12 and 'lesion_empty' in t['review']['by_reason']
+  assert 'decision_disagreement' in t['review']['unchecked']
+  assert '## The decision and the review flag' in report and 'Review flag on test' in report
+  for png in ('boxplot_test.png', 'overlays_test.png', 'roc_test.png', 'reliability_test.png',
+              'referral_test.png'):
     with Image.open(tiny_run / png) as im:
       assert im.size[0] > 200 and im.size[1] > 200
 
@@ -143,8 +153,8 @@ def test_predict_keeps_each_images_size_and_survives_a_corrupt_file(tiny_run, tm
     assert 0.0 <= rec['melanoma_prob'] <= 1.0 and rec['decision'] in ('benign', 'melanoma')
     assert rec['checkpoint'].endswith(os.path.join('checkpoints', '6'))
     assert os.path.exists(rec['overlay'])
-  # The decision is at the run's own threshold: a copy of the run whose threshold lies between
-  # these probabilities calls the ones above it melanoma (a hard-coded 0.5 would not).
+  # decision_at_threshold is at the run's own threshold: a copy of the run whose threshold lies
+  # between these probabilities calls the ones above it melanoma (a hard-coded 0.5 would not).
   import shutil
   probs = sorted(rec['melanoma_prob'] for rec in lines)
   threshold = (probs[1] + probs[2]) / 2
@@ -157,9 +167,13 @@ def test_predict_keeps_each_images_size_and_survives_a_corrupt_file(tiny_run, tm
            str(images[0]), str(images[1]), str(images[2]), str(png))
   assert r.returncode == 0, r.stderr[-3000:]
   again = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')]
-  assert [rec['decision'] for rec in again] == [
+  assert [rec['decision_at_threshold'] for rec in again] == [
       'melanoma' if rec['melanoma_prob'] >= threshold else 'benign' for rec in again]
-  assert {rec['decision'] for rec in again} == {'benign', 'melanoma'}
+  assert {rec['decision_at_threshold'] for rec in again} == {'benign', 'melanoma'}
+  # `decision` is at the operating point of the run's decision.json.
+  assert [rec['decision'] for rec in again] == [
+      'melanoma' if rec['melanoma_prob'] >= rec['decision_threshold'] else 'benign'
+      for rec in again]
   # --tta reaches the predictor: without it the probabilities are those of one pass (the
   # one-colour png is the same picture under every flip and turn, so it is left out).
   r = _run('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "out_plain"}',
@@ -221,3 +235,41 @@ def test_evaluate_and_predict_in_bfloat16_leave_the_run_alone(tiny_run, tmp_path
     assert record['compute_dtype'] == dtype
     probs.append(record['melanoma_prob'])
   assert probs[0] != probs[1] and abs(probs[0] - probs[1]) < 0.02, probs  # computed in bfloat16
+
+
+def test_predict_decides_at_the_operating_point_and_says_how_sure_it_is(tiny_run, tmp_path):
+  """The decision is at decision.json's operating point, named; one member without --tta has
+  no uncertainty (null, and why), with --tta its 8 views are the opinions: the measures, the
+  map at the image's size, and the record says what the thresholds were fitted on."""
+  decision = json.loads((tiny_run / 'decision.json').read_text())
+  op = decision['operating_point']
+  rng = np.random.default_rng(1)
+  paths = []
+  for i, size in enumerate(((40, 50), (64, 48), (33, 71))):
+    paths.append(tmp_path / f'lesion{i}.png')
+    Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(paths[-1])
+  r = _run('skinmtl_jax.predict', f'--workdir={tiny_run}', f'--out={tmp_path / "plain"}',
+           *map(str, paths))
+  assert r.returncode == 0, r.stderr[-3000:]
+  for rec in (json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')):
+    assert rec['decision_threshold'] == op['threshold']
+    assert rec['decision'] == ('melanoma' if rec['melanoma_prob'] >= op['threshold']
+                               else 'benign')
+    assert rec['operating_point'].startswith('melanoma sensitivity 0.90 on the validation split')
+    assert rec['uncertainty'] is None and 'one opinion' in rec['uncertainty_unavailable']
+    assert 'uncertainty_map' not in rec and isinstance(rec['review'], bool)
+    assert '3 images' in rec['decision_fitted_on']
+  r = _run('skinmtl_jax.predict', f'--workdir={tiny_run}', f'--out={tmp_path / "tta"}', '--tta',
+           *map(str, paths))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'decision_fitted_on' in r.stderr                    # fitted on single views: said
+  for rec, path in zip((json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')),
+                       paths):
+    u = rec['uncertainty']
+    assert u['opinions'] == 8 and u['opinions_are'] == 'views'
+    assert 0 <= u['mask_dice_between'] <= 1 and 0 <= u['mutual_information'] <= 1
+    assert 0 <= u['votes_melanoma'] <= 8 and u['melanoma_prob_range'] >= 0
+    with Image.open(path) as im, Image.open(rec['uncertainty_map']) as m:
+      assert m.size[0] == im.size[0] + 64 and m.size[1] >= im.size[1]   # map + colour bar
+    # The mask threshold was fitted on members; one member's views leave it unchecked.
+    assert any(x.startswith('mask_agreement:') for x in rec['review_not_checked'])

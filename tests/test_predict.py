@@ -56,3 +56,26 @@ def test_the_predictor_averages_the_members(model_and_state):
   for key in ('lesion_prob', 'melanoma_prob'):
     np.testing.assert_allclose(both[key], (each[0][key] + each[1][key]) / 2, atol=1e-6)
     assert not np.allclose(each[0][key], each[1][key])   # the members do differ
+
+
+def test_the_opinions_are_the_members_or_one_members_views(model_and_state):
+  """With several members, the opinions are the members (each averaged over its views with
+  TTA); with one, its views. Their mean is the prediction either way."""
+  model, state = model_and_state
+  x = _images(32, 48, n=1)
+  both = predict.make_predictor(model, state, tta=True)(x)
+  assert both['opinions_are'] == 'members' and both['members'] == 2 and both['views'] == 8
+  for i in range(2):
+    alone = predict.make_predictor(model, jax.tree.map(lambda a: a[i:i + 1], state), tta=True)(x)
+    assert alone['opinions_are'] == 'views' and alone['opinions']['melanoma_prob'].shape == (8, 1)
+    for key in ('lesion_prob', 'melanoma_prob'):
+      np.testing.assert_allclose(both['opinions'][key][i], alone[key], atol=1e-6)
+      np.testing.assert_allclose(alone['opinions'][key].mean(0), alone[key], atol=1e-6)
+  # A view's lesion map is turned back: each view's map is the un-augmented pass's, turned.
+  plain = predict.make_predictor(model, jax.tree.map(lambda a: a[:1], state), tta=False)
+  turned = np.ascontiguousarray(np.rot90(x, 1, axes=(1, 2)))
+  view = predict.make_predictor(model, jax.tree.map(lambda a: a[:1], state), tta=True)(x)
+  np.testing.assert_allclose(view['opinions']['lesion_prob'][1],
+                             np.rot90(plain(turned)['lesion_prob'], -1, axes=(1, 2)), atol=2e-5)
+  one = plain(x)
+  assert one['opinions']['melanoma_prob'].shape == (1, 1) and one['views'] == 1
