@@ -39,7 +39,7 @@ import sys
 from typing import Sequence
 
 SBATCH_SCRIPT = pathlib.Path(__file__).resolve().parent / 'slurm.sbatch'
-PREEMPTED_EXIT_CODE = 75  # skinmtl_jax.train.PREEMPTED_EXIT_CODE (not imported: no jax here)
+PREEMPTED_EXIT_CODE = 75  # skinmtl_jax.preemption.PREEMPTED_EXIT_CODE (not imported: no jax here)
 
 _UNSAFE = re.compile(r'[^A-Za-z0-9._+-]+')
 _MAX_COMPONENT = 200  # file names may have 255 bytes

@@ -16,6 +16,7 @@ names the ones passed over. A training run moves damaged ones aside into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as py_logging
 import os
@@ -105,23 +106,27 @@ class _WithoutClosedLoopTracebacks:
     return getattr(self._stream, name)
 
 
-def _after_a_failed_restore() -> None:
-  """Keeps the failed restore's in-flight reads from printing their tracebacks: those that
-  arrive later from tensorstore's threads (_WithoutClosedLoopTracebacks), and orbax's read
-  coroutines that the closed loop left with their error unretrieved ("Exception ignored in"
-  when they are collected). The failure itself is reported once, by `restore`."""
-  if not isinstance(sys.stderr, _WithoutClosedLoopTracebacks):
-    sys.stderr = _WithoutClosedLoopTracebacks(sys.stderr)
-  previous = sys.unraisablehook
-  if getattr(previous, 'drops_orbax_reads', False):
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """Within the block, a failed restore's in-flight reads do not print their tracebacks: those
+  that tensorstore's threads write (_WithoutClosedLoopTracebacks), and orbax's read coroutines
+  that the closed loop left with their error unretrieved ("Exception ignored in" when they are
+  collected). The failure itself is reported once, by `restore`. sys.stderr and
+  sys.unraisablehook are restored when the block ends."""
+  if isinstance(sys.stderr, _WithoutClosedLoopTracebacks):  # already inside one
+    yield
     return
+  stderr, previous = sys.stderr, sys.unraisablehook
 
   def hook(unraisable):
     if getattr(unraisable.object, '__qualname__', '') != '_read_array_index_and_device_put':
       previous(unraisable)
 
-  hook.drops_orbax_reads = True
-  sys.unraisablehook = hook
+  sys.stderr, sys.unraisablehook = _WithoutClosedLoopTracebacks(stderr), hook
+  try:
+    yield
+  finally:
+    sys.stderr, sys.unraisablehook = stderr, previous
 
 
 class CheckpointError(ValueError):
@@ -180,12 +185,16 @@ def restore(manager: ocp.CheckpointManager, template: TrainState,
   it is read (predict, evaluate or the gradient study during training) is not damage: the
   newest one is tried again (with `step`, Rotated is raised).
   """
+  with _quiet_failed_reads():
+    return _restore(manager, template, step)
+
+
+def _restore(manager, template, step):
   where = str(manager.directory)
   if step is not None:
     try:
       return _restore_step(manager, template, step)
     except Exception as e:  # pylint: disable=broad-except
-      _after_a_failed_restore()
       if _gone(manager, step):
         raise Rotated(f'The checkpoint {where}/{step} was removed while it was read (a '
                       'training run in this workdir keeps only its latest checkpoints).') from e
@@ -201,7 +210,6 @@ def restore(manager: ocp.CheckpointManager, template: TrainState,
       try:
         state = _restore_step(manager, template, s)
       except Exception as e:  # pylint: disable=broad-except
-        _after_a_failed_restore()
         if _gone(manager, s):
           logging.info('The checkpoint %s/%d was removed while it was read (a training run '
                        'rotates its checkpoints); trying the newest one again.', where, s)

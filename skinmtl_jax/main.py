@@ -10,7 +10,7 @@ import sys
 
 def _preempted_during_start(signum, frame):
   """SIGTERM before the run's own handling is in place (imports, flags): exit 75 at once, so
-  that a cluster requeues the job (train.SigtermRaises takes over from main())."""
+  that a cluster requeues the job (preemption.SigtermRaises takes over from main())."""
   del signum, frame
   os.write(2, b'skinmtl_jax: SIGTERM received while starting: stopped before the run began '
               b'(nothing was written); run the same command again.\n')
@@ -27,7 +27,7 @@ from absl import app, flags, logging  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
 from ml_collections import config_flags
 
-from skinmtl_jax import checkpointing, parallel, train
+from skinmtl_jax import checkpointing, parallel, preemption, train
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets.files import DataError
 
@@ -120,17 +120,19 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Orbax logs every step of every save at INFO; keep its warnings, drop the chatter.
   checkpointing.quiet_orbax_logging()
+  # SIGTERM exits 75 (requeue) from here on: at once until train_and_evaluate takes over
+  # (preemption.SigtermRaises, then the train loop's SigtermFlag).
+  signal.signal(signal.SIGTERM, _preempted_during_start)
   try:
-    with train.SigtermRaises(FLAGS.workdir):  # from here on, SIGTERM exits 75 (requeue)
-      # Several processes (SLURM tasks, or JAX_COORDINATOR_ADDRESS): join them before JAX.
-      parallel.maybe_initialize_distributed()
-      logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    # Several processes (SLURM tasks, or JAX_COORDINATOR_ADDRESS): join them before JAX.
+    parallel.maybe_initialize_distributed()
+    logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ConfigError, DataError, checkpointing.CheckpointError) as e:
     sys.exit(f'skinmtl_jax: {e}')
   except FloatingPointError as e:
     sys.exit(f'skinmtl_jax: {e}')
-  except train.Preempted as e:
+  except preemption.Preempted as e:
     # Exit 75 wherever SIGTERM lands (set-up, training, evaluation): slurm.sbatch requeues.
     # os._exit: no interpreter teardown, which could crash with XLA's or the input's threads
     # still at work (a segmentation fault instead of 75); nothing is left to write here.
@@ -138,7 +140,7 @@ def main(argv):
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(train.PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
+    os._exit(preemption.PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -16,6 +14,7 @@ import numpy as np
 
 from skinmtl_jax import (checkpointing, device_input, evaluate, grad_study, input_pipeline,
                          losses, models, parallel, report, splits, steps, writers)
+from skinmtl_jax import preemption as preemption_lib
 from skinmtl_jax import workdir as workdir_lib
 from skinmtl_jax import config_base
 
@@ -24,87 +23,6 @@ def num_steps(config: ml_collections.ConfigDict, examples_per_epoch: int) -> int
   if config.num_train_steps > 0:
     return config.num_train_steps
   return config.num_epochs * (examples_per_epoch // config.batch_size)
-
-
-# Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: "try again").
-PREEMPTED_EXIT_CODE = 75
-
-
-class Preempted(BaseException):
-  """The run received SIGTERM (and, inside the train loop, saved a checkpoint first); rerunning
-  the same command resumes from the latest checkpoint.
-
-  A BaseException, like KeyboardInterrupt: raised from a signal handler at any point of the
-  set-up or evaluation, it must not be taken for an error by an `except Exception` there.
-  """
-
-
-class SigtermRaises:
-  """Within the block (set-up and evaluation: no checkpoint is in the making there), SIGTERM
-  raises Preempted at once; the train loop's _SigtermFlag takes over while it runs. Not in a
-  run of several processes (jax.distributed initialised): there JAX's preemption notifier
-  keeps SIGTERM, and the train loop saves at the step every process agrees on."""
-
-  def __init__(self, workdir: str):
-    self._workdir = workdir
-    self._previous = None
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    raise Preempted(f'SIGTERM received outside the train loop: stopped without saving (the '
-                    f'checkpoints in {self._workdir}, if any, are intact); run the same command '
-                    'again to continue.')
-
-  def __enter__(self):
-    # Several processes: SIGTERM is JAX's preemption notifier's (see _SigtermFlag), which saves
-    # at the step all processes agree on.
-    if (threading.current_thread() is threading.main_thread()
-        and not jax.distributed.is_initialized()):
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-class _SigtermFlag:
-  """Within the block, SIGTERM sets `received` instead of killing the process, so the loop can
-  save at the next step boundary (clusters send SIGTERM before preemption).
-
-  With several processes, each would see its own signal at its own step and they could save
-  different steps. There the flag is JAX's preemption sync point instead (orbax's
-  `reached_preemption`): JAX's preemption notifier, installed by `jax.distributed.initialize`,
-  catches SIGTERM on any process, and every process learns the same step to save at. No Python
-  handler is installed then (it would hide the signal from JAX's).
-  """
-
-  def __init__(self, manager=None):
-    self.received = False
-    self._previous = None
-    self._manager = manager
-    self._sync = manager is not None and jax.process_count() > 1
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    if not self.received:
-      logging.warning('SIGTERM: saving a checkpoint at the next step boundary, then exiting.')
-    self.received = True
-
-  def reached(self, step: int) -> bool:
-    """Whether to save at `step` and stop. Called once per step, on every process."""
-    if self._sync:
-      self.received = self.received or self._manager.reached_preemption(step)
-    return self.received
-
-  def __enter__(self):
-    if not self._sync and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 _WATCHED_TERMS = ('loss', 'dice_loss', 'cls_loss', 'l2_grads')
@@ -139,13 +57,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evaluates it on every set in `config.data.eval_sets`, and writes `workdir/metrics.json`.
 
   One run at a time per workdir (a second raises workdir.WorkdirBusy), and SIGTERM at any
-  point raises Preempted (see skinmtl_jax/workdir.py and SigtermRaises).
+  point raises preemption.Preempted (see skinmtl_jax/workdir.py and skinmtl_jax/preemption.py).
 
   Returns:
     The metrics.json content.
   """
   config_base.validate_config(config)
-  with SigtermRaises(workdir), workdir_lib.lock(workdir):
+  with preemption_lib.SigtermRaises(workdir), workdir_lib.lock(workdir):
     return _train_and_evaluate(config, workdir)
 
 
@@ -339,7 +257,7 @@ def _train_loop(state, train_step, train_input, manager, writer, progress, study
   start_step = checkpointing.step_of(state)
   study.resume(start_step)
   pending = []  # (step, metrics) since the last log; read back only at log and save steps
-  with _SigtermFlag(manager) as preemption:
+  with preemption_lib.SigtermFlag(manager) as preemption:
     for step in range(start_step + 1, total_steps + 1):
       batch = next(train_input)
       study(step, state, batch)
@@ -362,7 +280,7 @@ def _train_loop(state, train_step, train_input, manager, writer, progress, study
         checkpointing.save(manager, state)
       if preempted:
         writer.flush()
-        raise Preempted(f'SIGTERM received: saved the checkpoint of step {step} in '
+        raise preemption_lib.Preempted(f'SIGTERM received: saved the checkpoint of step {step} in '
                         f'{manager.directory}; run the same command again to resume.')
   return state
 

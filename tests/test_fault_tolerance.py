@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, tiny_config
-from skinmtl_jax import checkpointing, models, steps, train
+from skinmtl_jax import checkpointing, models, preemption, steps, train
 from skinmtl_jax.datasets import files
 
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
@@ -93,7 +93,7 @@ def test_sigterm_saves_and_exits_with_the_documented_code(tmp_path):
                 '--config.log_every_steps=1')
   _wait_for_step(proc, workdir, 3)
   proc.send_signal(signal.SIGTERM)
-  assert proc.wait(300) == train.PREEMPTED_EXIT_CODE == 75
+  assert proc.wait(300) == preemption.PREEMPTED_EXIT_CODE == 75
   saved = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
   assert len(saved) == 1 and 3 <= saved[0] < 400
   assert not (workdir / 'metrics.json').exists()
@@ -220,17 +220,17 @@ def test_several_processes_save_at_jaxs_preemption_sync_point(monkeypatch):
   # One process: its own SIGTERM flag, through a Python handler.
   before = signal.getsignal(signal.SIGTERM)
   manager = _FakeManager(sync_step=5)
-  with train._SigtermFlag(manager) as flag:  # pylint: disable=protected-access
+  with preemption.SigtermFlag(manager) as flag:
     assert signal.getsignal(signal.SIGTERM) != before
     assert not flag.reached(5) and manager.asked == []
   # Several: every process asks JAX's sync point (through orbax) each step and stops at the
   # step it names, the same on all; SIGTERM stays with JAX's notifier (no Python handler).
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  with train._SigtermFlag(manager) as flag:  # pylint: disable=protected-access
+  with preemption.SigtermFlag(manager) as flag:
     assert signal.getsignal(signal.SIGTERM) == before
     assert [flag.reached(s) for s in (3, 4, 5)] == [False, False, True]
     assert flag.reached(6)                              # stays set
   assert manager.asked == [3, 4, 5]                    # not asked again once set
   monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
-  with train.SigtermRaises('w'):
+  with preemption.SigtermRaises('w'):
     assert signal.getsignal(signal.SIGTERM) == before

@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import ROOT, tiny_config
 from skinmtl_jax import calibration as calibration_lib
-from skinmtl_jax import checkpointing, config_base, train, workdir, writers
+from skinmtl_jax import checkpointing, config_base, preemption, workdir, writers
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets import files
 
@@ -136,7 +136,7 @@ def test_a_second_run_in_the_same_workdir_is_refused(trained, tmp_path):
     _assert_refused(second, f'{run} is in use by another process (pid {first.pid}')
     assert first.poll() is None  # undisturbed
     first.send_signal(signal.SIGTERM)
-    assert first.wait(120) == train.PREEMPTED_EXIT_CODE
+    assert first.wait(120) == preemption.PREEMPTED_EXIT_CODE
   finally:
     if first.poll() is None:
       first.kill()
@@ -224,7 +224,7 @@ def test_sigterm_outside_the_train_loop_exits_75_with_a_message(trained, tmp_pat
   before = _snapshot(run)
   r = subprocess.run([sys.executable, '-c', _SIGTERM_AT, where, *_main(run)], cwd=ROOT,
                      env=ENV, capture_output=True, text=True, timeout=300)
-  _assert_refused(r, 'SIGTERM', 'run the same command again', code=train.PREEMPTED_EXIT_CODE)
+  _assert_refused(r, 'SIGTERM', 'run the same command again', code=preemption.PREEMPTED_EXIT_CODE)
   assert _snapshot(run) == before
   assert sorted(os.listdir(run / 'checkpoints')) == ['3', '6']
 
@@ -429,10 +429,10 @@ def test_sigterm_at_any_moment_of_the_start_exits_75(tmp_path):
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     codes.append(p.returncode)
-    assert p.returncode in (train.PREEMPTED_EXIT_CODE, 0), (delay, p.returncode, err[-2000:])
+    assert p.returncode in (preemption.PREEMPTED_EXIT_CODE, 0), (delay, p.returncode, err[-2000:])
     if p.returncode:
       assert 'SIGTERM' in err.strip().splitlines()[-1] and 'Traceback' not in err
-  assert codes.count(train.PREEMPTED_EXIT_CODE) >= 4, codes
+  assert codes.count(preemption.PREEMPTED_EXIT_CODE) >= 4, codes
 
 
 # ------------------------------------------ 9. nothing silently wrong after a resume (issue 27)
