@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import ml_dtypes  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from skinmtl_jax import kernels  # pylint: disable=wrong-import-position
@@ -99,10 +100,6 @@ def ref_weight_grad(x, g, strides, lead, kernel_hw):
 
 # ---- Cases ----
 
-def _f64(a):
-  return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
-
-
 def draw(rng, max_size: int) -> dict:
   """One convolution's geometry (see the module docstring)."""
   big = rng.random() < 0.1
@@ -139,7 +136,7 @@ def _winograd_scale(scale, part):
 
 
 def _check(stats, failures, case, name, ours, ref, scale, bf16_result=False, winograd=None):
-  ours = np.asarray(jnp.asarray(ours).astype(jnp.float32), np.float64)
+  ours = np.asarray(ours).astype(np.float64)  # bfloat16 too (ml_dtypes)
   assert ours.shape == ref.shape, (name, ours.shape, ref.shape)
   if winograd:
     scale = _winograd_scale(scale, winograd)
@@ -154,74 +151,92 @@ def _check(stats, failures, case, name, ours, ref, scale, bf16_result=False, win
                     f'{TOLERANCE[name]:.1g}), finite {finite}, case {case}')
 
 
+def _routed(x, k, g, strides, pads, amx):
+  """The models' convolution on a CPU (`kernels.KernelConvolution`): its output and, through
+  `jax.vjp`, its gradients for the output gradient g."""
+  ours = kernels.KernelConvolution(conv.xla_conv_general_dilated, amx=amx)
+  y, vjp = jax.vjp(lambda x, k: ours(x, k, strides, pads, dimension_numbers=NHWC), x, k)
+  return (y, *vjp(g))
+
+
+def _kernel_outputs(case: dict, amx: bool):
+  """A function of (x, k, g) giving {check: [outputs]} for every kernel that applies to `case`
+  (compiled as one program: one compilation per case instead of one per call)."""
+  n, h, w, kh, kw = (case[k] for k in ('n', 'h', 'w', 'kh', 'kw'))
+  strides, pads, out_hw = case['strides'], case['pads'], case['out_hw']
+  lead = (pads[0][0], pads[1][0])
+
+  def outputs(x, k, g):
+    out = {'conv2d': [kernels.conv2d(x, k, strides, lead, out_hw)],
+           'input_grad': [kernels.conv2d_input_grad(g, k, strides, lead, (h, w))],
+           'weight_grad': [kernels.conv2d_weight_grad(x, g, strides, lead, (kh, kw))]}
+    if (kh, kw) == (3, 3) and strides == (1, 1):
+      out['winograd'] = [kernels.winograd_conv3x3(x, k, lead, out_hw)]
+      out['winograd_weight_grad'] = [kernels.winograd_conv3x3_weight_grad(x, g, lead)]
+    # bfloat16 operands: the models' mixed precision (the float32 kernels on their values, or
+    # AMX)
+    xb, kb, gb = (a.astype(jnp.bfloat16) for a in (x, k, g))
+    if n > 0 and out_hw[0] * out_hw[1] > 0:  # the routed convolution, as the models call it
+      out['routed'] = _routed(x, k, g, strides, pads, False)
+      out['routed_bf16'] = _routed(xb, kb, gb, strides, pads, amx)
+    if amx:
+      out['bf16_f32'] = [kernels.conv2d_bf16(xb, kb, strides, lead, out_hw, jnp.float32)]
+      out['bf16'] = [kernels.conv2d_bf16(xb, kb, strides, lead, out_hw)]
+      # The float32 kernel, rounded inside as kb was.
+      out['bf16_wf32'] = [kernels.conv2d_bf16(xb, k, strides, lead, out_hw)]
+      if strides == (1, 1):
+        out['bf16_weight_grad'] = [kernels.conv2d_bf16_weight_grad(xb, gb, lead, (kh, kw))]
+    return out
+  return jax.jit(outputs)
+
+
 def run_case(case: dict, rng, stats, failures, amx: bool) -> None:
   """Every kernel that applies to `case`, against the reference."""
-  os.environ[kernels.ffi.THREADS_VARIABLE] = str(case['threads'])
+  os.environ[kernels.ffi.THREADS_VARIABLE] = str(case['threads'])  # read when traced
   n, h, w, c, o, kh, kw = (case[k] for k in ('n', 'h', 'w', 'c', 'o', 'kh', 'kw'))
   strides, pads, out_hw = case['strides'], case['pads'], case['out_hw']
   lead = (pads[0][0], pads[1][0])
   x = rng.standard_normal((n, h, w, c)).astype(np.float32)
   k = rng.standard_normal((kh, kw, c, o)).astype(np.float32)
   g = rng.standard_normal((n, *out_hw, o)).astype(np.float32)
-  xd, kd, gd = (a.astype(np.float64) for a in (x, k, g))
-  y_ref = ref_conv(xd, kd, strides, lead, out_hw)
-  y_scale = ref_conv(np.abs(xd), np.abs(kd), strides, lead, out_hw)
-  dx_ref = ref_input_grad(gd, kd, strides, lead, (h, w))
-  dx_scale = ref_input_grad(np.abs(gd), np.abs(kd), strides, lead, (h, w))
-  dk_ref = ref_weight_grad(xd, gd, strides, lead, (kh, kw))
-  dk_scale = ref_weight_grad(np.abs(xd), np.abs(gd), strides, lead, (kh, kw))
+  out = _kernel_outputs(case, amx)(x, k, g)
   check = lambda *a, **kw_: _check(stats, failures, case, *a, **kw_)
-
-  check('conv2d', kernels.conv2d(x, k, strides, lead, out_hw), y_ref, y_scale)
-  check('input_grad', kernels.conv2d_input_grad(g, k, strides, lead, (h, w)), dx_ref, dx_scale)
-  check('weight_grad', kernels.conv2d_weight_grad(x, g, strides, lead, (kh, kw)), dk_ref,
-        dk_scale)
   stride1_3x3 = (kh, kw) == (3, 3) and strides == (1, 1)
-  if stride1_3x3:
-    check('winograd', kernels.winograd_conv3x3(x, k, lead, out_hw), y_ref, y_scale,
-          winograd='forward')
-    check('winograd_weight_grad', kernels.winograd_conv3x3_weight_grad(x, g, lead), dk_ref,
-          dk_scale, winograd='kernel')
+  # Routed by shape: Winograd's where it applies (the stride-1 input gradient is a forward).
+  tiles = lambda part, winograd=stride1_3x3: part if winograd else None
 
-  if n > 0 and out_hw[0] * out_hw[1] > 0:  # the routed convolution, as the models call it
-    ours = kernels.KernelConvolution(conv.xla_conv_general_dilated, amx=False)
-    y, vjp = jax.vjp(lambda x, k: ours(x, k, strides, pads, dimension_numbers=NHWC), x, k)
-    dx, dk = vjp(jnp.asarray(g))
-    # Routed by shape: Winograd's where it applies (the stride-1 input gradient is a forward).
-    tiles = lambda part: part if stride1_3x3 else None
-    check('routed', y, y_ref, y_scale, winograd=tiles('forward'))
-    check('routed', dx, dx_ref, dx_scale, winograd=tiles('forward'))
-    check('routed', dk, dk_ref, dk_scale, winograd=tiles('kernel'))
-
-  # bfloat16 operands: the models' mixed precision (the float32 kernels on their values, or AMX)
-  xb, kb, gb = (jnp.asarray(a).astype(jnp.bfloat16) for a in (x, k, g))
-  xbd, kbd, gbd = _f64(xb), _f64(kb), _f64(gb)
-  yb_ref = ref_conv(xbd, kbd, strides, lead, out_hw)
-  yb_scale = ref_conv(np.abs(xbd), np.abs(kbd), strides, lead, out_hw)
-  if n > 0 and out_hw[0] * out_hw[1] > 0:
-    ours = kernels.KernelConvolution(conv.xla_conv_general_dilated, amx=amx)
-    y, vjp = jax.vjp(lambda x, k: ours(x, k, strides, pads, dimension_numbers=NHWC), xb, kb)
-    dx, dk = vjp(gb)
-    tiles = lambda part: part if stride1_3x3 and not amx else None
-    check('routed_bf16', y, yb_ref, yb_scale, bf16_result=True, winograd=tiles('forward'))
-    check('routed_bf16', dx, ref_input_grad(gbd, kbd, strides, lead, (h, w)),
-          ref_input_grad(np.abs(gbd), np.abs(kbd), strides, lead, (h, w)), bf16_result=True,
-          winograd=tiles('forward'))
-    check('routed_bf16', dk, ref_weight_grad(xbd, gbd, strides, lead, (kh, kw)),
-          ref_weight_grad(np.abs(xbd), np.abs(gbd), strides, lead, (kh, kw)),
-          bf16_result=True, winograd=tiles('kernel'))
-
-  if amx:
-    check('bf16_f32', kernels.conv2d_bf16(xb, kb, strides, lead, out_hw, jnp.float32), yb_ref,
-          yb_scale)
-    check('bf16', kernels.conv2d_bf16(xb, kb, strides, lead, out_hw), yb_ref, yb_scale,
-          bf16_result=True)
-    check('bf16_wf32', kernels.conv2d_bf16(xb, jnp.asarray(k), strides, lead, out_hw), yb_ref,
-          yb_scale, bf16_result=True)  # the float32 kernel rounded inside, as kb was
-    if strides == (1, 1):
-      check('bf16_weight_grad', kernels.conv2d_bf16_weight_grad(xb, gb, lead, (kh, kw)),
-            ref_weight_grad(xbd, gbd, strides, lead, (kh, kw)),
-            ref_weight_grad(np.abs(xbd), np.abs(gbd), strides, lead, (kh, kw)))
+  for values, bf16 in ((tuple(a.astype(np.float64) for a in (x, k, g)), False),
+                       (tuple(a.astype(ml_dtypes.bfloat16).astype(np.float64)
+                              for a in (x, k, g)), True)):
+    xd, kd, gd = values
+    y = (ref_conv(xd, kd, strides, lead, out_hw),
+         ref_conv(np.abs(xd), np.abs(kd), strides, lead, out_hw))
+    dx = (ref_input_grad(gd, kd, strides, lead, (h, w)),
+          ref_input_grad(np.abs(gd), np.abs(kd), strides, lead, (h, w)))
+    dk = (ref_weight_grad(xd, gd, strides, lead, (kh, kw)),
+          ref_weight_grad(np.abs(xd), np.abs(gd), strides, lead, (kh, kw)))
+    if not bf16:
+      check('conv2d', *out['conv2d'], *y)
+      check('input_grad', *out['input_grad'], *dx)
+      check('weight_grad', *out['weight_grad'], *dk)
+      if stride1_3x3:
+        check('winograd', *out['winograd'], *y, winograd='forward')
+        check('winograd_weight_grad', *out['winograd_weight_grad'], *dk, winograd='kernel')
+      if 'routed' in out:
+        for value, ref, part in zip(out['routed'], (y, dx, dk), ('forward',) * 2 + ('kernel',)):
+          check('routed', value, *ref, winograd=tiles(part))
+    else:
+      if 'routed_bf16' in out:
+        for value, ref, part in zip(out['routed_bf16'], (y, dx, dk),
+                                    ('forward',) * 2 + ('kernel',)):
+          check('routed_bf16', value, *ref, bf16_result=True,
+                winograd=tiles(part, stride1_3x3 and not amx))
+      if amx:
+        check('bf16_f32', *out['bf16_f32'], *y)
+        check('bf16', *out['bf16'], *y, bf16_result=True)
+        check('bf16_wf32', *out['bf16_wf32'], *y, bf16_result=True)
+        if strides == (1, 1):
+          check('bf16_weight_grad', *out['bf16_weight_grad'], *dk)
 
 
 def fuzz(cases: int, seed: int = 0, max_size: int = 24, log=print) -> tuple[dict, list]:

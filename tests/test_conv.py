@@ -24,7 +24,7 @@ from conftest import ROOT
 import fuzz_kernels
 from skinmtl_jax import kernels, models
 from skinmtl_jax.config_base import ConfigError, get_config, validate_config
-from skinmtl_jax.kernels import ffi, routing
+from skinmtl_jax.kernels import ffi
 from skinmtl_jax.models import conv, mtl, resnet, unet
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
