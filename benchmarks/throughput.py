@@ -360,14 +360,24 @@ class Row:
       lowered = self.step.lower(self.state, first)
       self.compiled = lowered.compile()
       self.compile_s = time.perf_counter() - t
-      self.flops_lowered = _cost(lowered.cost_analysis())
-      self.analytic, self.counted = analytic_flops_per_image(cfg.model, self.state,
-                                                             tuple(cfg.data.image_size))
-    self.flops_compiled = _cost(self.compiled.cost_analysis())
-    self.memory = self.compiled.memory_analysis()
+      # The analyses are extras: one that fails leaves its column empty, not the row.
+      self.analysis_errors = []
+      self.flops_lowered = self._try(lambda: _cost(lowered.cost_analysis()))
+      self.analytic, self.counted = self._try(
+          lambda: analytic_flops_per_image(cfg.model, self.state, tuple(cfg.data.image_size)),
+          (None, 0))
+    self.flops_compiled = self._try(lambda: _cost(self.compiled.cost_analysis()))
+    self.memory = self._try(self.compiled.memory_analysis)
     self.batches = (lambda: first) if spec.mode in ('constant', 'convtranspose') else (
         lambda: next(self.input))
     self.images_per_step = k * cfg.batch_size
+
+  def _try(self, fn, default=None):
+    try:
+      return fn()
+    except Exception as e:  # pylint: disable=broad-except
+      self.analysis_errors.append(f'{type(e).__name__}: {str(e)[:200]}')
+      return default
 
   def run(self, n: int) -> float:
     """Seconds for n steps (the last one's metrics read back)."""
@@ -407,7 +417,9 @@ class Row:
     if m is not None:
       row['program_mb'] = _mb(m.argument_size_in_bytes + m.output_size_in_bytes
                               + m.temp_size_in_bytes - m.alias_size_in_bytes)
-    row.update(device_memory())
+    row.update(self._try(device_memory, {}))
+    if self.analysis_errors:
+      row['analysis_errors'] = self.analysis_errors
     return row
 
   def latency(self, batch: int, rng) -> float:
@@ -642,15 +654,17 @@ def estimate(spec: Spec, done: list[dict], stopped: dict | None = None) -> float
   ones too; their inference latencies left out): a training row, the last one with the same K
   and member loop (unrolled or not), else K/2 times the last one-member row for an unrolled
   row (its compile grows with K; cuDNN's autotuning of the repeated layers does not), else the
-  last training row; DynUNet and matmul, their own kind's last; 0 when nothing compares (the
-  row starts). A row that an earlier run started and did not finish in the S seconds it had
-  (`stopped`, from --keep) takes at least 1.25 S."""
+  last training row; DynUNet, its last, else the last row's; matmul, its last, else 10 s; 0
+  when nothing compares (the row starts). A row that an earlier run started and did not finish
+  in the S seconds it had (`stopped`, from --keep) takes at least 1.25 S."""
   floor = 1.25 * (stopped or {}).get(spec.text, 0.0)
   timed = [r for r in done if r.get('wall_s') and r['status'] in ('ok', 'failed')]
   wall = lambda r: r['wall_s'] - r.get('latency_s', 0.0)
   if spec.kind != 'jax':
     same = [r for r in timed if r['spec'] == spec.kind]
-    return max(floor, wall(same[-1]) if same else 0.0)
+    if same:
+      return max(floor, wall(same[-1]))
+    return max(floor, 10.0 if spec.kind == 'matmul' else (wall(timed[-1]) if timed else 0.0))
   rows = [r for r in timed if r.get('kind') == 'jax']
   unroll = spec.variant == 'unroll'
   same = [r for r in rows if r.get('members') == spec.k

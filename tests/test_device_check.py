@@ -62,7 +62,8 @@ def test_estimate_from_comparable_rows():
   assert est('mtl4/bfloat16/8/resident/unroll') == 120.0   # 8/2 x the one-member row
   assert est('mtl4/float32/8/resident/vmap') == 50.0
   assert est('mtl4/bfloat16/4/resident/vmap') == 50.0     # the last training row
-  assert est('dynunet') == 2.0 and est('matmul') == 0.0
+  assert est('dynunet') == 2.0 and est('matmul') == 10.0
+  assert est('dynunet', done[:2]) == 50.0    # none yet: the last row's
   assert est('mtl4/bfloat16/1/resident', []) == 0.0
   # A row an earlier call started with 100 s left and did not finish: at least 125 s.
   assert throughput.estimate(throughput.parse_spec('mtl4/bfloat16/8/resident/unroll'), done,
