@@ -278,9 +278,12 @@ def decision_threshold(decision: dict[str, Any] | None, fallback: float) -> tupl
     why = (decision or {}).get('operating_point_missing', 'none fitted for this checkpoint')
     return fallback, f'the run\'s threshold {fallback:g} (no operating point: {why})'
   lo, hi = op['threshold_ci95']
+  calibrated = (f'; melanoma_prob_calibrated >= {op["threshold_calibrated"]:.3f}'
+                if op.get('threshold_calibrated') is not None else '')
   return op['threshold'], (f'melanoma sensitivity {op["target_sensitivity"]:.2f} on the '
-                           f'validation split: threshold {op["threshold"]:.3f} (95 % interval '
-                           f'{lo:.3f}-{hi:.3f}; {op["melanomas"]} melanomas)')
+                           f'validation split: melanoma_prob >= {op["threshold"]:.3f} (95 % '
+                           f'interval {lo:.3f}-{hi:.3f}, {op["melanomas"]} melanomas'
+                           f'{calibrated})')
 
 
 # ------------------------------------------------------------------ the review flag

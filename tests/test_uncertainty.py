@@ -202,11 +202,20 @@ def test_the_flags_thresholds_come_from_the_validation_split():
     assert d['review']['near_threshold'] == op['threshold_ci95']
     assert d['fitted_on'] == {'split': 'validation', 'images': 40, 'melanomas': int(labels.sum()),
                               'members': 3, 'views': 1}
-    assert uncertainty.decision_threshold(d, 0.5)[0] == op['threshold']
+    t, name = uncertainty.decision_threshold(d, 0.5)
+    assert t == op['threshold'] and name.startswith(
+        f'melanoma sensitivity 0.90 on the validation split: melanoma_prob >= {t:.3f}')
     # About a tenth of the validation images fall below the mask threshold.
     assert np.mean(np.asarray(per_image['mask_dice_between']) < d['review']['mask_dice_min']
                    ) == pytest.approx(0.1, abs=0.03)
     fitted.append(d)
+  # With a calibration, the same threshold on the calibrated probability is named too.
+  d = uncertainty.fit_decision(labels, per_image, cfg, bootstrap_samples=20,
+                               calibration={'temperature': 2.0, 'bias': 0.0})
+  t = d['operating_point']['threshold']
+  q = d['operating_point']['threshold_calibrated']
+  assert q == pytest.approx(1 / (1 + math.exp(-math.log(t / (1 - t)) / 2)))
+  assert f'melanoma_prob_calibrated >= {q:.3f}' in uncertainty.decision_threshold(d, 0.5)[1]
   # Another validation split, other thresholds.
   assert fitted[0]['review']['mask_dice_min'] != fitted[1]['review']['mask_dice_min']
   assert (fitted[0]['operating_point']['threshold']
