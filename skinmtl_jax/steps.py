@@ -65,8 +65,8 @@ def to_float_images(images: Array) -> Array:
 def init_variables(model, key: Array, images: Array) -> dict:
   """`model.init(key, images)`, compiled without optimisation since it runs once.
 
-  flax's init op by op takes ~30 s for the U-Net on a CPU, an optimised compile of its threefry
-  initialisers ~18 s, this ~5 s.
+  flax's init op by op, or an optimised compile of its threefry initialisers, takes several
+  times as long for the U-Net on a CPU.
   """
   init = jax.jit(functools.partial(model.init, train=False))
   compiled = init.lower(key, images).compile(

@@ -3,7 +3,7 @@
 // stride-1 convolution and its kernel gradient by Winograd's minimal filtering.
 //
 // XLA:CPU computes the kernel gradient as a convolution whose window is the whole feature map,
-// which runs at a few GFLOP/s and costs up to 9x the forward; its forward and input gradient
+// which runs far below the GEMM's rate and costs several forwards; its forward and input gradient
 // (YNNPACK) run near the GEMM's rate where the window holds many channels, but well below it
 // on the RGB layer, on narrow layers and on strided ones (benchmarks/RESULTS.md). Here:
 // - im2col: every output pixel's window, kh x kw taps of C channels each, is copied into one

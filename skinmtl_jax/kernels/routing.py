@@ -16,7 +16,7 @@ the kernels'. Their forward, input gradient and kernel gradient are routed by sh
 - 'gemm': GEMMs over gathered windows (im2col), for strided convolutions, for windows of at
   most SHORT_WINDOW values (kh*kw*channels: the RGB layer, the 1x1 head) and for every other
   kernel gradient. XLA:CPU writes a kernel gradient as a convolution with a window as large
-  as the feature map, at up to 9.5x the forward's cost.
+  as the feature map, which runs far below the forward's rate (benchmarks/RESULTS.md).
 - 'xla': the rest (long windows on small feature maps), where XLA's YNNPACK convolutions run
   at the GEMM's rate: `fallback`'s.
 `benchmarks/conv_layers.py` measures each choice per layer (benchmarks/RESULTS.md). The values
@@ -27,9 +27,8 @@ bfloat16 convolutions take the same routes on the float32 values of their operan
 product of two bfloat16 values is exact in float32, and XLA too accumulates in float32), the
 result rounded to bfloat16. With `amx` (decided once, where the model is created: the CPU has
 AMX-BF16, `ffi.amx_available()`) their forwards and stride-1 input and kernel gradients take
-'amx' instead: `ffi.conv2d_bf16` and `ffi.conv2d_bf16_weight_grad`, on the tile unit, up to 9x
-(forward, input gradient) and 2-4x (kernel gradient) faster than our float32 kernels
-(benchmarks/RESULTS.md). A float32 kernel with a bfloat16 input (`models.conv.
+'amx' instead: `ffi.conv2d_bf16` and `ffi.conv2d_bf16_weight_grad`, on the tile unit, faster
+than our float32 kernels (benchmarks/RESULTS.md). A float32 kernel with a bfloat16 input (`models.conv.
 promote_keep_params`) is rounded to bfloat16 by each route itself, the AMX kernel while it
 packs it.
 """
@@ -230,7 +229,7 @@ def _upconv_plain(backend, x, kernel):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _upconv(x, kernel, backend):
-  return _upconv_plain(backend, x, kernel)  # XLA's matmul: as fast as ours, faster at batch 1
+  return _upconv_plain(backend, x, kernel)  # XLA's matmul: no slower than ours (RESULTS.md)
 
 
 def _upconv_fwd(x, kernel, backend):
@@ -239,7 +238,7 @@ def _upconv_fwd(x, kernel, backend):
 
 def _upconv_bwd(backend, residuals, g):
   """The gradients as those of the 2x2 stride-2 convolution whose transpose it is: they need no
-  transposed copies (XLA:CPU spent 0.2 s of a unet step on them)."""
+  transposed copies, which XLA:CPU makes for a transposed convolution's gradients."""
   x, kernel = residuals
 
   def ours(x, kernel, g):

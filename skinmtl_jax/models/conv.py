@@ -60,7 +60,7 @@ def xla_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
   """`lax.conv_general_dilated` as the models use it: a float32 kernel with a bfloat16 input
   (`promote_keep_params`) is rounded to bfloat16 first, and the up-convolution (`upconv2x2`)
   is one matmul and a depth-to-space, the same values: XLA's CPU backend ran the transposed
-  convolution's kernel gradient 20-70x slower than the matmul's."""
+  convolution's kernel gradient many times slower than the matmul's."""
   if lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.float32:
     rhs = rhs.astype(lhs.dtype)
   if _is_upconv(rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -105,7 +105,7 @@ def promote_keep_params(*args, dtype=None, inexact=True):
   `conv_general_dilated`: the input in `dtype`, the kernel and the bias left in float32. The
   convolution rounds the kernel to the input's dtype itself; the bias is added in float32 (the
   output is then float32: for the BatchNorm that follows, which computes in float32 anyway),
-  so that its gradient is a float32 sum. XLA:CPU splits sums of bfloat16 values into
-  reduce-windows that took 0.5 s of a 2.5 s bfloat16 unet step."""
+  so that its gradient is a float32 sum. XLA:CPU splits sums of bfloat16 values into slow
+  reduce-windows."""
   x = promote_dtype(args[0], dtype=dtype, inexact=inexact)[0]
   return (x, *args[1:]) if dtype is not None else promote_dtype(*args, inexact=inexact)

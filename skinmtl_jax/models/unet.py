@@ -7,9 +7,8 @@ Convolutions keep their bias, as nnU-Net's do; that is what gives the paper's 10
 
 Batch normalisation keeps its running statistics per decoder pass: reverse learning runs the
 last two decoder levels twice, and the second pass sees gated (smaller) activations. Shared
-running statistics would blend the two distributions and fit neither at evaluation time (we
-measured test Dice 0.81 with blended statistics against 0.91 with batch statistics on the
-demo). The scale and bias parameters are shared, so both passes still use the same leaves.
+running statistics would blend the two distributions and fit neither at evaluation time (test
+Dice falls well below what batch statistics give: docs/decisions.md). The scale and bias parameters are shared, so both passes still use the same leaves.
 """
 
 from __future__ import annotations
@@ -127,8 +126,7 @@ class UpConv2x2(nn.Module):
   transpose_kernel flips the kernel). The models' convolutions compute it as one matmul and a
   depth-to-space (`conv.upconv2x2`), with matmuls as its gradients (on CPUs our kernels),
   whereas flax's kernel gradient is a dilated convolution with a huge window that XLA's CPU
-  backend runs 20-70x slower: it took 22 of the 36 s of a full-size U-Net step
-  (benchmarks/conv_variants.py).
+  backend runs many times slower (benchmarks/conv_variants.py, benchmarks/RESULTS.md).
   """
 
   features: int
