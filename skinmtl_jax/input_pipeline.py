@@ -16,9 +16,7 @@ eval step compiles once).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from absl import logging
 import grain
 import ml_collections
 import numpy as np
