@@ -6,26 +6,13 @@ changes. Every number the paper gives is a field with the paper's value.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import ml_collections
 
 
 class ConfigError(ValueError):
   """A config asks for something that cannot be done; the message names the field."""
-
-
-# The allowed values of the config's choice fields; the modules that act on them import these.
-ARCHITECTURES = ('mtl', 'resnet50')            # model.arch
-REVERSE_MODES = ('params', 'activations')      # model.reverse_mode
-CONV_IMPLS = ('auto', 'xla')                   # model.conv_impl
-DTYPES = ('float32', 'bfloat16')               # model.dtype
-SEED_DATA_ORDERS = ('shared', 'per_member')    # seed_data_order
-MEMBER_LOOPS = ('auto', 'vmap', 'unroll')      # member_loop
-SHARDINGS = ('data', 'members')                # sharding
-BALANCING = ('weighted', 'pcgrad')             # loss.balancing
-ON_DEVICE_MODES = ('auto', 'on', 'off')        # data.on_device
-NUM_TRANSFORMS = 16  # the enlargement's transforms (augment.py): data.enlarge_* in 1..16
-# More members than this would not fit any one accelerator at the paper's size.
-MAX_SEEDS = 64
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -69,8 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The U-Net's convolutions, chosen once when the model is created (models/conv.py: select):
   # 'auto' is XLA's on GPUs and where the kernels are not built; on CPUs it routes each by shape
   # to the compiled kernels of skinmtl_jax/kernels (Winograd for 3x3 stride 1, im2col GEMMs) or
-  # to XLA's (2.7x faster unet training on our 2-core CPU). 'xla' is XLA's everywhere. The same
-  # values up to float32 rounding.
+  # to XLA's (faster on CPUs: docs/cpu_speed.md). 'xla' is XLA's everywhere. The same values up
+  # to float32 rounding.
   m.conv_impl = 'auto'
 
   # Loss (Eq. 3): lambda_1 Dice + lambda_2 cross-entropy.
@@ -154,6 +141,114 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+# ------------------------------------------------------------------------- per-field facts
+
+class Field(NamedTuple):
+  """What the code knows of a field besides its default value.
+
+  choices: the allowed values (validate_config checks them; () for a field that is no choice).
+  rerun: a rerun of a started run may change it (workdir.check_config): it does not touch the
+    trained state, the order of the data or what the numbers mean.
+  before: the value a run saved before the field existed behaved as, where that is not today's
+    default (NEW otherwise): a saved config.json without the field reads it (`from_saved`), and
+    a rerun compares against it, so that resuming an older run under the new default is refused,
+    not silently changed.
+  """
+  choices: tuple = ()
+  rerun: bool = False
+  before: Any = None
+
+
+NEW = None  # Field.before of a field whose older runs behaved as today's default
+
+
+# Every field with a fact, in get_config's order. member_loop and model.conv_impl change how the
+# step computes, not what (the same values up to float32 rounding), so a rerun may change them.
+# data.validation_fraction changes the training set: older runs trained on every image.
+FIELDS: dict[str, Field] = {
+    'experiment': Field(rerun=True),
+    'member_loop': Field(choices=('auto', 'vmap', 'unroll'), rerun=True),
+    'seed_data_order': Field(choices=('shared', 'per_member')),
+    'sharding': Field(choices=('data', 'members'), rerun=True),
+    'model.arch': Field(choices=('mtl', 'resnet50')),
+    'model.reverse_mode': Field(choices=('params', 'activations')),
+    'model.encoder_pool_levels': Field(choices=(1, 2)),
+    'model.dtype': Field(choices=('float32', 'bfloat16')),
+    'model.conv_impl': Field(choices=('auto', 'xla'), rerun=True),
+    'loss.balancing': Field(choices=('weighted', 'pcgrad')),
+    'num_epochs': Field(rerun=True),
+    'num_train_steps': Field(rerun=True),
+    'eval_batch_size': Field(rerun=True),
+    'threshold': Field(rerun=True),
+    'decision.target_sensitivity': Field(rerun=True),
+    'decision.review_share': Field(rerun=True),
+    'decision.seg_error_dice': Field(rerun=True),
+    'data.manual_dir': Field(rerun=True),
+    'data.data_dir': Field(rerun=True),
+    'data.extra_melanomas': Field(choices=('', 'isic2017')),
+    'data.eval_sets': Field(rerun=True),
+    'data.validation_fraction': Field(before=0.0),
+    'data.num_workers': Field(rerun=True),
+    'data.on_device': Field(choices=('auto', 'on', 'off'), rerun=True),
+    'data.on_device_fraction': Field(rerun=True),
+    'data.prefetch_batches': Field(rerun=True),
+    'log_every_steps': Field(rerun=True),
+    'eval_every_epochs': Field(rerun=True),
+    'grad_study_every_steps': Field(rerun=True),
+    'checkpoint_every_steps': Field(rerun=True),
+    'max_checkpoints_to_keep': Field(rerun=True),
+}
+
+# Fields a rerun may change, and the values runs saved before a field existed behaved as.
+CHANGEABLE = frozenset(k for k, f in FIELDS.items() if f.rerun)
+BEFORE = {k: f.before for k, f in FIELDS.items() if f.before is not NEW}
+
+# The choices that modules acting on them name in their messages.
+ARCHITECTURES = FIELDS['model.arch'].choices
+REVERSE_MODES = FIELDS['model.reverse_mode'].choices
+DTYPES = FIELDS['model.dtype'].choices
+NUM_TRANSFORMS = 16  # the enlargement's transforms (augment.py): data.enlarge_* in 1..16
+# More members than this would not fit any one accelerator at the paper's size.
+MAX_SEEDS = 64
+
+
+def check_choice(name: str, value) -> None:
+  """ConfigError naming the field unless `value` is one of FIELDS[name].choices: for library
+  functions that take a choice as an argument, outside a validated config."""
+  choices = FIELDS[name].choices
+  if value not in choices:
+    raise ConfigError(f'{name}={value!r}: expected one of {choices}.')
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+  out = dict(base)
+  for k, v in over.items():
+    out[k] = (_deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict)
+              else v)
+  return out
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+  out = {}
+  for name, v in flat.items():
+    *groups, key = name.split('.')
+    d = out
+    for g in groups:
+      d = d.setdefault(g, {})
+    d[key] = v
+  return out
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config (its config.json) on today's defaults, read once when the run is
+  loaded: a field added since the run was saved reads the value the run behaved as
+  (Field.before), or else today's default, so the code reads every field plainly. A field the
+  code no longer has is kept."""
+  merged = _deep_merge(get_config().to_dict(), _nest(BEFORE))
+  return ml_collections.ConfigDict(_deep_merge(merged, saved))
+
+
+
 # The sizes of every paper config, chosen after the colon: `--config=configs/mtl3.py:cpu`.
 SIZES = ('full', 'cpu', 'study')
 
@@ -200,7 +295,13 @@ def sized(c: ml_collections.ConfigDict, size: str | None) -> ml_collections.Conf
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Stops before any work on settings that make no sense, naming the field."""
+  """Stops before any work on settings that make no sense, naming the field. A config saved
+  before some fields existed is validated as `from_saved` loads it."""
+  config = from_saved(config.to_dict())
+  for name, field in FIELDS.items():
+    if field.choices:
+      group, _, key = name.rpartition('.')
+      check_choice(name, (config[group] if group else config)[key])
   m = config.model
   if m.arch == 'resnet50' and (m.attention_pool or m.reverse or m.cbam):
     raise ConfigError('model.attention_pool / model.reverse / model.cbam need the U-Net '
@@ -209,21 +310,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('model.attention_pool / model.reverse / model.cbam need the classifier; '
                      'set model.classify=True (the unet baseline has none).')
   for name in ('cls_hidden', 'cbam_reduction', 'resnet_width'):
-    if not (isinstance(m.get(name, 1), int) and m.get(name, 1) >= 1):
+    if not (isinstance(m[name], int) and m[name] >= 1):
       raise ConfigError(f'model.{name}={m[name]}: must be a positive integer.')
-  if m.encoder_pool_levels not in (1, 2):
-    raise ConfigError(f'model.encoder_pool_levels={m.encoder_pool_levels}: expected 1 or 2.')
-  if m.arch not in ARCHITECTURES:
-    raise ConfigError(f'model.arch={m.arch!r}: expected one of {ARCHITECTURES}.')
-  if m.reverse_mode not in REVERSE_MODES:
-    raise ConfigError(f'model.reverse_mode={m.reverse_mode!r}: expected one of {REVERSE_MODES}.')
-  if m.get('dtype', 'float32') not in DTYPES:
-    raise ConfigError(f'model.dtype={m.dtype!r}: expected one of {DTYPES}.')
-  if m.get('conv_impl', 'auto') not in CONV_IMPLS:
-    raise ConfigError(f'model.conv_impl={m.conv_impl!r}: expected one of {CONV_IMPLS}.')
-  if config.data.extra_melanomas not in ('', 'isic2017'):
-    raise ConfigError(f'data.extra_melanomas={config.data.extra_melanomas!r}: expected "" or '
-                      '"isic2017".')
   if config.data.extra_melanomas and config.data.name != 'isic2016':
     raise ConfigError('data.extra_melanomas adds ISIC 2017 melanomas to ISIC 2016 training; '
                       f'data.name is {config.data.name!r}.')
@@ -233,21 +321,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                         f'transforms; benign 4, melanoma 16).')
   if config.num_seeds < 1:
     raise ConfigError(f'num_seeds={config.num_seeds} must be at least 1.')
-  if config.seed_data_order not in SEED_DATA_ORDERS:
-    raise ConfigError(f'seed_data_order={config.seed_data_order!r}: expected one of '
-                      f'{SEED_DATA_ORDERS}.')
-  if config.loss.balancing not in BALANCING:
-    raise ConfigError(f'loss.balancing={config.loss.balancing!r}: expected one of '
-                      f'{BALANCING}.')
   if config.loss.balancing == 'pcgrad' and not (m.arch == 'mtl' and m.classify):
     raise ConfigError('loss.balancing="pcgrad" balances two tasks; the model has one '
                       '(needs model.arch="mtl" and model.classify=True).')
-  if config.sharding not in SHARDINGS:
-    raise ConfigError(f'sharding={config.sharding!r}: expected one of {SHARDINGS}.')
-  if config.get('eval_every_epochs', 0) < 0:
+  if config.eval_every_epochs < 0:
     raise ConfigError(f'eval_every_epochs={config.eval_every_epochs}: 0 (off) or a positive '
                       'number of epochs.')
-  if config.data.get('paper_protocol_matched_control', False):
+  if config.data.paper_protocol_matched_control:
     if not config.data.extra_melanomas:
       raise ConfigError('data.paper_protocol_matched_control is the control of mtl4\'s extra '
                         'melanomas; set data.extra_melanomas="isic2017" (configs/mtl4.py).')
@@ -273,15 +353,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'optim.{name}={config.optim[name]} must be positive.')
   if not 0 < config.threshold < 1:
     raise ConfigError(f'threshold={config.threshold} must be between 0 and 1 (exclusive).')
-  decision = config.get('decision', None) or {}
-  if not 0 <= decision.get('target_sensitivity', 0.9) <= 1:
+  decision = config.decision
+  if not 0 <= decision.target_sensitivity <= 1:
     raise ConfigError(f'decision.target_sensitivity={decision.target_sensitivity}: the share of '
                       'validation melanomas the operating point finds, in [0, 1] (0: decide at '
                       'threshold).')
-  if not 0 < decision.get('review_share', 0.1) < 1:
+  if not 0 < decision.review_share < 1:
     raise ConfigError(f'decision.review_share={decision.review_share}: a share of the validation '
                       'images in (0, 1).')
-  if not 0 < decision.get('seg_error_dice', 0.7) <= 1:
+  if not 0 < decision.seg_error_dice <= 1:
     raise ConfigError(f'decision.seg_error_dice={decision.seg_error_dice}: a Dice in (0, 1].')
   size = tuple(config.data.image_size)
   if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
@@ -296,20 +376,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                         f'(model.features) halves it {len(m.features) - 1} times, so H and W '
                         f'must be multiples of {down}.')
   d = config.data
-  if d.on_device not in ON_DEVICE_MODES:
-    raise ConfigError(f'data.on_device={d.on_device!r}: expected one of '
-                      f'{ON_DEVICE_MODES}.')
   if not 0 < d.on_device_fraction <= 1:
     raise ConfigError(f'data.on_device_fraction={d.on_device_fraction}: a share of device '
                       'memory in (0, 1].')
-  if not 0 <= d.get('validation_fraction', 0.0) <= 0.5:
+  if not 0 <= d.validation_fraction <= 0.5:
     raise ConfigError(f'data.validation_fraction={d.validation_fraction}: a share of the '
                       'training images in [0, 0.5] (0: no validation split, no calibration).')
   if d.prefetch_batches < 0:
     raise ConfigError(f'data.prefetch_batches={d.prefetch_batches}: 0 (no prefetch) or more.')
-  if config.member_loop not in MEMBER_LOOPS:
-    raise ConfigError(f'member_loop={config.member_loop!r}: expected one of '
-                      f'{MEMBER_LOOPS}.')
   if config.num_seeds > MAX_SEEDS:
     raise ConfigError(f'num_seeds={config.num_seeds}: at most {MAX_SEEDS} members are trained '
                       'at once (each holds its own weights, Adam state and activations); run '

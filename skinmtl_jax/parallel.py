@@ -30,8 +30,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from skinmtl_jax.config_base import SHARDINGS, ConfigError
-
+from skinmtl_jax.config_base import ConfigError, check_choice
 
 
 def maybe_initialize_distributed() -> bool:
@@ -58,9 +57,8 @@ def make_mesh(config, devices=None) -> Mesh:
   """The ('members', 'data') mesh of `config.sharding` over `devices` (default: all)."""
   devices = list(jax.devices() if devices is None else devices)
   n, k = len(devices), config.num_seeds
-  mode = config.get('sharding', 'data')
-  if mode not in SHARDINGS:  # validate_config says the same before a run; this is for callers
-    raise ConfigError(f'sharding={mode!r}: expected one of {SHARDINGS}.')
+  mode = config.sharding
+  check_choice('sharding', mode)  # a caller outside a validated config
   members = math.gcd(k, n) if mode == 'members' else 1
   data = n // members
   if config.batch_size % data:

@@ -24,7 +24,6 @@ import numpy as np
 import optax
 
 from skinmtl_jax import device_input, gradients, losses, parallel
-from skinmtl_jax.config_base import BALANCING, MEMBER_LOOPS
 
 Array = Any
 
@@ -129,8 +128,6 @@ def member(state, i: int):
 
 def unrolls_members(member_loop: str = 'auto') -> bool:
   """'auto': unroll on a CPU, vmap elsewhere (config.member_loop)."""
-  if member_loop not in MEMBER_LOOPS:
-    raise ValueError(f'member_loop={member_loop!r}; expected one of {MEMBER_LOOPS}.')
   return member_loop == 'unroll' or (member_loop == 'auto' and jax.default_backend() == 'cpu')
 
 
@@ -178,8 +175,6 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model, tx,
     (new state, metrics) where metrics holds the loss, each task's loss, the batch accuracy of
     the diagnosis, and the l2 norms of gradients, parameters and updates.
   """
-  if loss.balancing not in BALANCING:
-    raise ValueError(f'loss.balancing={loss.balancing!r}; expected one of {BALANCING}.')
   terms_fn = functools.partial(forward_loss_terms, batch_stats=state.batch_stats, batch=batch,
                                model=model, dice_smooth=loss.dice_smooth)
   weights = loss.weights

@@ -6,11 +6,11 @@ leaves a stale lock behind; a second run on the same workdir is refused by name.
 
 `check_and_save_config(config, workdir)` compares the config of a rerun with the saved
 `config.json` before anything is written. A run that has checkpoints or metrics may only change
-the fields in `CHANGEABLE` (how long to train, how often to log and save, what to evaluate on,
-where the data lies); any other change would resume a state trained under other settings, or not
-resume at all, so it is refused with the fields named. `data.validation_fraction` is not
+the fields that config_base.FIELDS marks `rerun` (`CHANGEABLE`: how long to train, how often to
+log and save, what to evaluate on, where the data lies); any other change would resume a state
+trained under other settings, or not resume at all, so it is refused with the fields named. `data.validation_fraction` is not
 changeable (it changes the training set), and a run saved before the field existed counts as
-having 0 (see ADDED_FIELDS).
+having 0 (its Field.before in config_base).
 """
 
 from __future__ import annotations
@@ -27,29 +27,9 @@ from absl import logging
 import jax
 import ml_collections
 
-from skinmtl_jax.config_base import ConfigError
+from skinmtl_jax.config_base import BEFORE, CHANGEABLE, ConfigError
 
 LOCK_NAME = '.lock'
-
-# Fields a rerun may change: they do not touch the trained state, the order of the data or
-# what the numbers mean (member_loop and model.conv_impl change how the step computes, not
-# what: the same values up to float32 rounding).
-CHANGEABLE = frozenset({
-    'experiment', 'num_epochs', 'num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
-    'max_checkpoints_to_keep', 'eval_batch_size', 'threshold', 'grad_study_every_steps',
-    'eval_every_epochs',
-    'sharding', 'data.eval_sets', 'data.manual_dir', 'data.data_dir', 'data.num_workers',
-    'data.on_device', 'data.on_device_fraction', 'data.prefetch_batches', 'member_loop',
-    'model.conv_impl', 'decision.target_sensitivity', 'decision.review_share',
-    'decision.seg_error_dice',
-})
-
-
-# Fields added to the config since runs were first saved, with the value that a run saved
-# before them behaved as: a saved config.json without the field is compared as if it had this
-# value, so that resuming an older run under the new default is refused, not silently changed
-# (data.validation_fraction: older runs trained on every training image).
-ADDED_FIELDS = {'data.validation_fraction': 0.0}
 
 
 class WorkdirBusy(ConfigError):
@@ -121,7 +101,7 @@ def _flat(d: Any, prefix: str = '') -> dict[str, Any]:
 def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
   """{field: (saved, new)} for every field whose value differs; a field that only one side has
   (added to or removed from the code since) is not a change."""
-  old = {**ADDED_FIELDS, **_flat(saved)}
+  old = {**BEFORE, **_flat(saved)}
   new = _flat(json.loads(config.to_json_best_effort()))
   return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
 

@@ -113,3 +113,12 @@ def test_dependency_pins_cover_what_is_used_and_tested():
   # The installed versions satisfy the pins.
   for name in ('jax', 'orbax-checkpoint', 'scipy', 'tensorboard'):
     assert deps[name].specifier.contains(metadata.version(name), prereleases=True), name
+
+
+def test_every_field_fact_names_a_field_whose_default_it_allows():
+  cfg = config_base.get_config()
+  for name, field in config_base.FIELDS.items():
+    group, _, key = name.rpartition('.')
+    holder = cfg[group] if group else cfg
+    assert key in holder, name
+    assert not field.choices or holder[key] in field.choices, name

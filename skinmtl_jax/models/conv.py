@@ -26,7 +26,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from skinmtl_jax import kernels
-from skinmtl_jax.config_base import CONV_IMPLS
+from skinmtl_jax.config_base import check_choice
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 # The up-convolution as `lax.conv_general_dilated` arguments: the transpose of a 2x2 stride-2
@@ -89,8 +89,7 @@ def select(conv_impl: str = 'auto', dtype=jnp.float32,
   and compute `dtype`, to run on `platform` (by default JAX's default backend): our kernels
   where 'auto' on a CPU where they loaded (AMX for bfloat16 where the CPU has it), else XLA's.
   """
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f'model.conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}.')
+  check_choice('model.conv_impl', conv_impl)  # a caller outside a validated config
   if conv_impl == 'xla' or (platform or jax.default_backend()) != 'cpu':
     return xla_conv_general_dilated
   if not kernels.available():
