@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from skinmtl_jax import models, steps
+from skinmtl_jax import config_base, models, steps
 from skinmtl_jax.config_base import DTYPES, ConfigError
 from skinmtl_jax.steps import TrainState
 
@@ -237,7 +237,8 @@ def _restore(manager, template, step):
 # ------------------------------------------------------------------------- a finished run
 
 def check_run_dir(workdir: str) -> ml_collections.ConfigDict:
-  """The saved config of the training run in `workdir`; CheckpointError naming
+  """The saved config of the training run in `workdir`, on today's defaults (fields added since
+  it was saved read what the run behaved as: config_base.from_saved); CheckpointError naming
   the path and what to do when `workdir` is no run's folder or has no checkpoint yet."""
   hint = 'give the --workdir of a training run (python -m skinmtl_jax.main --config=... ' \
          '--workdir=DIR)'
@@ -257,7 +258,7 @@ def check_run_dir(workdir: str) -> ml_collections.ConfigDict:
   if missing:
     raise CheckpointError(f'{path} is not the config of a training run (no {" or ".join(missing)} '
                           f'section): {hint}.')
-  config = ml_collections.ConfigDict(saved)
+  config = config_base.from_saved(saved)
   ckpt = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
     raise CheckpointError(
@@ -278,7 +279,7 @@ def load_run(workdir: str, step: int | None = None, dtype: str | None = None):
     config.model.dtype = dtype
   try:
     model = models.create_model(config.model)
-    keys = steps.member_keys(0, config.get('num_seeds', 1))
+    keys = steps.member_keys(0, config.num_seeds)
     template = steps.create_train_state(model, steps.create_optimizer(config, 1), keys,
                                         tuple(config.data.image_size))
   except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError) as e:

@@ -378,13 +378,13 @@ def main(argv):
 
 def _out_dir(f, saved: ml_collections.ConfigDict) -> str:
   """Where evaluate writes: --out, else the run (RUN/eval_<dtype> in another dtype)."""
-  trained = saved.model.get('dtype', 'float32')
+  trained = saved.model.dtype
   dtype = f.dtype or trained
   return f.out or (f.workdir if dtype == trained else os.path.join(f.workdir, f'eval_{dtype}'))
 
 
 def _evaluate(f, out: str):
-  trained = checkpointing.check_run_dir(f.workdir).model.get('dtype', 'float32')
+  trained = checkpointing.check_run_dir(f.workdir).model.dtype
   dtype = f.dtype or trained
   config, model, state = checkpointing.load_run(f.workdir, dtype=dtype)
   names = f.datasets or list(config.data.eval_sets)

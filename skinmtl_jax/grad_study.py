@@ -302,7 +302,7 @@ def main(argv):
     table, config = study_checkpoints(f.workdir, f.split, f.num_images)
   except (checkpointing.CheckpointError, ConfigError, DataError, OSError) as e:
     sys.exit(f'skinmtl_jax.grad_study: {e}')
-  name = config.get('experiment', 'run')
+  name = config.experiment
   write_csv(os.path.join(f.out, 'grad_study_checkpoints.csv'), table)
   plot(table, os.path.join(f.out, 'grad_study_checkpoints.png'),
        f'{name}: task gradients on a fixed batch of {f.num_images} images, per checkpoint')

@@ -87,7 +87,7 @@ def train_and_validation(data_cfg: ml_collections.ConfigDict) -> tuple[Split, Sp
   protocol (which image goes where) is skinmtl_jax/splits.py's.
   """
   full, known_ids, protected = _training_images(data_cfg)
-  train, validation = splits.hold_out(full, float(data_cfg.get('validation_fraction', 0.0)))
+  train, validation = splits.hold_out(full, float(data_cfg.validation_fraction))
   if protected is not None and data_cfg.extra_melanomas:
     if data_cfg.extra_melanomas != 'isic2017':
       raise DatasetUnavailableError(
@@ -98,7 +98,7 @@ def train_and_validation(data_cfg: ml_collections.ConfigDict) -> tuple[Split, Sp
       train = splits.with_extra_melanomas(
           train, extras, protected, known_ids=known_ids,
           paper=bool(data_cfg.paper_protocol_train_on_test_images),
-          control=bool(data_cfg.get('paper_protocol_matched_control', False)))
+          control=bool(data_cfg.paper_protocol_matched_control))
     except ValueError as e:
       raise DatasetUnavailableError(str(e)) from e
   return train, validation
@@ -121,7 +121,7 @@ def _training_images(data_cfg) -> tuple[Split, set[str], splits.Protected | None
 def validation_split(data_cfg: ml_collections.ConfigDict) -> Split | None:
   """Only the validation split (None when data.validation_fraction is 0): what evaluation
   needs to fit the calibration again, without reading mtl4's extra melanomas."""
-  if float(data_cfg.get('validation_fraction', 0.0)) <= 0:
+  if float(data_cfg.validation_fraction) <= 0:
     return None
   return splits.hold_out(_training_images(data_cfg)[0],
                          float(data_cfg.validation_fraction))[1]

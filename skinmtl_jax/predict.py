@@ -317,7 +317,7 @@ def main(argv):
                                      warn_missing=True)
   decision = uncertainty.load(FLAGS.workdir, checkpointing.step_of(state), fingerprint,
                               warn_missing=True)
-  dtype = config.model.get('dtype', 'float32')
+  dtype = config.model.dtype
   if calibration is not None and (FLAGS.tta or dtype != calibration.get('dtype', 'float32')):
     logging.warning('The calibration was fitted on single-view %s outputs; it is applied to '
                     '%s%s outputs here (recorded in each line as calibration_fitted_on).',

@@ -224,7 +224,7 @@ class _Validation:
   KEYS = ('dice', 'iou', 'auc', 'ap', 'brier', 'recall_melanoma', 'tnr')
 
   def __init__(self, config, model, data: '_Data', writer):
-    epochs = config.get('eval_every_epochs', 0)
+    epochs = config.eval_every_epochs
     steps_per_epoch = max(1, data.train_input.examples_per_epoch // config.batch_size)
     self.every = epochs * steps_per_epoch if data.validation is not None else 0
     if epochs and data.validation is None:

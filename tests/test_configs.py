@@ -122,3 +122,19 @@ def test_every_field_fact_names_a_field_whose_default_it_allows():
     holder = cfg[group] if group else cfg
     assert key in holder, name
     assert not field.choices or holder[key] in field.choices, name
+
+
+def test_a_saved_config_is_read_on_todays_defaults():
+  """A run's config.json from before fields existed loads with every field: the value the run
+  behaved as where it differs from today's default (data.validation_fraction: older runs
+  trained on every image), else the default; its own values and fields the code dropped stay."""
+  saved = config_base.get_config().to_dict()
+  del saved['num_seeds'], saved['decision'], saved['model']['dtype']
+  del saved['data']['validation_fraction']
+  saved['model']['cls_hidden'], saved['dropped_since'] = 7, 'kept'
+  c = config_base.from_saved(saved)
+  assert c.num_seeds == 1 and c.model.dtype == 'float32'
+  assert c.decision.to_dict() == config_base.get_config().decision.to_dict()
+  assert c.data.validation_fraction == 0.0
+  assert c.model.cls_hidden == 7 and c.dropped_since == 'kept'
+  config_base.validate_config(c)

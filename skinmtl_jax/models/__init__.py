@@ -15,7 +15,7 @@ def create_model(cfg: ml_collections.ConfigDict):
   """Builds the flax module named by `cfg.arch` from the model config `cfg`. The U-Net's
   convolution is chosen here, once, for JAX's default backend (`conv.select`: our CPU kernels
   or XLA's, by `cfg.conv_impl`)."""
-  dtype = jnp.dtype(cfg.get('dtype', 'float32'))
+  dtype = jnp.dtype(cfg.dtype)
   if cfg.arch == 'resnet50':
     return ResNet50(width=cfg.resnet_width, cls_hidden=cfg.cls_hidden,
                     k_features=(cfg.features[1], cfg.features[0]), dtype=dtype)
@@ -26,7 +26,7 @@ def create_model(cfg: ml_collections.ConfigDict):
         reverse_stop_gradient=cfg.reverse_stop_gradient,
         encoder_pool_levels=cfg.encoder_pool_levels, cbam=cfg.cbam,
         cbam_reduction=cfg.cbam_reduction, dtype=dtype,
-        conv_general_dilated=conv.select(cfg.get('conv_impl', 'auto'), dtype))
+        conv_general_dilated=conv.select(cfg.conv_impl, dtype))
   raise ValueError(f'model.arch={cfg.arch!r} is unknown; expected one of {ARCHITECTURES}.')
 
 
