@@ -67,19 +67,9 @@ def has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
 
 
-def step_of(state: TrainState) -> int:
-  """The step of a (stacked) state as an int."""
-  # Members move in lockstep, so any member's step will do: this process's first shard (a
-  # multi-host state split by member is not fully addressable from one process).
-  step = state.step
-  if isinstance(step, jax.Array):
-    step = step.addressable_shards[0].data
-  return int(np.asarray(step).reshape(-1)[0])
-
-
 def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
   """Saves `state` at its step."""
-  manager.save(step_of(state), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  manager.save(steps.step_of(state), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
 
 
 class _WithoutClosedLoopTracebacks:

@@ -241,7 +241,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
   """
   eval_step = jax.jit(functools.partial(evaluation_step, model=model,
                                         threshold=config.threshold))
-  step = checkpointing.step_of(state)
+  step = steps.step_of(state)
   fingerprint = steps.model_fingerprint(state)
   dtype = config.model.get('dtype', 'float32')
   decision_cfg = uncertainty.DecisionConfig.from_config(config)
@@ -411,7 +411,7 @@ def _evaluate(f, out: str):
         for name in (*config.data.eval_sets, *names, 'calibration', 'decision', 'validation'):
           results.pop(name, None)
       break
-  results.update({'params': steps.num_params(state), 'steps': checkpointing.step_of(state)})
+  results.update({'params': steps.num_params(state), 'steps': steps.step_of(state)})
   results.pop('compute_dtype', None)
   if dtype != trained:
     results['compute_dtype'] = dtype

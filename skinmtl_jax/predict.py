@@ -311,11 +311,11 @@ def main(argv):
     sys.exit(f'skinmtl_jax.predict: {e}')
   predict = make_predictor(model, state, FLAGS.tta)
   checkpoint = os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints',
-                            str(checkpointing.step_of(state)))
+                            str(steps.step_of(state)))
   fingerprint = steps.model_fingerprint(state)
-  calibration = calibration_lib.load(FLAGS.workdir, checkpointing.step_of(state), fingerprint,
+  calibration = calibration_lib.load(FLAGS.workdir, steps.step_of(state), fingerprint,
                                      warn_missing=True)
-  decision = uncertainty.load(FLAGS.workdir, checkpointing.step_of(state), fingerprint,
+  decision = uncertainty.load(FLAGS.workdir, steps.step_of(state), fingerprint,
                               warn_missing=True)
   dtype = config.model.dtype
   if calibration is not None and (FLAGS.tta or dtype != calibration.get('dtype', 'float32')):

@@ -37,6 +37,16 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
+def step_of(state: TrainState) -> int:
+  """The step of a (stacked) state as an int."""
+  # Members move in lockstep, so any member's step will do: this process's first shard (a
+  # multi-host state split by member is not fully addressable from one process).
+  step = state.step
+  if isinstance(step, jax.Array):
+    step = step.addressable_shards[0].data
+  return int(np.asarray(step).reshape(-1)[0])
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict, num_train_steps: int):
   """The learning rate decaying exponentially from its initial to its final value over
   `num_train_steps`."""

@@ -100,9 +100,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   manager = checkpointing.create_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   if manager.latest_step() is not None:
     state = checkpointing.restore(manager, state)
-    logging.info('Resumed from step %d.', checkpointing.step_of(state))
-  data.train_input.start(checkpointing.step_of(state))
-  rescheduled = _warn_about_changes(config, changes, data, checkpointing.step_of(state))
+    logging.info('Resumed from step %d.', steps.step_of(state))
+  data.train_input.start(steps.step_of(state))
+  rescheduled = _warn_about_changes(config, changes, data, steps.step_of(state))
 
   # Steps: the same loss, batches and member loop for the update and the gradient study.
   step_kw = dict(loss=losses.LossConfig.from_config(config.loss),
@@ -131,7 +131,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       _write_curves(writer, workdir)
 
   # Evaluation.
-  results = {'params': steps.num_params(state), 'steps': checkpointing.step_of(state),
+  results = {'params': steps.num_params(state), 'steps': steps.step_of(state),
              **rescheduled,
              'num_seeds': config.num_seeds, 'train_seconds_this_run': round(time.time() - t0, 1),
              'train_examples': len(data.train.source), **data.train.info}
@@ -254,7 +254,7 @@ def _train_loop(state, train_step, train_input, manager, writer, progress, study
   """Steps from the state's step to `total_steps`: logs the members' mean metrics every
   `log_every` steps, saves every `checkpoint_every` steps, at the end and on SIGTERM (then
   raises Preempted), and stops on a non-finite loss or gradient before any save."""
-  start_step = checkpointing.step_of(state)
+  start_step = steps.step_of(state)
   study.resume(start_step)
   pending = []  # (step, metrics) since the last log; read back only at log and save steps
   with preemption_lib.SigtermFlag(manager) as preemption:

@@ -8,9 +8,9 @@ leaves a stale lock behind; a second run on the same workdir is refused by name.
 `config.json` before anything is written. A run that has checkpoints or metrics may only change
 the fields that config_base.FIELDS marks `rerun` (`CHANGEABLE`: how long to train, how often to
 log and save, what to evaluate on, where the data lies); any other change would resume a state
-trained under other settings, or not resume at all, so it is refused with the fields named. `data.validation_fraction` is not
-changeable (it changes the training set), and a run saved before the field existed counts as
-having 0 (its Field.before in config_base).
+trained under other settings, or not resume at all, so it is refused with the fields named.
+`data.validation_fraction` is not changeable (it changes the training set), and a run saved
+before the field existed counts as having 0 (its Field.before in config_base).
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_restorable(tmp_
   shutil.copytree(ckpt / '6', partial)
   shutil.rmtree(partial / 'state')
   state = _final_state(tmp_path, 6)
-  assert checkpointing.step_of(state) == 6
+  assert steps.step_of(state) == 6
 
 
 def test_config_errors_stop_before_any_work(tmp_path):

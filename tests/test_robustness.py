@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import ROOT, tiny_config
 from skinmtl_jax import calibration as calibration_lib
-from skinmtl_jax import checkpointing, config_base, preemption, workdir, writers
+from skinmtl_jax import checkpointing, config_base, preemption, steps, workdir, writers
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets import files
 
@@ -73,7 +73,7 @@ def test_rerun_with_another_architecture_is_refused_and_leaves_the_run_intact(tr
   assert _snapshot(run) == before
   assert sorted(os.listdir(run / 'checkpoints')) == ['3', '6']
   _, _, state = checkpointing.load_run(str(run))  # predict and evaluate still work on it
-  assert checkpointing.step_of(state) == 6
+  assert steps.step_of(state) == 6
 
 
 def test_which_config_changes_a_rerun_may_make(trained, tmp_path):
@@ -164,7 +164,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(trained, 
   run = _copy(trained, tmp_path)
   _damage(run, 6)
   _, _, state = checkpointing.load_run(str(run))
-  assert checkpointing.step_of(state) == 3
+  assert steps.step_of(state) == 3
   (run / 'checkpoints' / '3' / 'state' / '_METADATA').unlink()  # and one without metadata
   r = _run('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "out"}', 'x.png')
   _assert_refused(r, 'None of the checkpoints', str(run / 'checkpoints'))
@@ -181,7 +181,7 @@ def test_non_finite_weights_are_taken_for_damage(trained, tmp_path):
   assert manager.latest_step() == 9
   manager.close()
   _, _, state = checkpointing.load_run(str(run))
-  assert checkpointing.step_of(state) == 6
+  assert steps.step_of(state) == 6
   assert np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])).all()
 
 
@@ -198,7 +198,7 @@ def test_training_resumes_from_the_newest_intact_checkpoint(trained, tmp_path):
   assert manager.all_steps() == [3, 6, 9]  # step 6 trained and saved again
   manager.close()
   _, _, state = checkpointing.load_run(str(run), step=6)
-  assert checkpointing.step_of(state) == 6
+  assert steps.step_of(state) == 6
 
 
 # ---------------------------------------------------------- 7. SIGTERM outside the train loop
@@ -543,7 +543,7 @@ def test_a_checkpoint_rotated_away_while_read_is_tried_again_not_called_damaged(
     return real(manager, template, step)
   monkeypatch.setattr(checkpointing, '_restore_step', rotating)
   _, _, state = checkpointing.load_run(str(run))
-  assert checkpointing.step_of(state) == 3        # the copy saved as 9 holds step 3's state
+  assert steps.step_of(state) == 3        # the copy saved as 9 holds step 3's state
   assert 'removed while it was read' in caplog.text and 'damaged' not in caplog.text
 
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from conftest import ROOT, tiny_config
-from skinmtl_jax import checkpointing, input_pipeline, models, steps
+from skinmtl_jax import input_pipeline, models, steps
 
 
 @functools.lru_cache
@@ -123,7 +123,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'Resumed from step 3' in r.stderr
   a, b = _final_params(tmp_path / 'full'), _final_params(tmp_path / 'resumed')
-  assert checkpointing.step_of(a) == checkpointing.step_of(b) == 6
+  assert steps.step_of(a) == steps.step_of(b) == 6
   for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
                   jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
     np.testing.assert_array_equal(x, y)
