@@ -220,12 +220,17 @@ def fit_calibration(eval_step, state, validation: splits.Split, *,
   return fitted, r['per_image']
 
 
-def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir: str,
-                        splits: dict[str, splits.Split],
-                        results: dict[str, Any], write: bool = True,
+def evaluate_and_report(state, model, workdir: str, splits: dict[str, splits.Split],
+                        results: dict[str, Any], *, experiment: str, model_cfg,
+                        decision_cfg: uncertainty.DecisionConfig, threshold: float,
+                        batch_size: int, write: bool = True,
                         validation: splits.Split | None = None,
                         calibration_dir: str | None = None) -> dict[str, Any]:
   """Evaluates `state` on each split (by eval set name) and writes every artifact into `workdir`.
+
+  The run's settings: `experiment` (the config's name, in headings), `model_cfg` (config.model:
+  its arch and compute dtype), `decision_cfg` (config.decision, read once), `threshold` and
+  `batch_size` (config.threshold, config.eval_batch_size).
 
   `results` holds what is known already (params, steps, data provenance); the evaluation
   entries are added to it and the whole is written as metrics.json. With a `validation` split,
@@ -239,16 +244,14 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
   (whether the flag finds the errors; the validation split's, in-sample, under 'validation').
   With `write=False` (processes other than the first of a multi-host run) nothing is written.
   """
-  eval_step = jax.jit(functools.partial(evaluation_step, model=model,
-                                        threshold=config.threshold))
+  eval_step = jax.jit(functools.partial(evaluation_step, model=model, threshold=threshold))
   step = steps.step_of(state)
   fingerprint = steps.model_fingerprint(state)
-  dtype = config.model.get('dtype', 'float32')
-  decision_cfg = uncertainty.DecisionConfig.from_config(config)
+  dtype = model_cfg.dtype
   judged = {}  # name -> (labels, per_image): the sets whose review is assessed and reported
   if validation is not None and len(validation.source):
     calibration, per_image = fit_calibration(eval_step, state, validation,
-                                             batch_size=config.eval_batch_size)
+                                             batch_size=batch_size)
     if calibration is not None:  # what it was fitted on: single views, this compute dtype
       calibration['dtype'] = dtype
     decision = uncertainty.fit_decision(validation.labels, per_image, decision_cfg,
@@ -266,7 +269,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
   results['decision'] = decision
   predict_jit = jax.jit(functools.partial(steps.ensemble_predictions, model=model))
   predict_fn = lambda images: jax.device_get(predict_jit(state, images))
-  sections = [f'# Results of {config.experiment}', '',
+  sections = [f'# Results of {experiment}', '',
               f'Step {results.get("steps")}; {results.get("params")} parameters. Percentages. '
               'TPR = support-weighted recall (the paper\'s "TPR"), TNR = benign recall, '
               'F1 = support-weighted F1; MCC, IoU, DSC are per-image means.', '']
@@ -274,13 +277,13 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
     sections += ['**WARNING: trained with data.paper_protocol_train_on_test_images=True: the '
                  'training set contains evaluation images. These numbers are not a fair test.**',
                  '']
-  if config.model.arch == 'resnet50':
+  if model_cfg.arch == 'resnet50':
     sections += ['ResNet-50 is trained from scratch (no pretrained weights can be downloaded '
                  'here); the paper does not say whether its baseline was pretrained.', '']
   sections.append(report.decision_section(decision, calibration))
   if 'validation' in judged:
     labels, per_image = judged['validation']
-    review = _review(labels, per_image, decision, config, decision_cfg)
+    review = _review(labels, per_image, decision, threshold, decision_cfg)
     results['validation'] = {'n': len(labels), 'review': review,
                              'operating_point': uncertainty.at_operating_point(
                                  labels, per_image.get('melanoma_prob'), decision)}
@@ -290,12 +293,12 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
     if write:
       report.write_per_image(os.path.join(workdir, 'per_image_validation.csv'), per_image)
       report.referral(os.path.join(workdir, 'referral_validation.png'), review,
-                      f'{config.experiment}: validation (in-sample)',
+                      f'{experiment}: validation (in-sample)',
                       seg_error_dice=decision_cfg.seg_error_dice)
     review.pop('per_image')
   for name, split in splits.items():
-    r = evaluate_split(eval_step, state, split, batch_size=config.eval_batch_size,
-                       threshold=config.threshold)
+    r = evaluate_split(eval_step, state, split, batch_size=batch_size,
+                       threshold=threshold)
     per_image = r.pop('per_image')
     results[name] = r
     # The calibration is of what predict gives: the single model, or the ensemble's average.
@@ -304,41 +307,42 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
     if calibration is not None and 'melanoma_prob' in per_image:
       calibrated = calibration_lib.apply(per_image['melanoma_prob'], calibration)
       target['calibrated'] = calibrated_scores(split.labels, per_image['melanoma_prob'],
-                                               calibration, threshold=config.threshold)
-    sections.append(report.report_section(name, r, config.experiment, results.get('params', 0),
-                                          threshold=config.threshold))
+                                               calibration, threshold=threshold)
+    sections.append(report.report_section(name, r, experiment, results.get('params', 0),
+                                          threshold=threshold))
     if 'ensemble' in r:
-      sections.append(report.report_section(name, r['ensemble'], f'{config.experiment} ensemble of '
+      sections.append(report.report_section(name, r['ensemble'], f'{experiment} ensemble of '
                                      f'{len(r["members"])}', results.get('params', 0),
-                                     paper_config=config.experiment, heading=False))
-    label = f'{config.experiment} ensemble' if 'ensemble' in r else config.experiment
+                                     paper_config=experiment, heading=False))
+    label = f'{experiment} ensemble' if 'ensemble' in r else experiment
     sections.append(report.calibration_section(target, calibration, label,
-                                               threshold=config.threshold))
+                                               threshold=threshold))
     op = uncertainty.at_operating_point(split.labels, per_image.get('melanoma_prob'), decision)
     if op is not None:
       target['operating_point'] = op
-      sections.append(report.operating_point_section(target, label, threshold=config.threshold))
-    review = _review(split.labels, per_image, decision, config, decision_cfg)
+      sections.append(report.operating_point_section(target, label, threshold=threshold))
+    review = _review(split.labels, per_image, decision, threshold, decision_cfg)
     target['review'] = review
     sections.append(report.review_section(name, review, decision,
                                           seg_error_dice=decision_cfg.seg_error_dice))
     if write:
       report.referral(os.path.join(workdir, f'referral_{name}.png'), review,
-                      f'{config.experiment}: {name}', seg_error_dice=decision_cfg.seg_error_dice)
+                      f'{experiment}: {name}', seg_error_dice=decision_cfg.seg_error_dice)
     review.pop('per_image')
     if not write:
       continue
     report.write_per_image(os.path.join(workdir, f'per_image_{name}.csv'), per_image)
     if r['dice'] is not None:
-      report.boxplot(os.path.join(workdir, f'boxplot_{name}.png'), per_image, f'{config.experiment}: {name}')
+      report.boxplot(os.path.join(workdir, f'boxplot_{name}.png'), per_image,
+                     f'{experiment}: {name}')
     if r['auc'] is not None and np.isfinite(r['auc']):
       report.roc(os.path.join(workdir, f'roc_{name}.png'), per_image['label'],
-           per_image['melanoma_prob'], r['auc'], f'{config.experiment}: {name}')
+           per_image['melanoma_prob'], r['auc'], f'{experiment}: {name}')
     if 'melanoma_prob' in per_image:
       report.reliability(os.path.join(workdir, f'reliability_{name}.png'), per_image['label'],
-                   per_image['melanoma_prob'], calibrated, f'{config.experiment}: {name}')
+                   per_image['melanoma_prob'], calibrated, f'{experiment}: {name}')
     report.overlays(os.path.join(workdir, f'overlays_{name}.png'), split, per_image, predict_fn,
-              config.threshold, f'{config.experiment}: {name}')
+              threshold, f'{experiment}: {name}')
   if not write:
     return results
   report.write_json(os.path.join(workdir, 'metrics.json'), results)
@@ -347,10 +351,11 @@ def evaluate_and_report(config: ml_collections.ConfigDict, state, model, workdir
   return results
 
 
-def _review(labels, per_image: dict[str, list], decision, config, decision_cfg) -> dict:
+def _review(labels, per_image: dict[str, list], decision, threshold: float,
+            decision_cfg) -> dict:
   """uncertainty.assess on one set; its per-image columns are added to `per_image` (for the
   CSV)."""
-  review = uncertainty.assess(labels, per_image, decision, fallback_threshold=config.threshold,
+  review = uncertainty.assess(labels, per_image, decision, fallback_threshold=threshold,
                               seg_error_dice=decision_cfg.seg_error_dice)
   per_image.update(review['per_image']['columns'])
   return review
@@ -417,8 +422,11 @@ def _evaluate(f, out: str):
     results['compute_dtype'] = dtype
     logging.info('Evaluating in %s (trained in %s) into %s.', dtype, trained, out)
   os.makedirs(out, exist_ok=True)
-  results = evaluate_and_report(config, state, model, out, splits, results,
-                                validation=validation, calibration_dir=f.workdir)
+  results = evaluate_and_report(
+      state, model, out, splits, results, experiment=config.experiment, model_cfg=config.model,
+      decision_cfg=uncertainty.DecisionConfig.from_config(config.decision),
+      threshold=config.threshold, batch_size=config.eval_batch_size, validation=validation,
+      calibration_dir=f.workdir)
   if in_run:  # the run's own TensorBoard files
     tensorboard = writers.TensorboardWriter(f.workdir)
     writers.write_figures(tensorboard, results['steps'], report.figures(f.workdir))

@@ -13,7 +13,8 @@ import ml_collections
 import numpy as np
 
 from skinmtl_jax import (checkpointing, device_input, evaluate, grad_study, input_pipeline,
-                         losses, models, parallel, report, splits, steps, writers)
+                         losses, models, parallel, report, splits, steps, uncertainty,
+                         writers)
 from skinmtl_jax import preemption as preemption_lib
 from skinmtl_jax import workdir as workdir_lib
 from skinmtl_jax import config_base
@@ -297,9 +298,12 @@ def _evaluate(config, state, model, workdir: str, data: _Data, results: dict, wr
                                and config.data.paper_protocol_train_on_test_images):
     results['trained_on_test_images'] = True
   # Every process evaluates its own copy (no collectives); process 0 writes the artifacts.
-  results = evaluate.evaluate_and_report(config, parallel.to_local(state), model, workdir,
-                                         data.eval, results, write=jax.process_index() == 0,
-                                         validation=data.validation)
+  results = evaluate.evaluate_and_report(
+      parallel.to_local(state), model, workdir, data.eval, results,
+      experiment=config.experiment, model_cfg=config.model,
+      decision_cfg=uncertainty.DecisionConfig.from_config(config.decision),
+      threshold=config.threshold, batch_size=config.eval_batch_size,
+      write=jax.process_index() == 0, validation=data.validation)
   for name in config.data.eval_sets:
     r = results[name]
     writer.write_scalars(results['steps'], {f'{name}/{key}': v for key, v in r.items()

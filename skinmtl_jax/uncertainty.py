@@ -91,10 +91,9 @@ class DecisionConfig(NamedTuple):
   seg_error_dice: float = 0.7
 
   @classmethod
-  def from_config(cls, config) -> 'DecisionConfig':
-    # .get: a run saved before the group existed (its config.json) reads the defaults.
-    group = config.get('decision', None) or {}
-    return cls(**{k: type(v)(group.get(k, v)) for k, v in cls._field_defaults.items()})
+  def from_config(cls, decision_cfg) -> 'DecisionConfig':
+    # .get: a group without a field (made by hand, not by config_base) reads the default.
+    return cls(**{k: type(v)(decision_cfg.get(k, v)) for k, v in cls._field_defaults.items()})
 
 
 # ------------------------------------------------------------------ per image and per pixel

@@ -298,7 +298,8 @@ def test_the_decision_fields_are_validated():
   c = tiny_config()
   del c['decision']                                  # a run saved before the group existed
   config_base.validate_config(c)
-  assert uncertainty.DecisionConfig.from_config(c) == uncertainty.DecisionConfig()
+  assert (uncertainty.DecisionConfig.from_config(config_base.from_saved(c.to_dict()).decision)
+          == uncertainty.DecisionConfig())
 
 
 @pytest.fixture(scope='module')
@@ -358,14 +359,17 @@ def test_evaluation_fits_on_the_validation_split_and_reports_the_referral(two_me
     validation = _subset(test, np.r_[p, n], 'validation')
     run = tmp_path / f'run{k}'
     run.mkdir()
-    results = evaluate.evaluate_and_report(cfg, state, model, str(run), {'test': test},
-                                           {'params': 1, 'steps': 0}, validation=validation)
+    results = evaluate.evaluate_and_report(
+        state, model, str(run), {'test': test}, {'params': 1, 'steps': 0},
+        experiment=cfg.experiment, model_cfg=cfg.model,
+        decision_cfg=uncertainty.DecisionConfig.from_config(cfg.decision),
+        threshold=cfg.threshold, batch_size=cfg.eval_batch_size, validation=validation)
     d = json.loads((run / 'decision.json').read_text())
     with open(run / 'per_image_validation.csv', encoding='utf-8') as f:
       rows = list(csv.DictReader(f))
     columns = {key: [float(r[key]) for r in rows] for key in rows[0] if key != 'id'}
     again = uncertainty.fit_decision([int(v) for v in columns['label']], columns,
-                                     uncertainty.DecisionConfig.from_config(cfg))
+                                     uncertainty.DecisionConfig.from_config(cfg.decision))
     assert d['review']['mask_dice_min'] == pytest.approx(again['review']['mask_dice_min'])
     assert d['operating_point']['threshold'] == pytest.approx(
         again['operating_point']['threshold'])
