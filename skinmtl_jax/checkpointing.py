@@ -99,24 +99,36 @@ class _WithoutClosedLoopTracebacks:
 @contextlib.contextmanager
 def _quiet_failed_reads():
   """Within the block, a failed restore's in-flight reads do not print their tracebacks: those
-  that tensorstore's threads write (_WithoutClosedLoopTracebacks), and orbax's read coroutines
-  that the closed loop left with their error unretrieved ("Exception ignored in" when they are
-  collected). The failure itself is reported once, by `restore`. sys.stderr and
-  sys.unraisablehook are restored when the block ends."""
+  that tensorstore's threads write (_WithoutClosedLoopTracebacks; sys.stderr is restored when the
+  block ends), and orbax's read coroutines that the closed loop left with their error
+  unretrieved ("Exception ignored in" when they are collected). Those coroutines can be
+  collected after the block ends (still in flight on a loaded machine, or held by the reported
+  error's chain until the process exits), so the filter that drops exactly their unretrieved
+  errors is installed once and stays; every other unraisable exception goes to the hook that
+  was there before. The failure itself is reported once, by `restore`."""
+  _ignore_unretrieved_reads()
   if isinstance(sys.stderr, _WithoutClosedLoopTracebacks):  # already inside one
     yield
     return
-  stderr, previous = sys.stderr, sys.unraisablehook
+  stderr = sys.stderr
+  sys.stderr = _WithoutClosedLoopTracebacks(stderr)
+  try:
+    yield
+  finally:
+    sys.stderr = stderr
+
+
+def _ignore_unretrieved_reads() -> None:
+  previous = sys.unraisablehook
+  if getattr(previous, '_skinmtl_ignores_reads', False):
+    return
 
   def hook(unraisable):
     if getattr(unraisable.object, '__qualname__', '') != '_read_array_index_and_device_put':
       previous(unraisable)
 
-  sys.stderr, sys.unraisablehook = _WithoutClosedLoopTracebacks(stderr), hook
-  try:
-    yield
-  finally:
-    sys.stderr, sys.unraisablehook = stderr, previous
+  hook._skinmtl_ignores_reads = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 class CheckpointError(ValueError):

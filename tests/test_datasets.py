@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from skinmtl_jax import input_pipeline
+from skinmtl_jax import config_base, input_pipeline
 from skinmtl_jax.datasets import builders
 from skinmtl_jax.datasets.files import DataError
 
@@ -19,11 +19,13 @@ SIZE = (32, 48)
 @pytest.fixture(scope='session')
 def real_data_cfg(tmp_path_factory, request):
   shared = request.getfixturevalue('shared_data')
-  cfg = ml_collections.ConfigDict({
+  cfg = config_base.get_config().data   # every field a data config has, then these
+  cfg.update({
       'name': 'isic2016', 'manual_dir': str(shared), 'image_size': SIZE,
       'data_dir': str(tmp_path_factory.mktemp('tfds')), 'extra_melanomas': '',
       'paper_protocol_train_on_test_images': False, 'eval_sets': ('isic2016_test', 'ph2'),
-      'enlarge_benign': 4, 'enlarge_melanoma': 16, 'num_workers': 0})
+      'enlarge_benign': 4, 'enlarge_melanoma': 16, 'num_workers': 0,
+      'validation_fraction': 0.0})         # the counts below are of the whole training split
   return cfg
 
 
