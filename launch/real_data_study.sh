@@ -22,7 +22,7 @@
 # (scalars.jsonl's validation rows) are copied to docs/real_data_study/ (small files: what the
 # page is generated from):
 #
-#   python -m skinmtl_jax.tables --study docs/real_data_study --page=docs/real_data_study.md
+#   python -m skinmtl_jax.study docs/real_data_study --page=docs/real_data_study.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:?usage: real_data_study.sh pilot|arms [ROOT]}
