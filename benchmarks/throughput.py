@@ -340,7 +340,7 @@ class Row:
     self.spec = spec
     on_device = 'on' if spec.mode == 'resident' else 'off'
     self.cfg = cfg = make_config(spec.model, spec.dtype, spec.k, on_device)
-    self.mesh = parallel.make_mesh(cfg)
+    self.mesh = parallel.make_mesh(cfg.sharding, cfg.num_seeds, cfg.batch_size)
     k = cfg.num_seeds
     self.member_loop = spec.variant if spec.variant in ('vmap', 'unroll') else 'auto'
     self.model = model = models.create_model(cfg.model)

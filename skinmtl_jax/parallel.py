@@ -53,18 +53,18 @@ def maybe_initialize_distributed() -> bool:
   return True
 
 
-def make_mesh(config, devices=None) -> Mesh:
-  """The ('members', 'data') mesh of `config.sharding` over `devices` (default: all)."""
+def make_mesh(sharding: str, num_seeds: int, batch_size: int, devices=None) -> Mesh:
+  """The ('members', 'data') mesh of `sharding` (config.sharding) for a run of `num_seeds`
+  members and global batches of `batch_size`, over `devices` (default: all)."""
   devices = list(jax.devices() if devices is None else devices)
-  n, k = len(devices), config.num_seeds
-  mode = config.sharding
-  check_choice('sharding', mode)  # a caller outside a validated config
-  members = math.gcd(k, n) if mode == 'members' else 1
+  n, k = len(devices), num_seeds
+  check_choice('sharding', sharding)  # a caller outside a validated config
+  members = math.gcd(k, n) if sharding == 'members' else 1
   data = n // members
-  if config.batch_size % data:
+  if batch_size % data:
     raise ConfigError(
-        f'batch_size={config.batch_size} must be divisible by the {data} devices the batch is '
-        f'split over ({n} devices, sharding={mode!r}, num_seeds={k}); change batch_size or '
+        f'batch_size={batch_size} must be divisible by the {data} devices the batch is '
+        f'split over ({n} devices, sharding={sharding!r}, num_seeds={k}); change batch_size or '
         'use fewer devices (e.g. CUDA_VISIBLE_DEVICES).')
   return Mesh(np.array(devices).reshape(members, data), ('members', 'data'))
 

@@ -72,7 +72,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   # Checks before anything is written: a rerun must keep its config (but for the changeable
   # fields) and its training examples.
   changes = workdir_lib.check_config(config, workdir)
-  mesh = parallel.make_mesh(config)
+  mesh = parallel.make_mesh(config.sharding, config.num_seeds, config.batch_size)
   logging.info('Mesh %s over %d device(s) in %d process(es).', dict(mesh.shape),
                jax.device_count(), jax.process_count())
   data = _Data(config, mesh)

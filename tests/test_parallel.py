@@ -66,15 +66,16 @@ def test_a_run_on_four_devices_with_members_on_the_mesh_trains_and_evaluates(sha
 def test_mesh_shapes_and_batch_divisibility():
   cfg = tiny_config()
   devices = [jax.devices()[0]] * 1
-  assert dict(parallel.make_mesh(cfg, devices).shape) == {'members': 1, 'data': 1}
+  assert dict(parallel.make_mesh(cfg.sharding, cfg.num_seeds, cfg.batch_size,
+                                 devices).shape) == {'members': 1, 'data': 1}
   cfg.sharding = 'nonsense'
   with pytest.raises(ConfigError, match='sharding'):
-    parallel.make_mesh(cfg, devices)
+    parallel.make_mesh(cfg.sharding, cfg.num_seeds, cfg.batch_size, devices)
 
 
 def test_local_slices_of_a_single_process_are_the_whole_batch():
   cfg = tiny_config()
-  mesh = parallel.make_mesh(cfg)
+  mesh = parallel.make_mesh(cfg.sharding, cfg.num_seeds, cfg.batch_size)
   assert parallel.local_slices(parallel.batch_sharding(mesh, True), (4,)) == (slice(0, 4),)
   assert parallel.local_slices(parallel.batch_sharding(mesh, False), (2, 4)) == (slice(0, 2),
                                                                                   slice(0, 4))
