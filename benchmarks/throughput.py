@@ -350,7 +350,10 @@ class Row:
       self.state = steps.create_train_state(model, tx, steps.member_keys(FLAGS.seed, k),
                                             tuple(cfg.data.image_size),
                                             sharding=parallel.state_sharding(self.mesh))
-      self.input = device_input.TrainInput(split, cfg, self.mesh)
+      self.input = device_input.TrainInput(
+          split, cfg.data, self.mesh, batch_size=cfg.batch_size, num_seeds=k,
+          data_seed=cfg.seed if cfg.data_seed < 0 else cfg.data_seed,
+          shared_order=cfg.seed_data_order == 'shared')
       self.step = steps.make_train_step(
           model, tx, loss=losses.LossConfig.from_config(cfg.loss),
           shared_batch=cfg.seed_data_order == 'shared', mesh=self.mesh, inputs=self.input.inputs,

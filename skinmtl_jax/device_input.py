@@ -144,21 +144,24 @@ class TrainInput:
     resident: whether the training split lives on the device.
     examples_per_epoch: enlarged training examples per epoch.
 
+  `split` is the training split and `data_cfg` config.data; the run's `batch_size` and
+  `num_seeds` (members) shape each global batch, (K,) B or B when the members share one order
+  (`shared_order`, config.seed_data_order == 'shared'); member i reads the order of seed
+  `data_seed + i`, the first member's alone when shared.
+
   `start(step)` starts the batches at the one of `step` (the restored step of a resumed run;
   without it, the first); then `next(train_input)` gives one global batch per step.
   """
 
-  def __init__(self, split: splits.Split, config: ml_collections.ConfigDict,
-               mesh: Mesh):
-    data_cfg = config.data
+  def __init__(self, split: splits.Split, data_cfg: ml_collections.ConfigDict, mesh: Mesh, *,
+               batch_size: int, num_seeds: int, data_seed: int, shared_order: bool):
     self._split, self._data_cfg = split, data_cfg
-    self._shared = config.seed_data_order == 'shared'
-    k, self._batch_size = config.num_seeds, config.batch_size
+    self._shared = shared_order
+    k, self._batch_size = num_seeds, batch_size
     self._sharding = parallel.batch_sharding(mesh, self._shared)
     self._lead = (self._batch_size,) if self._shared else (k, self._batch_size)
     # Only what this process's devices hold: its rows of each batch, and its members.
     self._local = parallel.local_slices(self._sharding, self._lead)
-    data_seed = config.seed if config.data_seed < 0 else config.data_seed
     members = [0] if self._shared else list(range(k))[self._local[0]]
     self._seeds = [data_seed + i for i in members]
     self.resident = decide_on_device(data_cfg, len(split.source))

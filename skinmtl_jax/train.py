@@ -180,7 +180,10 @@ class _Data:
     self.train, self.validation = input_pipeline.train_and_validation(config.data)
     # Fetched (and prepared) before training, so a missing test set stops the run at once.
     self.eval = {s: input_pipeline.get_split(config.data, s) for s in config.data.eval_sets}
-    self.train_input = device_input.TrainInput(self.train, config, mesh)
+    self.train_input = device_input.TrainInput(
+        self.train, config.data, mesh, batch_size=config.batch_size, num_seeds=config.num_seeds,
+        data_seed=config.seed if config.data_seed < 0 else config.data_seed,
+        shared_order=config.seed_data_order == 'shared')
     self.total_steps = num_steps(config, self.train_input.examples_per_epoch)
     logging.info('%s: %d examples, %d after enlargement; %d steps of batch %d; %d member(s); '
                  'training data %s.', self.train.name, len(self.train.source),
