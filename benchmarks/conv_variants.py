@@ -207,7 +207,7 @@ def part_model(cfg, b):
   size = tuple(cfg.data.image_size)
   batch = random_batch(b, size)
   model = models.create_model(cfg.model)
-  tx = steps.create_optimizer(cfg, 1000)
+  tx = steps.create_optimizer(cfg.optim, 1000)
   loss = losses.LossConfig.from_config(cfg.loss)
   print(f'\n## Whole model: {cfg.experiment}, {size[0]}x{size[1]}, batch {b}\n', flush=True)
   built = {}

@@ -48,7 +48,7 @@ def main(argv):
   ds, _ = input_pipeline.train_dataset(split, cfg.data, batch_size=cfg.batch_size, seed=0)
   batch = next(iter(ds))
   model = models.create_model(cfg.model)
-  tx = steps.create_optimizer(cfg, 1000)
+  tx = steps.create_optimizer(cfg.optim, 1000)
   make = functools.partial(steps.make_train_step, model, tx, shared_batch=True)
   size = tuple(cfg.data.image_size)
   # One member: the plain step (unrolling one member is no loop at all).

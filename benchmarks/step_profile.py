@@ -80,7 +80,7 @@ def main(argv):
   cfg = FLAGS.config
   size = tuple(int(v) for v in FLAGS.image_size)
   model = models.create_model(cfg.model)
-  tx = steps.create_optimizer(cfg, 1000)
+  tx = steps.create_optimizer(cfg.optim, 1000)
   state = steps.create_train_state(model, tx, steps.member_keys(0, 1), size)
   batch = jax.device_put(random_batch(FLAGS.batch, size, np.random.default_rng(0)))
   if FLAGS.infer:

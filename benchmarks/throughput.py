@@ -344,7 +344,7 @@ class Row:
     k = cfg.num_seeds
     self.member_loop = spec.variant if spec.variant in ('vmap', 'unroll') else 'auto'
     self.model = model = models.create_model(cfg.model)
-    tx = steps.create_optimizer(cfg, 1000)
+    tx = steps.create_optimizer(cfg.optim, 1000)
     self.variant = lambda: variant_context(spec)
     with self.variant():
       self.state = steps.create_train_state(model, tx, steps.member_keys(FLAGS.seed, k),

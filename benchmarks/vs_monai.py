@@ -113,7 +113,7 @@ class Ours:
         f' (convolutions: {conv_impl_name(conv_impl, dtype)}, {dtype})')
     self._variant = functools.partial(conv_variants.flax_upconv, flax_upconv)
     self.model = models.create_model(cfg.model)
-    tx = steps.create_optimizer(cfg, 1000)
+    tx = steps.create_optimizer(cfg.optim, 1000)
     self.size = size
     with self._variant():
       self.state = steps.create_train_state(self.model, tx, steps.member_keys(FLAGS.seed, 1),

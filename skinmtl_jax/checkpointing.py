@@ -282,7 +282,7 @@ def load_run(workdir: str, step: int | None = None, dtype: str | None = None):
   try:
     model = models.create_model(config.model)
     keys = steps.member_keys(0, config.num_seeds)
-    template = steps.create_train_state(model, steps.create_optimizer(config, 1), keys,
+    template = steps.create_train_state(model, steps.create_optimizer(config.optim, 1), keys,
                                         tuple(config.data.image_size))
   except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError) as e:
     raise CheckpointError(f'{os.path.join(workdir, "config.json")} does not describe a model '

@@ -47,21 +47,20 @@ def step_of(state: TrainState) -> int:
   return int(np.asarray(step).reshape(-1)[0])
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, num_train_steps: int):
-  """The learning rate decaying exponentially from its initial to its final value over
-  `num_train_steps`."""
-  o = config.optim
+def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, num_train_steps: int):
+  """The learning rate decaying exponentially from its initial to its final value
+  (config.optim) over `num_train_steps`."""
+  o = optim_cfg
   return optax.exponential_decay(o.learning_rate, transition_steps=max(num_train_steps, 1),
                                  decay_rate=o.final_learning_rate / o.learning_rate)
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
+def create_optimizer(optim_cfg: ml_collections.ConfigDict,
                      num_train_steps: int) -> optax.GradientTransformation:
-  """Adam with `learning_rate_schedule`."""
-  o = config.optim
+  """Adam of `optim_cfg` (config.optim) with `learning_rate_schedule`."""
+  o = optim_cfg
   return optax.inject_hyperparams(optax.adam)(
-      learning_rate=learning_rate_schedule(config, num_train_steps), b1=o.b1, b2=o.b2,
-      eps=o.eps)
+      learning_rate=learning_rate_schedule(o, num_train_steps), b1=o.b1, b2=o.b2, eps=o.eps)
 
 
 def to_float_images(images: Array) -> Array:

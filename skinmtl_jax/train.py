@@ -91,7 +91,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   # Model, optimizer and state (resumed from the latest checkpoint, if any).
   model = models.create_model(config.model)
-  tx = steps.create_optimizer(config, data.total_steps)
+  tx = steps.create_optimizer(config.optim, data.total_steps)
   state = steps.create_train_state(model, tx, steps.member_keys(config.seed, config.num_seeds),
                                    tuple(config.data.image_size),
                                    sharding=parallel.state_sharding(mesh))
@@ -155,7 +155,7 @@ def _warn_about_changes(config, changes: dict, data: '_Data', step: int) -> dict
         old[k] = changes[k][0]
     before = num_steps(old, data.train_input.examples_per_epoch)
     if before != data.total_steps:
-      lr = lambda total: steps.learning_rate_schedule(config, total)(step)
+      lr = lambda total: steps.learning_rate_schedule(config.optim, total)(step)
       logging.warning(
           'The run had %d steps in all and now has %d: the learning rate decays over the new '
           'total, so at step %d it jumps from %.3g to %.3g. This run is not the one a %d-step '

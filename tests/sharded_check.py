@@ -34,7 +34,7 @@ def _batches(cfg, n):
 def _train(cfg, mesh, batches):
   shared = cfg.seed_data_order == 'shared'
   model = models.create_model(cfg.model)
-  tx = steps.create_optimizer(cfg, len(batches))
+  tx = steps.create_optimizer(cfg.optim, len(batches))
   state = steps.create_train_state(model, tx, steps.member_keys(cfg.seed, cfg.num_seeds),
                                    tuple(cfg.data.image_size),
                                    sharding=parallel.state_sharding(mesh))

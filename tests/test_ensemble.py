@@ -24,7 +24,7 @@ def _train(cfg, num_steps):
                                              seed=data_seed + i)[0])
            for i in range(1 if shared else k)]
   model = models.create_model(cfg.model)
-  tx = steps.create_optimizer(cfg, num_steps)
+  tx = steps.create_optimizer(cfg.optim, num_steps)
   state = steps.create_train_state(model, tx, steps.member_keys(cfg.seed, k),
                                    tuple(cfg.data.image_size))
   step = steps.make_train_step(model, tx, shared_batch=shared)
@@ -126,7 +126,7 @@ def test_stacked_checkpoint_round_trips(tmp_path):
   checkpointing.save(manager, state)
   manager.wait_until_finished()
   template = steps.create_train_state(models.create_model(cfg.model),
-                                      steps.create_optimizer(cfg, 1), steps.member_keys(9, 2),
+                                      steps.create_optimizer(cfg.optim, 1), steps.member_keys(9, 2),
                                       tuple(cfg.data.image_size))
   restored = checkpointing.restore(manager, template)
   manager.close()

@@ -51,7 +51,7 @@ def _wait_for_step(proc, workdir, step, timeout=300):
 def _final_state(workdir, num_steps):
   cfg = tiny_config()
   model = models.create_model(cfg.model)
-  template = steps.create_train_state(model, steps.create_optimizer(cfg, num_steps),
+  template = steps.create_train_state(model, steps.create_optimizer(cfg.optim, num_steps),
                                       steps.member_keys(0, 1), tuple(cfg.data.image_size))
   manager = checkpointing.create_manager(str(workdir), read_only=True)
   try:

@@ -145,7 +145,7 @@ def test_pcgrad_training_lowers_the_loss():
   cfg = tiny_config('mtl2')
   cfg.optim.learning_rate = cfg.optim.final_learning_rate = 3e-3
   model = models.create_model(cfg.model)
-  tx = steps.create_optimizer(cfg, 12)
+  tx = steps.create_optimizer(cfg.optim, 12)
   state = steps.create_train_state(model, tx, steps.member_keys(0, 1), (32, 32))
   step = steps.make_train_step(model, tx, shared_batch=True,
                                loss=skinmtl_losses.LossConfig(balancing='pcgrad'))
@@ -162,7 +162,7 @@ def test_the_pcgrad_step_applies_the_projected_task_gradients():
   gradients: its norm is that of `gradients.pcgrad`, not of their plain sum."""
   cfg = tiny_config('mtl2')
   model = models.create_model(cfg.model)
-  tx = steps.create_optimizer(cfg, 12)
+  tx = steps.create_optimizer(cfg.optim, 12)
   state = steps.create_train_state(model, tx, steps.member_keys(0, 1), (32, 32))
   batch = _batch(n=8)
   member = steps.member(state, 0)

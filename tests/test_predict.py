@@ -15,8 +15,8 @@ def model_and_state():
   that eval mode is not the identity."""
   cfg = tiny_config('mtl3')
   model = models.create_model(cfg.model)
-  state = steps.create_train_state(model, steps.create_optimizer(cfg, 1), steps.member_keys(0, 2),
-                                   (32, 32))
+  state = steps.create_train_state(model, steps.create_optimizer(cfg.optim, 1),
+                                   steps.member_keys(0, 2), (32, 32))
   stats = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape),
                        state.batch_stats)
   return model, state.replace(batch_stats=stats)

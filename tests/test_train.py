@@ -21,7 +21,7 @@ def _compiled(cfg_json, n):
   import ml_collections
   cfg = ml_collections.ConfigDict(json.loads(cfg_json))
   model = models.create_model(cfg.model)
-  tx = steps.create_optimizer(cfg, n)
+  tx = steps.create_optimizer(cfg.optim, n)
   step = steps.make_train_step(model, tx, shared_batch=True)
   return model, tx, step
 
@@ -66,7 +66,7 @@ def test_same_seed_gives_identical_parameters():
 
 def test_learning_rate_decays_exponentially_from_initial_to_final():
   cfg = tiny_config()
-  tx = steps.create_optimizer(cfg, 100)
+  tx = steps.create_optimizer(cfg.optim, 100)
   state = tx.init({'w': np.zeros(1)})
   seen = []
   for _ in range(100):
@@ -104,8 +104,8 @@ def _final_params(workdir):
   from skinmtl_jax import checkpointing
   cfg = tiny.get_config()
   model = models.create_model(cfg.model)
-  template = steps.create_train_state(model, steps.create_optimizer(cfg, 6), steps.member_keys(0, 1),
-                                      tuple(cfg.data.image_size))
+  template = steps.create_train_state(model, steps.create_optimizer(cfg.optim, 6),
+                                      steps.member_keys(0, 1), tuple(cfg.data.image_size))
   manager = checkpointing.create_manager(str(workdir), read_only=True)
   state = checkpointing.restore(manager, template)
   manager.close()
@@ -147,7 +147,7 @@ def test_bfloat16_mixed_precision_computes_in_bf16_and_keeps_float32_state():
   cfg.model.dtype = 'bfloat16'
   cfg.optim.learning_rate = cfg.optim.final_learning_rate = 3e-3
   model = models.create_model(cfg.model)
-  tx = steps.create_optimizer(cfg, 8)
+  tx = steps.create_optimizer(cfg.optim, 8)
   state = steps.create_train_state(model, tx, steps.member_keys(0, 1), (32, 32))
   step = steps.make_train_step(model, tx, shared_batch=True)
   rng = np.random.default_rng(0)
