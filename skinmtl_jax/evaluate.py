@@ -30,7 +30,6 @@ from typing import Any
 
 from absl import app, flags, logging
 import jax
-import ml_collections
 import numpy as np
 
 from skinmtl_jax import calibration as calibration_lib
@@ -368,8 +367,7 @@ def main(argv):
   checkpointing.quiet_orbax_logging()
   f = flags.FLAGS
   try:
-    saved = checkpointing.check_run_dir(f.workdir)
-    out = _out_dir(f, saved)
+    out = _out_dir(f, checkpointing.check_run_dir(f.workdir).model.dtype)
     if os.path.realpath(out) == os.path.realpath(f.workdir):
       # metrics.json and the report are the run's: not while it trains or is evaluated
       # elsewhere.
@@ -381,9 +379,9 @@ def main(argv):
     sys.exit(f'skinmtl_jax.evaluate: {e}')
 
 
-def _out_dir(f, saved: ml_collections.ConfigDict) -> str:
-  """Where evaluate writes: --out, else the run (RUN/eval_<dtype> in another dtype)."""
-  trained = saved.model.dtype
+def _out_dir(f, trained: str) -> str:
+  """Where evaluate writes: --out, else the run (RUN/eval_<dtype> in another dtype than the
+  `trained` one)."""
   dtype = f.dtype or trained
   return f.out or (f.workdir if dtype == trained else os.path.join(f.workdir, f'eval_{dtype}'))
 
