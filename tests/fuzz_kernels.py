@@ -45,8 +45,8 @@ from skinmtl_jax.models import conv  # pylint: disable=wrong-import-position
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 # The largest error allowed, as a fraction of the sum of the products' magnitudes (for
-# Winograd's, the largest such sum in its tile). Measured over 2000 cases (benchmarks/RESULTS.md,
-# 2026-12-06): up to 3.8e-7 for the GEMMs, 2.4e-6 for Winograd's.
+# Winograd's, the largest such sum in its tile): several times the largest errors measured
+# (benchmarks/RESULTS.md, the CPU kernels' section).
 TOLERANCE = collections.defaultdict(lambda: 2e-6, winograd=1e-5, winograd_weight_grad=1e-5,
                                     routed=1e-5, routed_bf16=1e-5)
 BF16_ULP = 2.0 ** -8  # a bfloat16 rounding, relative
