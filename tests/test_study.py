@@ -4,10 +4,12 @@ laid out as launch/real_data_study.sh leaves them."""
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from skinmtl_jax import metrics, study, tables
 
 
@@ -140,3 +142,14 @@ def test_a_run_whose_csv_is_not_its_metrics_is_refused(tmp_path):
   (folder / 'metrics.json').write_text(json.dumps(m))
   with pytest.raises(ValueError, match='Dice do not give'):
     study.find_arms(str(tmp_path))
+
+
+def test_the_committed_study_page_is_what_its_files_give(tmp_path):
+  """docs/real_data_study.md's tables are regenerated from the committed run files
+  (docs/real_data_study/), never edited by hand: filling the page again changes nothing."""
+  docs = ROOT / 'docs' / 'real_data_study'
+  shutil.copytree(docs, tmp_path / 'study')
+  generated = study.write_study(str(tmp_path / 'study'), str(tmp_path / 'figures'))
+  page = (ROOT / 'docs' / 'real_data_study.md').read_text(encoding='utf-8')
+  assert 'study_pilot.md' in generated
+  assert tables.fill_page(page, generated) == page
