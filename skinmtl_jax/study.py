@@ -335,6 +335,27 @@ def comparisons_table(rows: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def seeds_table(arms: dict[str, Arm]) -> str:
+  """Markdown: each seed of each arm on its own (the mean ± std of the arms table can hide one
+  seed unlike the others), with its AUC on the validation split (images no arm trains on, the
+  paper protocol's included) and the spread of its melanoma probability over the test images:
+  a range of 0 is a classifier that answers one constant for every image (AUC 0.5)."""
+  keys = ('dsc', 'auc', 'tpr', 'tnr', 'ba')
+  lines = ['| arm | seed | ' + ' | '.join(MEASURES[k] for k in keys)
+           + ' | AUC on validation | melanoma probability, min-max on test |',
+           '| --- | --- | ' + ' | '.join('---' for _ in keys) + ' | --- | --- |']
+  for arm in arms.values():
+    for i, seed in enumerate(arm.seeds):
+      cells = [f'{100 * seed.measure(k, arm.labels):.2f}' if seed.has(k) else '-' for k in keys]
+      spread = (f'{np.min(seed.probs):.3f}-{np.max(seed.probs):.3f}'
+                + (' (constant)' if np.ptp(seed.probs) < 1e-6 else '')
+                if seed.probs is not None else '-')
+      val_auc = (f'{100 * metrics.roc_auc(seed.val_labels, seed.val_probs):.2f}'
+                 if seed.val_probs is not None else '-')
+      lines.append(f'| {arm.name} | {i} | ' + ' | '.join(cells) + f' | {val_auc} | {spread} |')
+  return '\n'.join(lines) + '\n'
+
+
 def thresholds_table(arms: dict[str, Arm]) -> str:
   """The validation-chosen thresholds per arm and seed."""
   lines = ['| arm | threshold chosen on each seed\'s validation split | validation melanomas |',
@@ -412,6 +433,7 @@ def write_study(docs_dir: str, figures_dir: str, *, num_samples: int = 2000) -> 
   arms = find_arms(docs_dir)
   if arms:
     out['study_arms.md'] = arms_table(arms)
+    out['study_seeds.md'] = seeds_table(arms)
     out['study_thresholds.md'] = thresholds_table(arms)
     out['study_comparisons.md'] = comparisons_table(comparison_rows(arms,
                                                                     num_samples=num_samples))

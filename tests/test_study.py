@@ -112,7 +112,7 @@ def test_the_study_tables_and_figures_from_run_files(tmp_path):
                             classify=config != 'unet', shift=shift)
   _write_run(docs / 'pilot' / 'mtl3-study' / 'seed0', rng)
   out = study.write_study(str(docs), str(tmp_path / 'figures'), num_samples=200)
-  assert set(out) == {'study_pilot.md', 'study_arms.md', 'study_thresholds.md',
+  assert set(out) == {'study_pilot.md', 'study_arms.md', 'study_seeds.md', 'study_thresholds.md',
                       'study_comparisons.md'}
   assert (tmp_path / 'figures' / 'real_data_study_pilot.png').exists()
   assert (tmp_path / 'figures' / 'real_data_study_arms.png').exists()
@@ -153,3 +153,31 @@ def test_the_committed_study_page_is_what_its_files_give(tmp_path):
   page = (ROOT / 'docs' / 'real_data_study.md').read_text(encoding='utf-8')
   assert 'study_pilot.md' in generated
   assert tables.fill_page(page, generated) == page
+
+
+def test_the_seeds_table_shows_each_seed_and_a_constant_classifier(tmp_path):
+  """A seed whose classifier answers one constant for every image (as a collapsed head does)
+  is named in the seeds table with its AUC 50.00, while the arms table only shows a mean."""
+  folder = tmp_path / 'docs' / 'arms' / 'mtl0-study' / 'seed0'
+  _, probs, y = _write_run(folder, np.random.default_rng(1))
+  rows = list(csv.DictReader((folder / 'per_image_isic2016_test.csv').open()))
+  for r in rows:
+    r['melanoma_prob_member1'] = '0.793'
+  with (folder / 'per_image_isic2016_test.csv').open('w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  m = json.loads((folder / 'metrics.json').read_text())
+  m['isic2016_test']['members'][1]['auc'] = 0.5
+  (folder / 'metrics.json').write_text(json.dumps(m))
+  arms = study.find_arms(str(tmp_path / 'docs'))
+  lines = study.seeds_table(arms).splitlines()[2:]
+  assert len(lines) == 3
+  assert lines[1].startswith('| mtl0 | 1 |') and '| 50.00 |' in lines[1]
+  assert 'constant' not in lines[0] + lines[2]
+  auc0 = metrics.roc_auc(np.asarray(y), np.asarray(probs[0]))
+  assert f'| {100 * auc0:.2f} |' in lines[0]
+  val = list(csv.DictReader((folder / 'per_image_validation.csv').open()))
+  val_auc1 = metrics.roc_auc(np.array([int(r['label']) for r in val]),
+                             np.array([float(r['melanoma_prob_member1']) for r in val]))
+  assert lines[1].endswith(f'| {100 * val_auc1:.2f} | 0.793-0.793 (constant) |')
