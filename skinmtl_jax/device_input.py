@@ -11,8 +11,9 @@
 
 `TrainInput` builds the whole chain for a run, starting at the batch of the step the run
 (re)starts from: batch k of the order is a function of the seed and k alone (see
-`input_pipeline.train_dataset`), so checkpoints need no iterator state. `with_inputs` binds the step's device-side inputs (the
-transform geometry and, when resident, the training data) to a jitted step.
+`input_pipeline.train_dataset`), so checkpoints need no iterator state. `BoundStep` binds the
+step's device-side inputs (the transform geometry and, when resident, the training data) to a
+jitted step.
 
 data.on_device: 'auto' (the default) places the prepared training split on every device when
 it takes at most `data.on_device_fraction` of one device's memory (of the host's memory on a
@@ -68,9 +69,10 @@ def put_replicated(tree: Any, mesh: Mesh | None) -> Any:
                       tree)
 
 
-class with_inputs:  # pylint: disable=invalid-name  (used as a function)
-  """`step(state, batch)` calling `jitted(state, batch, inputs)`; `step.lower(state, batch)`
-  lowers it (for HLO and cost analysis).
+class BoundStep:
+  """A jitted step with its device-side inputs bound: `step(state, batch)` calls
+  `jitted(state, batch, inputs)`; `step.lower(state, batch)` lowers it (for HLO and cost
+  analysis).
 
   Without `inputs`, batches that carry 'transform' get the geometry of their image size, made
   once per size (as for steps built outside `train`, in tests and benchmarks).

@@ -64,17 +64,22 @@ def _real_split(name: str, dataset: str, split: str, data_cfg) -> Split:
                                                               for e in examples))
 
 
+def _synthetic_split(data_cfg, split: str) -> Split:
+  """The synthetic 'train' or 'test' split, drawn once and kept in memory: re-drawing every
+  epoch would cost more than a small model's train step."""
+  syn = data_cfg.synthetic
+  count = syn.num_train if split == 'train' else syn.num_test
+  source = SyntheticLesions(split, count, tuple(data_cfg.image_size), syn.melanoma_fraction,
+                            syn.seed)
+  examples = [source[i] for i in range(len(source))]
+  return Split(f'synthetic_{split}', examples, np.array([e['label'] for e in examples]),
+               tuple(e['id'] for e in examples))
+
+
 def _full_train(data_cfg) -> Split:
   """The whole training split of the configured data, before validation is held out."""
   if data_cfg.name == 'synthetic':
-    syn = data_cfg.synthetic
-    source = SyntheticLesions('train', syn.num_train, tuple(data_cfg.image_size),
-                              syn.melanoma_fraction, syn.seed)
-    # Drawn once and kept in memory: re-drawing every epoch would cost more than a small
-    # model's train step (1000 examples at 192x256 take about 0.6 GB).
-    examples = [source[i] for i in range(len(source))]
-    return Split('synthetic_train', examples, np.array([e['label'] for e in examples]),
-                 tuple(e['id'] for e in examples))
+    return _synthetic_split(data_cfg, 'train')
   if data_cfg.name not in ('isic2016',):
     raise DatasetUnavailableError(
         f'data.name={data_cfg.name!r}: training data must be "synthetic" or "isic2016".')
@@ -146,12 +151,7 @@ def get_split(data_cfg: ml_collections.ConfigDict, split: str) -> Split:
   if data_cfg.name == 'synthetic':
     if split != 'test':
       raise DatasetUnavailableError(f'data.eval_sets names {split!r}; synthetic data has "test".')
-    syn = data_cfg.synthetic
-    source = SyntheticLesions(split, syn.num_test, tuple(data_cfg.image_size),
-                              syn.melanoma_fraction, syn.seed)
-    examples = [source[i] for i in range(len(source))]
-    return Split(f'synthetic_{split}', examples, np.array([e['label'] for e in examples]),
-                 tuple(e['id'] for e in examples))
+    return _synthetic_split(data_cfg, split)
   if split not in EVAL_SETS:
     raise DatasetUnavailableError(
         f'data.eval_sets names {split!r}; expected some of {sorted(EVAL_SETS)}.')

@@ -249,7 +249,7 @@ def make_train_step(model, tx, *, loss: losses.LossConfig = losses.LossConfig(),
     kw = dict(in_shardings=(state_sh, parallel.batch_sharding(mesh, shared_batch), replicated),
               out_shardings=(state_sh, replicated))
   full = lambda state, batch, given: fn(state, device_input.expand(batch, given))
-  return device_input.with_inputs(jax.jit(full, donate_argnums=0, **kw), inputs, mesh)
+  return device_input.BoundStep(jax.jit(full, donate_argnums=0, **kw), inputs, mesh)
 
 
 def seg_counts(lesion_prob: Array, masks: Array, threshold: float = 0.5) -> Array:
@@ -390,4 +390,4 @@ def make_study_step(model, *, loss: losses.LossConfig = losses.LossConfig(),
     per_member = parallel.shard_members(per_member, mesh, shared_batch)
     kw['out_shardings'] = parallel.replicated(mesh)
   full = lambda state, batch, given: per_member(state, device_input.expand(batch, given))
-  return device_input.with_inputs(jax.jit(full, **kw), inputs, mesh)
+  return device_input.BoundStep(jax.jit(full, **kw), inputs, mesh)
