@@ -4,7 +4,7 @@ with its seeds, compared with paired tests over the test images and tests across
     python -m skinmtl_jax.study DOCS_DIR [--page=PAGE.md]
 
 reads DOCS_DIR as launch/real_data_study.sh leaves it (pilot/... and arms/<config>-study/
-seed0[/<override>]/: metrics.json, per_image_<set>.csv with each member's probability and Dice,
+seed<N>[/<override>]/: metrics.json, per_image_<set>.csv with each member's probability and Dice,
 per_image_validation.csv, validation_curve.jsonl), writes its tables into DOCS_DIR (study_*.md)
 and the learning curves into docs/figures/, and with --page fills PAGE.md's
 `<!-- table NAME -->` blocks (tables.fill_page).
@@ -18,12 +18,18 @@ What is measured, per seed (a member of a run's seed ensemble), on ISIC 2016 tes
   not Guo et al.'s top-label ECE), Brier, and the Brier skill score against the constant that
   always answers the validation split's melanoma share (BSS > 0: better than that constant).
 
+An arm pools the seeds of all its runs (seed0/ holds members 0-2, seed3/ members 3-5, ...).
 Each comparison of two arms is the difference of their seed means, with
 - a 95 % paired bootstrap interval over the test images (the same resampled images for both
   arms and every seed) and its two-sided bootstrap p-value;
 - Welch's t-test across seeds (what varies between trainings), and the seeds per arm a
   two-sample t-test would need to detect the observed difference with 80 % power at 5 %;
 - for AUC, DeLong's test on the two arms' ensemble probabilities (the mean over seeds).
+
+A seed whose classifier collapsed (one constant melanoma probability for every validation
+image: a training failure seen without the test set) stays in every table; the leak's and the
+budget's comparisons are repeated without such seeds as a sensitivity analysis, beside, never
+instead of, the comparisons over all seeds.
 """
 
 from __future__ import annotations
@@ -162,6 +168,7 @@ def paired_bootstrap(stat: Callable[[np.ndarray], float], n: int, *, num_samples
 @dataclasses.dataclass
 class Seed:
   """One seed's per-image outputs on the test set and its validation split."""
+  number: int                    # the member's seed (its run's first seed + its index)
   dice: np.ndarray | None        # (N,) per-image Dice on the test set
   probs: np.ndarray | None       # (N,) melanoma probabilities on the test set
   val_labels: np.ndarray | None
@@ -200,12 +207,19 @@ class Seed:
   def has(self, key: str) -> bool:
     return self.dice is not None if key == 'dsc' else self.probs is not None
 
+  @property
+  def collapsed(self) -> bool:
+    """Whether the classifier answers one constant on the validation split (a collapse to the
+    prior, visible before the test set is looked at)."""
+    return self.val_probs is not None and float(np.ptp(self.val_probs)) < 1e-6
+
 
 @dataclasses.dataclass
 class Arm:
+  """An arm: its runs' seeds pooled, evaluated on the same test images."""
   name: str
-  folder: str
-  metrics: dict
+  folder: str                    # the first run's folder
+  metrics: dict                  # the first run's metrics.json
   ids: list[str]
   labels: np.ndarray
   seeds: list[Seed]
@@ -213,6 +227,13 @@ class Arm:
 
   def per_seed(self, key: str, idx=slice(None)) -> list[float]:
     return [s.measure(key, self.labels, idx) for s in self.seeds]
+
+  def without_collapsed(self) -> Arm:
+    """The arm without its collapsed seeds (Seed.collapsed); the ensemble is of the others."""
+    kept = [s for s in self.seeds if not s.collapsed]
+    ensemble = (np.mean([s.probs for s in kept], axis=0)
+                if kept and kept[0].probs is not None else self.ensemble_probs)
+    return dataclasses.replace(self, seeds=kept, ensemble_probs=ensemble)
 
 
 def _read_csv(path: str) -> list[dict]:
@@ -227,8 +248,9 @@ def _columns(rows, prefix, k):
   return [np.array([float(r[n]) for r in rows]) for n in names]
 
 
-def load_arm(name: str, folder: str) -> Arm:
-  """An arm from its run folder (metrics.json and the per-image CSVs; one run of K seeds)."""
+def load_arm(name: str, folder: str, first_seed: int = 0) -> Arm:
+  """An arm from one run folder (metrics.json and the per-image CSVs; one run of K seeds, the
+  first seeded `first_seed`)."""
   with open(os.path.join(folder, 'metrics.json'), encoding='utf-8') as f:
     m = json.load(f)
   k = int(m.get('num_seeds', 1))
@@ -240,7 +262,7 @@ def load_arm(name: str, folder: str) -> Arm:
     val = _read_csv(os.path.join(folder, 'per_image_validation.csv'))
     val_labels = np.array([int(r['label']) for r in val])
     val_probs = _columns(val, 'melanoma_prob', k)
-  seeds = [Seed(None if dice is None else dice[i], None if probs is None else probs[i],
+  seeds = [Seed(first_seed + i, None if dice is None else dice[i], None if probs is None else probs[i],
                 val_labels, val_probs[i]) for i in range(k)]
   ensemble = (np.array([float(r['melanoma_prob']) for r in rows])
               if probs is not None else None)
@@ -255,13 +277,34 @@ def load_arm(name: str, folder: str) -> Arm:
   return arm
 
 
+def pool(runs: list[Arm]) -> Arm:
+  """One arm from several runs of it (the same test images, the same number of steps): their
+  seeds together, and the ensemble of all of them (the mean melanoma probability)."""
+  first = runs[0]
+  for run in runs[1:]:
+    if run.ids != first.ids or not np.array_equal(run.labels, first.labels):
+      raise ValueError(f'{run.folder} and {first.folder} were evaluated on different images')
+    if run.metrics.get('steps') != first.metrics.get('steps'):
+      raise ValueError(f'{run.folder} trained {run.metrics.get("steps")} steps, '
+                       f'{first.folder} {first.metrics.get("steps")}: not one arm')
+  seeds = [s for run in runs for s in run.seeds]
+  ensemble = (np.mean([s.probs for s in seeds], axis=0)
+              if first.ensemble_probs is not None else None)
+  return dataclasses.replace(first, seeds=seeds, ensemble_probs=ensemble)
+
+
 def find_arms(docs_dir: str) -> dict[str, Arm]:
-  """The arms present under DOCS_DIR/arms, by name."""
+  """The arms present under DOCS_DIR/arms, by name, each pooling its runs seed<N>/ (N the
+  first member's seed)."""
   out = {}
   for name, config, override in ARMS:
-    folder = os.path.join(docs_dir, 'arms', f'{config}-study', 'seed0', override)
-    if os.path.exists(os.path.join(folder, 'metrics.json')):
-      out[name] = load_arm(name, folder)
+    base = os.path.join(docs_dir, 'arms', f'{config}-study')
+    firsts = sorted(int(d[4:]) for d in (os.listdir(base) if os.path.isdir(base) else [])
+                    if d.startswith('seed') and d[4:].isdigit())
+    runs = [load_arm(name, os.path.join(base, f'seed{n}', override), n) for n in firsts
+            if os.path.exists(os.path.join(base, f'seed{n}', override, 'metrics.json'))]
+    if runs:
+      out[name] = pool(runs)
   return out
 
 
@@ -294,10 +337,11 @@ def arms_table(arms: dict[str, Arm]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def comparison_rows(arms: dict[str, Arm], *, num_samples: int = 2000) -> list[dict]:
-  """Every comparison of COMPARISONS whose two arms are present, measure by measure."""
+def comparison_rows(arms: dict[str, Arm], *, num_samples: int = 2000,
+                    comparisons=COMPARISONS) -> list[dict]:
+  """Every comparison of `comparisons` whose two arms are present, measure by measure."""
   rows = []
-  for title, name_a, name_b, keys in COMPARISONS:
+  for title, name_a, name_b, keys in comparisons:
     if name_a not in arms or name_b not in arms:
       continue
     a, b = arms[name_a], arms[name_b]
@@ -345,15 +389,31 @@ def seeds_table(arms: dict[str, Arm]) -> str:
            + ' | AUC on validation | melanoma probability, min-max on test |',
            '| --- | --- | ' + ' | '.join('---' for _ in keys) + ' | --- | --- |']
   for arm in arms.values():
-    for i, seed in enumerate(arm.seeds):
+    for seed in arm.seeds:
       cells = [f'{100 * seed.measure(k, arm.labels):.2f}' if seed.has(k) else '-' for k in keys]
       spread = (f'{np.min(seed.probs):.3f}-{np.max(seed.probs):.3f}'
                 + (' (constant)' if np.ptp(seed.probs) < 1e-6 else '')
                 if seed.probs is not None else '-')
       val_auc = (f'{100 * metrics.roc_auc(seed.val_labels, seed.val_probs):.2f}'
                  if seed.val_probs is not None else '-')
-      lines.append(f'| {arm.name} | {i} | ' + ' | '.join(cells) + f' | {val_auc} | {spread} |')
+      lines.append(f'| {arm.name} | {seed.number} | ' + ' | '.join(cells)
+                   + f' | {val_auc} | {spread} |')
   return '\n'.join(lines) + '\n'
+
+
+def without_collapsed_table(arms: dict[str, Arm], *, num_samples: int = 2000) -> str:
+  """Markdown: the leak's and the budget's comparisons again without the collapsed seeds (a
+  sensitivity analysis), after a line naming the seeds left out."""
+  dropped = [f'{a.name} seed {s.number}' for a in arms.values() for s in a.seeds if s.collapsed]
+  if not dropped:
+    return 'No seed collapsed.\n'
+  healthy = {n: a.without_collapsed() for n, a in arms.items()}
+  if any(not a.seeds for a in healthy.values()):
+    return 'Every seed of an arm collapsed: no comparison without them.\n'
+  chosen = tuple(c for c in COMPARISONS if c[0].startswith(('the leak', 'the budget')))
+  rows = comparison_rows(healthy, num_samples=num_samples, comparisons=chosen)
+  return ('Left out (one constant melanoma probability on the validation split): '
+          + ', '.join(dropped) + '.\n\n' + comparisons_table(rows))
 
 
 def thresholds_table(arms: dict[str, Arm]) -> str:
@@ -437,6 +497,7 @@ def write_study(docs_dir: str, figures_dir: str, *, num_samples: int = 2000) -> 
     out['study_thresholds.md'] = thresholds_table(arms)
     out['study_comparisons.md'] = comparisons_table(comparison_rows(arms,
                                                                     num_samples=num_samples))
+    out['study_without_collapsed.md'] = without_collapsed_table(arms, num_samples=num_samples)
     curves = {n: read_curve(os.path.join(a.folder, 'validation_curve.jsonl'))
               for n, a in arms.items()
               if os.path.exists(os.path.join(a.folder, 'validation_curve.jsonl'))}

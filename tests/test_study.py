@@ -113,7 +113,8 @@ def test_the_study_tables_and_figures_from_run_files(tmp_path):
   _write_run(docs / 'pilot' / 'mtl3-study' / 'seed0', rng)
   out = study.write_study(str(docs), str(tmp_path / 'figures'), num_samples=200)
   assert set(out) == {'study_pilot.md', 'study_arms.md', 'study_seeds.md', 'study_thresholds.md',
-                      'study_comparisons.md'}
+                      'study_comparisons.md', 'study_without_collapsed.md'}
+  assert out['study_without_collapsed.md'] == 'No seed collapsed.\n'
   assert (tmp_path / 'figures' / 'real_data_study_pilot.png').exists()
   assert (tmp_path / 'figures' / 'real_data_study_arms.png').exists()
   # The arms table: DSC mean ± std over the three seeds, by hand.
@@ -181,3 +182,69 @@ def test_the_seeds_table_shows_each_seed_and_a_constant_classifier(tmp_path):
   val_auc1 = metrics.roc_auc(np.array([int(r['label']) for r in val]),
                              np.array([float(r['melanoma_prob_member1']) for r in val]))
   assert lines[1].endswith(f'| {100 * val_auc1:.2f} | 0.793-0.793 (constant) |')
+
+
+def _set_member(folder, member, value):
+  """Member `member`'s melanoma probability set to one constant on the test and validation
+  CSVs (a collapsed classifier), metrics.json's AUC with it."""
+  for name in (f'per_image_{study.EVAL_SET}.csv', 'per_image_validation.csv'):
+    rows = list(csv.DictReader((folder / name).open()))
+    for r in rows:
+      r[f'melanoma_prob_member{member}'] = str(value)
+    with (folder / name).open('w', newline='') as f:
+      w = csv.DictWriter(f, fieldnames=list(rows[0]))
+      w.writeheader()
+      w.writerows(rows)
+  m = json.loads((folder / 'metrics.json').read_text())
+  m[study.EVAL_SET]['members'][member]['auc'] = 0.5
+  (folder / 'metrics.json').write_text(json.dumps(m))
+
+
+def test_an_arm_pools_the_seeds_of_its_runs(tmp_path):
+  """seed0/ (members 0-2) and seed3/ (members 3-5) are one arm of six seeds; its ensemble is
+  the mean of all six; a run with another number of steps is refused."""
+  rng = np.random.default_rng(2)
+  base = tmp_path / 'arms' / 'mtl0-study'
+  _, p0, y = _write_run(base / 'seed0', rng)
+  _, p3, _ = _write_run(base / 'seed3', rng)
+  arm = study.find_arms(str(tmp_path))['mtl0']
+  assert [s.number for s in arm.seeds] == [0, 1, 2, 3, 4, 5]
+  assert arm.per_seed('auc') == pytest.approx([metrics.roc_auc(y, p) for p in p0 + p3])
+  np.testing.assert_allclose(arm.ensemble_probs, np.mean(p0 + p3, axis=0))
+  lines = study.seeds_table({'mtl0': arm}).splitlines()[2:]
+  assert [l.split('|')[2].strip() for l in lines] == ['0', '1', '2', '3', '4', '5']
+  m = json.loads((base / 'seed3' / 'metrics.json').read_text())
+  (base / 'seed3' / 'metrics.json').write_text(json.dumps({**m, 'steps': 99}))
+  with pytest.raises(ValueError, match='not one arm'):
+    study.find_arms(str(tmp_path))
+
+
+def test_the_leak_without_collapsed_seeds(tmp_path):
+  """A seed constant on the validation split is left out of the sensitivity table (and named
+  there), and only there: the leak's AUC is then the mean over the other seeds."""
+  rng = np.random.default_rng(3)
+  docs = tmp_path / 'docs'
+  made = {}
+  for name, config, override in study.ARMS:
+    if config == 'mtl4':
+      made[name] = _write_run(docs / 'arms' / 'mtl4-study' / 'seed0' / override, rng,
+                              shift=0.3 if 'paper' in name else 0.0)
+  paper = docs / 'arms' / 'mtl4-study' / 'seed0' / 'paper_protocol_train_on_test_images=True'
+  _set_member(paper, 1, 0.793)
+  arms = study.find_arms(str(docs))
+  assert [s.collapsed for s in arms['mtl4 paper protocol'].seeds] == [False, True, False]
+  text = study.without_collapsed_table(arms, num_samples=100)
+  assert text.startswith('Left out (one constant melanoma probability on the validation '
+                         'split): mtl4 paper protocol seed 1.')
+  rows = [l for l in text.splitlines() if l.startswith('| the ')]
+  assert len(rows) == sum(len(c[3]) for c in study.COMPARISONS
+                          if c[0].startswith(('the leak', 'the budget')))
+  _, probs, y = made['mtl4 paper protocol']
+  kept = [100 * metrics.roc_auc(y, probs[i]) for i in (0, 2)]
+  leak_auc = next(l for l in rows if l.startswith('| the leak') and '| AUC |' in l)
+  assert leak_auc.split('|')[4].strip() == '{:.2f} ± {:.2f}'.format(*tables.mean_std(kept))
+  # The main comparisons keep all three seeds.
+  main = study.comparisons_table(study.comparison_rows(arms, num_samples=100)).splitlines()
+  every = [100 * metrics.roc_auc(y, probs[0]), 50.0, 100 * metrics.roc_auc(y, probs[2])]
+  leak_auc = next(l for l in main if l.startswith('| the leak') and '| AUC |' in l)
+  assert leak_auc.split('|')[4].strip() == '{:.2f} ± {:.2f}'.format(*tables.mean_std(every))
