@@ -15,6 +15,10 @@ import pathlib  # pylint: disable=wrong-import-position
 
 import pytest  # pylint: disable=wrong-import-position
 
+# tests/helpers.py holds asserts the test modules share: rewritten like theirs (before any
+# test module imports it), so a failing one shows its values.
+pytest.register_assert_rewrite('helpers')
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / 'shared' / 'data'
 

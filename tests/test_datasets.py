@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from helpers import run_main, run_module
 from skinmtl_jax import config_base, input_pipeline
 from skinmtl_jax.datasets import builders
 from skinmtl_jax.datasets.files import DataError
@@ -251,18 +252,13 @@ def test_unprepared_dataset_without_manual_dir_says_what_to_do(tmp_path):
 def test_mtl4_trains_on_the_shared_data_and_reports_both_test_sets(tmp_path, real_data_cfg,
                                                                    paper_protocol):
   import json
-  import subprocess
-  import sys
-  from conftest import ROOT
-  r = subprocess.run(
-      [sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/mtl4.py',
-       f'--workdir={tmp_path / "run"}', f'--config.data.manual_dir={real_data_cfg.manual_dir}',
-       f'--config.data.data_dir={real_data_cfg.data_dir}', f'--config.data.image_size={SIZE}',
-       '--config.model.features=(4, 8, 8, 16)', '--config.model.cls_hidden=8',
-       '--config.num_train_steps=3', '--config.eval_batch_size=50',
-       f'--config.data.paper_protocol_train_on_test_images={paper_protocol}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  r = run_main(
+      tmp_path / 'run', f'--config.data.manual_dir={real_data_cfg.manual_dir}',
+      f'--config.data.data_dir={real_data_cfg.data_dir}', f'--config.data.image_size={SIZE}',
+      '--config.model.features=(4, 8, 8, 16)', '--config.model.cls_hidden=8',
+      '--config.num_train_steps=3', '--config.eval_batch_size=50',
+      f'--config.data.paper_protocol_train_on_test_images={paper_protocol}',
+      config='configs/mtl4.py', timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   m = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
   assert m['isic2016_test']['n'] == 305 and m['ph2']['n'] == 4
@@ -312,13 +308,8 @@ def test_symlinked_downloads_build(small_isic2016, tmp_path):
 def test_prepare_command_builds_and_reports_and_refuses_a_wrong_folder(tmp_path, shared_data):
   """`python -m skinmtl_jax.prepare`, as the README gives it: the PH2 fixture at 32x32, then a
   folder without the dataset (one line naming what is missing, nothing left behind)."""
-  import subprocess
-  import sys
-  from conftest import ROOT
-  run = lambda *args: subprocess.run(
-      [sys.executable, '-m', 'skinmtl_jax.prepare', '--dataset=ph2', f'--data_dir={tmp_path}',
-       '--size=32x32', *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  run = lambda *args: run_module('skinmtl_jax.prepare', '--dataset=ph2', f'--data_dir={tmp_path}',
+                                 '--size=32x32', *args, timeout=300)
   r = run(f'--manual_dir={shared_data / "ph2_fixture"}')
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'ph2 test: 4 examples in' in r.stdout

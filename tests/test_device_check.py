@@ -4,7 +4,6 @@ leaves the others and the files. The whole check's dry run is in benchmarks/READ
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import ROOT
+from helpers import cpu_env
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -74,8 +74,7 @@ def _run(tmp_path, *args):
   out = tmp_path / 't.json'
   r = subprocess.run([sys.executable, 'benchmarks/throughput.py', '--matmul_n=64',
                       f'--json={out}', f'--md={tmp_path / "t.md"}', *args], cwd=ROOT,
-                     env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True,
-                     timeout=300)
+                     env=cpu_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   return json.loads(out.read_text()), (tmp_path / 't.md').read_text()
 

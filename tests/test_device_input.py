@@ -7,16 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from helpers import assert_same_state
 from skinmtl_jax import augment, checkpointing, device_input, input_pipeline, train
 
 
 def _params(workdir, step=None):
   return jax.device_get(checkpointing.load_run(str(workdir), step)[2])
-
-
-def _assert_same_state(a, b):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
 def _run(workdir, **overrides):
@@ -42,12 +38,12 @@ def streamed(tmp_path_factory):
 def test_on_device_data_and_prefetch_give_the_streamed_parameters(tmp_path, streamed):
   """Gathering the batch from the resident split inside the step (and prefetching its index
   batches) trains exactly as loading it on the host does."""
-  _assert_same_state(_run(tmp_path / 'resident', **{'data.on_device': 'on'}), streamed)
+  assert_same_state(_run(tmp_path / 'resident', **{'data.on_device': 'on'}), streamed)
 
 
 def test_prefetched_streamed_input_gives_the_same_parameters(tmp_path, streamed):
-  _assert_same_state(_run(tmp_path / 'prefetched', **{'data.on_device': 'off',
-                                                      'data.prefetch_batches': 3}), streamed)
+  assert_same_state(_run(tmp_path / 'prefetched', **{'data.on_device': 'off',
+                                                     'data.prefetch_batches': 3}), streamed)
 
 
 def test_per_member_orders_on_device_resume_bit_exactly(tmp_path):
@@ -60,7 +56,7 @@ def test_per_member_orders_on_device_resume_bit_exactly(tmp_path):
   shutil.copytree(tmp_path / 'run', tmp_path / 'resumed')
   shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '6')
   resumed = _run(tmp_path / 'resumed', **kw)
-  _assert_same_state(resumed, whole)
+  assert_same_state(resumed, whole)
   # The members differ (own init and own order), and resumption did restart at step 3.
   assert not np.array_equal(jax.tree.leaves(whole.params)[0][0],
                             jax.tree.leaves(whole.params)[0][1])

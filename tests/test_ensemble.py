@@ -2,15 +2,13 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, bias_before_batchnorm, tiny_config
+from conftest import bias_before_batchnorm, tiny_config
+from helpers import run_main
 from skinmtl_jax import checkpointing, evaluate, input_pipeline, metrics, models, steps, train
 
 
@@ -174,10 +172,7 @@ def test_ensemble_entry_uses_averaged_probabilities():
 
 
 def test_main_with_num_seeds_writes_member_aggregate_and_ensemble_entries(tmp_path):
-  r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/tiny.py',
-                      f'--workdir={tmp_path}', '--config.num_seeds=2'], cwd=ROOT,
-                     env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True,
-                     timeout=600)
+  r = run_main(tmp_path, '--config.num_seeds=2', timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   m = json.loads((tmp_path / 'metrics.json').read_text())
   t = m['test']
@@ -212,11 +207,8 @@ def test_main_with_num_seeds_writes_member_aggregate_and_ensemble_entries(tmp_pa
 
 
 def test_validation_curve_every_epoch(tmp_path):
-  r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/tiny.py',
-                      f'--workdir={tmp_path}', '--config.num_seeds=2', '--config.num_train_steps=-1',
-                      '--config.num_epochs=3', '--config.eval_every_epochs=1'], cwd=ROOT,
-                     env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True,
-                     timeout=600)
+  r = run_main(tmp_path, '--config.num_seeds=2', '--config.num_train_steps=-1',
+               '--config.num_epochs=3', '--config.eval_every_epochs=1', timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   with open(tmp_path / 'scalars.jsonl', encoding='utf-8') as f:
     rows = [json.loads(l) for l in f]

@@ -1,34 +1,28 @@
 """`evaluate`, `predict` and the ladder table on a tiny trained run."""
 
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from helpers import run_main, run_module
 from skinmtl_jax import report, tables
-
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('run')
-  r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/tiny.py',
-                      f'--workdir={workdir}', '--config.model.attention_pool=True'],
-                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  r = run_main(workdir, '--config.model.attention_pool=True', timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   (workdir / 'main_stderr.txt').write_text(r.stderr)  # the training log, for the tests
   return workdir
 
 
-def _run(module, *args):
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=600)
+# `python -m <module> <args>` on the CPU (evaluate, predict), 10 minutes at most.
+_run = functools.partial(run_module, timeout=600)
 
 
 def test_a_run_writes_tensorboard_files_curves_progress_and_calibration(tiny_run):

@@ -2,13 +2,10 @@
 config errors and damaged image files."""
 
 import io
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -17,81 +14,41 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, tiny_config
-from skinmtl_jax import checkpointing, models, preemption, steps, train
+from conftest import tiny_config
+from helpers import assert_same_state, final_state, run_main, start_main, wait_for_step
+from skinmtl_jax import checkpointing, preemption, steps, train
 from skinmtl_jax.datasets import files
 
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 LONG = ['--config.num_train_steps=12', '--config.checkpoint_every_steps=2',
         '--config.log_every_steps=1']
 
 
-def _start(workdir, *overrides):
-  return subprocess.Popen([sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/tiny.py',
-                           f'--workdir={workdir}', *overrides], cwd=ROOT, env=ENV,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _logged_step(workdir):
-  path = os.path.join(workdir, 'scalars.jsonl')
-  if not os.path.exists(path):
-    return 0
-  steps_seen = [json.loads(l)['step'] for l in open(path) if 'train/loss' in l]
-  return max(steps_seen, default=0)
-
-
-def _wait_for_step(proc, workdir, step, timeout=300):
-  t = time.time()
-  while _logged_step(workdir) < step:
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    assert time.time() - t < timeout
-    time.sleep(0.05)
-
-
-def _final_state(workdir, num_steps):
-  cfg = tiny_config()
-  model = models.create_model(cfg.model)
-  template = steps.create_train_state(model, steps.create_optimizer(cfg.optim, num_steps),
-                                      steps.member_keys(0, 1), tuple(cfg.data.image_size))
-  manager = checkpointing.create_manager(str(workdir), read_only=True)
-  try:
-    return checkpointing.restore(manager, template)
-  finally:
-    manager.close()
-
-
-def _assert_same_state(a, b):
-  for x, y in zip(jax.tree.leaves((a.step, a.params, a.batch_stats, a.opt_state)),
-                  jax.tree.leaves((b.step, b.params, b.batch_stats, b.opt_state))):
-    np.testing.assert_array_equal(x, y)
-
-
 def test_sigkill_at_a_random_step_then_restart_ends_bit_identical(tmp_path):
-  full = _start(tmp_path / 'full', *LONG)
+  full = start_main(tmp_path / 'full', *LONG)
   assert full.wait(600) == 0, full.stderr.read()[-3000:]
   kill_at = int(np.random.default_rng(7).integers(3, 11))   # seeded: 8 (replayable)
-  proc = _start(tmp_path / 'killed', *LONG)
-  _wait_for_step(proc, tmp_path / 'killed', kill_at)
+  proc = start_main(tmp_path / 'killed', *LONG)
+  wait_for_step(proc, tmp_path / 'killed', kill_at)
   ckpt = tmp_path / 'killed' / 'checkpoints'
   while not any(d.isdigit() for d in os.listdir(ckpt)):  # a finished checkpoint to resume
     assert proc.poll() is None
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait(60)
-  again = _start(tmp_path / 'killed', *LONG)
+  again = start_main(tmp_path / 'killed', *LONG)
   _, err = again.communicate(timeout=600)
   assert again.returncode == 0, err[-3000:]
   # The restart resumed mid-run (it did not start over), and ended where the whole run ended.
   resumed = re.search(r'Resumed from step (\d+)', err)
   assert resumed and 2 <= int(resumed.group(1)) < 12, err[-3000:]
-  _assert_same_state(_final_state(tmp_path / 'full', 12), _final_state(tmp_path / 'killed', 12))
+  assert_same_state(final_state(tmp_path / 'full', 12), final_state(tmp_path / 'killed', 12))
 
 
 def test_sigterm_saves_and_exits_with_the_documented_code(tmp_path):
   workdir = tmp_path / 'run'
-  proc = _start(workdir, '--config.num_train_steps=400', '--config.checkpoint_every_steps=1000',
-                '--config.log_every_steps=1')
-  _wait_for_step(proc, workdir, 3)
+  proc = start_main(workdir, '--config.num_train_steps=400',
+                    '--config.checkpoint_every_steps=1000', '--config.log_every_steps=1')
+  wait_for_step(proc, workdir, 3)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(300) == preemption.PREEMPTED_EXIT_CODE == 75
   saved = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
@@ -121,25 +78,22 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_prior_checkpoint(tmp_path, 
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one_restorable(tmp_path):
-  r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/tiny.py',
-                      f'--workdir={tmp_path}'], cwd=ROOT, env=ENV, capture_output=True,
-                     text=True, timeout=600)
+  r = run_main(tmp_path, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   ckpt = tmp_path / 'checkpoints'
   # What a crash in the middle of writing step 9 leaves: orbax's temporary folder, half full.
   partial = ckpt / '9.orbax-checkpoint-tmp-1234'
   shutil.copytree(ckpt / '6', partial)
   shutil.rmtree(partial / 'state')
-  state = _final_state(tmp_path, 6)
+  state = final_state(tmp_path, 6)
   assert steps.step_of(state) == 6
 
 
 def test_config_errors_stop_before_any_work(tmp_path):
   for override, expected in [('--config.model.reverse=True', 'model.classify'),
                              ('--config.model.no_such_field=1', 'no_such_field')]:
-    r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/unet.py',
-                        f'--workdir={tmp_path / "x"}', override, '--config.data.name=synthetic'],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = run_main(tmp_path / 'x', override, '--config.data.name=synthetic',
+                 config='configs/unet.py')
     assert r.returncode != 0 and expected in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / 'x' / 'checkpoints').exists()
 

@@ -3,8 +3,6 @@
 import csv
 import functools
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
+from helpers import run_module
 from skinmtl_jax import losses as skinmtl_losses
 from skinmtl_jax import gradients, grad_study, models, steps, train
 
@@ -203,9 +202,8 @@ def test_training_logs_the_study_and_the_cli_plots_it_over_checkpoints(tmp_path)
 
   # The command over every checkpoint: its CSV, both figures and the summary.
   out = tmp_path / 'study'
-  r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.grad_study', f'--workdir={workdir}',
-                      f'--out={out}', '--num_images=4'], cwd=ROOT, capture_output=True,
-                     text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  r = run_module('skinmtl_jax.grad_study', f'--workdir={workdir}', f'--out={out}',
+                 '--num_images=4', timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   table = grad_study.read_csv(str(out / 'grad_study_checkpoints.csv'))
   assert sorted({r['step'] for r in table}) == [2, 4, 6]

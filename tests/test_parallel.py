@@ -1,7 +1,6 @@
 """Devices and hosts (#7): sharded training equals single-device training; mesh and batch rows."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, bias_before_batchnorm, tiny_config
+from helpers import cpu_env
 from skinmtl_jax import checkpointing, evaluate, parallel, train, workdir
 from skinmtl_jax.config_base import ConfigError
 
@@ -19,9 +19,8 @@ from skinmtl_jax.config_base import ConfigError
 def sharded(tmp_path_factory):
   """tests/sharded_check.py in a subprocess with 4 forced host devices."""
   workdir = tmp_path_factory.mktemp('sharded')
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'sharded_check.py'),
-                         str(workdir / 'run')], cwd=ROOT, env=env, capture_output=True,
+                         str(workdir / 'run')], cwd=ROOT, env=cpu_env(), capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
@@ -111,7 +110,7 @@ def test_two_processes_each_loading_its_rows_train_like_one_process(tmp_path):
   1-device run ends, and only process 0 writes the artifacts."""
   multi, single = tmp_path / 'multi', tmp_path / 'single'
   port = str(_free_port())
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env = cpu_env()
   env.pop('SLURM_NTASKS', None)
   procs = [subprocess.Popen([sys.executable, str(ROOT / 'tests' / 'multiprocess_check.py'),
                              str(i), port, str(multi)], cwd=ROOT, env=env,

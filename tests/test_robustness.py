@@ -19,22 +19,12 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, tiny_config
+from helpers import (assert_same_state, cpu_env, main_args, run_main, run_module, start_main,
+                     wait_for_step)
 from skinmtl_jax import calibration as calibration_lib
 from skinmtl_jax import checkpointing, config_base, preemption, steps, workdir, writers
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets import files
-
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-
-
-def _run(module, *args, timeout=300):
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def _main(workdir_, *overrides):
-  return ['--config=configs/tiny.py', f'--workdir={workdir_}', *overrides]
-
 
 def _assert_refused(r, *phrases, code=1):
   assert r.returncode == code, (r.returncode, r.stderr[-3000:])
@@ -47,7 +37,7 @@ def _assert_refused(r, *phrases, code=1):
 def trained(tmp_path_factory):
   """A finished tiny run (checkpoints of steps 3 and 6, metrics.json); copy it to change it."""
   run = tmp_path_factory.mktemp('trained') / 'run'
-  r = _run('skinmtl_jax.main', *_main(run), timeout=600)
+  r = run_main(run, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   return run
 
@@ -67,7 +57,7 @@ def _snapshot(run):
 def test_rerun_with_another_architecture_is_refused_and_leaves_the_run_intact(trained, tmp_path):
   run = _copy(trained, tmp_path)
   before = _snapshot(run)
-  r = _run('skinmtl_jax.main', *_main(run, '--config.model.features=(4,8,8,32)'))
+  r = run_main(run, '--config.model.features=(4,8,8,32)')
   _assert_refused(r, 'model.features', '[4, 8, 8, 16] -> [4, 8, 8, 32]', 'new --workdir',
                   'num_train_steps')
   assert _snapshot(run) == before
@@ -108,31 +98,16 @@ def test_which_config_changes_a_rerun_may_make(trained, tmp_path):
 
 # ---------------------------------------------------------------- 5. two runs in one workdir
 
-def _wait_for_step(proc, run, step, timeout=300):
-  t = time.time()
-  while True:
-    path = run / 'scalars.jsonl'
-    rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
-    if max((r['step'] for r in rows if 'train/loss' in r), default=0) >= step:
-      return
-    assert proc.poll() is None, (run.parent / 'first.log').read_text()[-3000:]
-    assert time.time() - t < timeout
-    time.sleep(0.1)
-
-
 def test_a_second_run_in_the_same_workdir_is_refused(trained, tmp_path):
   run = _copy(trained, tmp_path)
   before = _snapshot(run)
   # The first: the finished run resumed for more steps (a change a rerun may make).
   log = open(tmp_path / 'first.log', 'w+', encoding='utf-8')  # a pipe would fill and block it
-  first = subprocess.Popen(
-      [sys.executable, '-m', 'skinmtl_jax.main', *_main(
-          run, '--config.num_train_steps=100000', '--config.log_every_steps=1',
-          '--config.checkpoint_every_steps=100000')],
-      cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=log, text=True)
+  first = start_main(run, '--config.num_train_steps=100000', '--config.log_every_steps=1',
+                     '--config.checkpoint_every_steps=100000', stderr=log)
   try:
-    _wait_for_step(first, run, 8)
-    second = _run('skinmtl_jax.main', *_main(run, '--config.seed=1'))
+    wait_for_step(first, run, 8, log=tmp_path / 'first.log', poll=0.1)
+    second = run_main(run, '--config.seed=1')
     _assert_refused(second, f'{run} is in use by another process (pid {first.pid}')
     assert first.poll() is None  # undisturbed
     first.send_signal(signal.SIGTERM)
@@ -166,7 +141,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(trained, 
   _, _, state = checkpointing.load_run(str(run))
   assert steps.step_of(state) == 3
   (run / 'checkpoints' / '3' / 'state' / '_METADATA').unlink()  # and one without metadata
-  r = _run('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "out"}', 'x.png')
+  r = run_module('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "out"}', 'x.png')
   _assert_refused(r, 'None of the checkpoints', str(run / 'checkpoints'))
 
 
@@ -188,7 +163,7 @@ def test_non_finite_weights_are_taken_for_damage(trained, tmp_path):
 def test_training_resumes_from_the_newest_intact_checkpoint(trained, tmp_path):
   run = _copy(trained, tmp_path)
   _damage(run, 6)
-  r = _run('skinmtl_jax.main', *_main(run, '--config.num_train_steps=9'), timeout=600)
+  r = run_main(run, '--config.num_train_steps=9', timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'checkpoints/6 cannot be restored' in r.stderr
   assert 'Restored the checkpoint of step 3' in r.stderr
@@ -222,8 +197,8 @@ app.run(main.main)
 def test_sigterm_outside_the_train_loop_exits_75_with_a_message(trained, tmp_path, where):
   run = _copy(trained, tmp_path)
   before = _snapshot(run)
-  r = subprocess.run([sys.executable, '-c', _SIGTERM_AT, where, *_main(run)], cwd=ROOT,
-                     env=ENV, capture_output=True, text=True, timeout=300)
+  r = subprocess.run([sys.executable, '-c', _SIGTERM_AT, where, *main_args(run)], cwd=ROOT,
+                     env=cpu_env(), capture_output=True, text=True, timeout=300)
   _assert_refused(r, 'SIGTERM', 'run the same command again', code=preemption.PREEMPTED_EXIT_CODE)
   assert _snapshot(run) == before
   assert sorted(os.listdir(run / 'checkpoints')) == ['3', '6']
@@ -259,12 +234,11 @@ def test_config_values_that_make_no_sense_are_refused(field, value, match):
 
 
 def test_config_mistakes_on_the_command_line_end_in_one_line(tmp_path):
-  r = _run('skinmtl_jax.main', *_main(tmp_path / 'x', '--config.model.widht=3'))
+  r = run_main(tmp_path / 'x', '--config.model.widht=3')
   _assert_refused(r, '--config.model.widht', 'model.resnet_width')
-  r = _run('skinmtl_jax.main', *_main(tmp_path / 'x', '--config.model.weight_grad=xla'))
+  r = run_main(tmp_path / 'x', '--config.model.weight_grad=xla')
   _assert_refused(r, '--config.model.weight_grad', "it is 'model.conv_impl' now")
-  r = _run('skinmtl_jax.main', *_main(tmp_path / 'x', '--config.num_train_steps=-1',
-                                      '--config.num_epochs=-3'))
+  r = run_main(tmp_path / 'x', '--config.num_train_steps=-1', '--config.num_epochs=-3')
   _assert_refused(r, 'num_epochs=-3')
   assert not (tmp_path / 'x').exists()
 
@@ -283,7 +257,7 @@ def test_command_lines_given_a_wrong_workdir_say_so_in_one_line(trained, tmp_pat
            ('skinmtl_jax.evaluate', untrained, [], 'has no checkpoint yet'),
            ('skinmtl_jax.grad_study', untrained, [out], 'has no checkpoint yet')]
   for module, where, args, phrase in cases:
-    r = _run(module, f'--workdir={where}', *args)
+    r = run_module(module, f'--workdir={where}', *args)
     _assert_refused(r, str(where), phrase)
   assert not missing.exists() and not (tmp_path / 'out').exists()
 
@@ -361,9 +335,9 @@ def test_predict_gives_every_input_its_own_outputs(trained, tmp_path):
     Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(p)
   paths[4].write_bytes(_png(np.full((40, 30), 20000, np.uint16)))
   out = tmp_path / 'out'
-  r = _run('skinmtl_jax.predict', f'--workdir={trained}', f'--out={out}', *map(str, paths))
+  r = run_module('skinmtl_jax.predict', f'--workdir={trained}', f'--out={out}', *map(str, paths))
   assert r.returncode == 0, r.stderr[-3000:]
-  r2 = _run('skinmtl_jax.predict', f'--workdir={trained}', f'--out={out}', str(paths[0]))
+  r2 = run_module('skinmtl_jax.predict', f'--workdir={trained}', f'--out={out}', str(paths[0]))
   assert r2.returncode == 0, r2.stderr[-3000:]
   lines = [json.loads(l) for l in (out / 'predictions.jsonl').read_text().splitlines()]
   assert len(lines) == 6
@@ -422,9 +396,7 @@ def test_sigterm_at_any_moment_of_the_start_exits_75(tmp_path):
   set up: always 75 (cluster requeue), never a crash or a signal's own status."""
   codes = []
   for i, delay in enumerate((0.3, 1.5, 3.0, 4.5, 6.0, 8.0)):
-    p = subprocess.Popen([sys.executable, '-m', 'skinmtl_jax.main', *_main(tmp_path / f'r{i}')],
-                         cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True)
+    p = start_main(tmp_path / f'r{i}')
     time.sleep(delay)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
@@ -449,7 +421,7 @@ def test_a_resume_on_other_training_examples_is_refused_by_name(trained, tmp_pat
   record['sha256'] = 'changed'
   (run / 'training_set.json').write_text(json.dumps(record))
   before = _snapshot(run)
-  r = _run('skinmtl_jax.main', *_main(run, '--config.num_train_steps=9'))
+  r = run_main(run, '--config.num_train_steps=9')
   _assert_refused(r, 'trained on other examples', '1 removed (synthetic_train_999)',
                   '1 relabelled', 'new --workdir')
   assert _snapshot(run) == before        # config.json is not rewritten by a refused rerun
@@ -462,7 +434,7 @@ def test_a_fresh_start_drops_the_previous_runs_calibration(trained, tmp_path):
   run = tmp_path / 'reused'
   run.mkdir()
   shutil.copy(trained / 'calibration.json', run)        # left by a run that never saved
-  r = _run('skinmtl_jax.main', *_main(run, '--config.data.validation_fraction=0'))
+  r = run_main(run, '--config.data.validation_fraction=0')
   assert r.returncode == 0, r.stderr[-3000:]
   assert not (run / 'calibration.json').exists()
   m = json.loads((run / 'metrics.json').read_text())
@@ -498,15 +470,15 @@ def test_predict_says_when_there_is_no_calibration_and_records_its_mode(trained,
   run = _copy(trained, tmp_path)
   image = tmp_path / 'x.png'
   Image.fromarray(np.full((40, 30, 3), 120, np.uint8)).save(image)
-  r = _run('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "a"}', '--tta',
-           str(image))
+  r = run_module('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "a"}', '--tta',
+                 str(image))
   assert r.returncode == 0, r.stderr[-3000:]
   line = json.loads(r.stdout.strip().splitlines()[-1])
   assert line['tta'] is True and line['compute_dtype'] == 'float32'
   assert 'single-view float32' in line['calibration_fitted_on']
   assert 'applied to TTA-averaged float32 outputs' in r.stderr
   (run / 'calibration.json').unlink()
-  r = _run('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "b"}', str(image))
+  r = run_module('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "b"}', str(image))
   assert r.returncode == 0 and 'calibration.json not found: no calibrated probability' in r.stderr
   assert 'melanoma_prob_calibrated' not in json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -514,18 +486,17 @@ def test_predict_says_when_there_is_no_calibration_and_records_its_mode(trained,
 def test_changing_the_input_workers_resumes_bit_exactly(tmp_path):
   args = ('--config.data.on_device=off', '--config.checkpoint_every_steps=3')
   straight = tmp_path / 'straight'
-  r = _run('skinmtl_jax.main', *_main(straight, *args), timeout=600)
+  r = run_main(straight, *args, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   run = _copy(straight, tmp_path, 'resumed')
   shutil.rmtree(run / 'checkpoints' / '6')
   (run / 'metrics.json').unlink()
-  r = _run('skinmtl_jax.main', *_main(run, *args, '--config.data.num_workers=2'), timeout=600)
+  r = run_main(run, *args, '--config.data.num_workers=2', timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'Resumed from step 3' in r.stderr
   _, _, a = checkpointing.load_run(str(straight))
   _, _, b = checkpointing.load_run(str(run))
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert_same_state(a, b)
 
 
 def test_a_checkpoint_rotated_away_while_read_is_tried_again_not_called_damaged(
@@ -549,8 +520,7 @@ def test_a_checkpoint_rotated_away_while_read_is_tried_again_not_called_damaged(
 
 def test_a_longer_schedule_and_another_threshold_are_said_and_recorded(trained, tmp_path):
   run = _copy(trained, tmp_path)
-  r = _run('skinmtl_jax.main', *_main(run, '--config.num_train_steps=9',
-                                      '--config.threshold=0.4'), timeout=600)
+  r = run_main(run, '--config.num_train_steps=9', '--config.threshold=0.4', timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'the learning rate decays over the new total' in r.stderr
   m = json.loads((run / 'metrics.json').read_text())
@@ -565,29 +535,29 @@ def test_a_malformed_config_json_ends_in_one_line(trained, tmp_path, saved):
   (run / 'config.json').write_text(json.dumps(saved))
   for module, extra in (('skinmtl_jax.evaluate', []),
                         ('skinmtl_jax.predict', [f'--out={tmp_path / "o"}', 'x.png'])):
-    r = _run(module, f'--workdir={run}', *extra)
+    r = run_module(module, f'--workdir={run}', *extra)
     _assert_refused(r, 'config.json')
 
 
 def test_more_mistakes_end_in_one_line(trained, tmp_path):
-  r = _run('skinmtl_jax.main', '--config=configs/nosuch.py', f'--workdir={tmp_path / "x"}')
+  r = run_module('skinmtl_jax.main', '--config=configs/nosuch.py', f'--workdir={tmp_path / "x"}')
   _assert_refused(r, '--config=configs/nosuch.py: no such file')
   for field in ('model.cls_hidden', 'model.cbam_reduction'):
-    r = _run('skinmtl_jax.main', *_main(tmp_path / 'y', f'--config.{field}=0'))
+    r = run_main(tmp_path / 'y', f'--config.{field}=0')
     _assert_refused(r, f'{field}=0')
   for size in ('abc', '0x0', '32', '-32x32'):
-    r = _run('skinmtl_jax.prepare', '--dataset=isic2016', f'--manual_dir={tmp_path}',
-             f'--size={size}')
+    r = run_module('skinmtl_jax.prepare', '--dataset=isic2016', f'--manual_dir={tmp_path}',
+                   f'--size={size}')
     _assert_refused(r, f'--size={size}: expected the height and width')
   a_file = tmp_path / 'a_file'
   a_file.write_text('')
-  r = _run('skinmtl_jax.predict', f'--workdir={trained}', f'--out={a_file}', 'x.png')
+  r = run_module('skinmtl_jax.predict', f'--workdir={trained}', f'--out={a_file}', 'x.png')
   _assert_refused(r, 'is a file, not a folder')
-  r = _run('skinmtl_jax.predict', f'--workdir={trained}',
-           f'--out={trained / "checkpoints" / "6" / "out"}', 'x.png')
+  r = run_module('skinmtl_jax.predict', f'--workdir={trained}',
+                 f'--out={trained / "checkpoints" / "6" / "out"}', 'x.png')
   _assert_refused(r, 'which the run rotates')
   assert not (trained / 'checkpoints' / '6' / 'out').exists()
-  r = _run('skinmtl_jax.evaluate', f'--workdir={trained}', '--datasets=nosuch')
+  r = run_module('skinmtl_jax.evaluate', f'--workdir={trained}', '--datasets=nosuch')
   _assert_refused(r, "--datasets names 'nosuch'", 'evaluation sets test')
 
 
@@ -599,7 +569,8 @@ def test_evaluate_into_another_folder_needs_no_write_access_to_the_run(trained, 
     with open(run / '.lock', 'w', encoding='utf-8') as f:
       import fcntl  # pylint: disable=import-outside-toplevel
       fcntl.flock(f, fcntl.LOCK_EX)  # held by "another process" (this one)
-      r = _run('skinmtl_jax.evaluate', f'--workdir={run}', f'--out={tmp_path / "elsewhere"}')
+      r = run_module('skinmtl_jax.evaluate', f'--workdir={run}',
+                     f'--out={tmp_path / "elsewhere"}')
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / 'elsewhere' / 'metrics.json').exists()
   finally:

@@ -5,14 +5,11 @@ land where, and with how many transforms."""
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import run_main
 from skinmtl_jax import augment, evaluate, input_pipeline, splits
 
 MEL, BEN = 1, 0
@@ -166,10 +163,7 @@ def test_enlargement_is_4x_benign_16x_melanoma():
 # --------------------------------------------------------------------- calibration, evaluation
 
 def test_the_calibration_is_fitted_on_the_validation_images_only(tmp_path):
-  r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/tiny.py',
-                      f'--workdir={tmp_path}', '--config.num_train_steps=2'], cwd=ROOT,
-                     env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True,
-                     text=True, timeout=600)
+  r = run_main(tmp_path, '--config.num_train_steps=2', timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   record = json.loads((tmp_path / 'training_set.json').read_text())
   with open(tmp_path / 'per_image_validation.csv', encoding='utf-8') as f:

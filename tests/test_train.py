@@ -5,13 +5,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
+from helpers import assert_same_state, final_state, run_main
 from skinmtl_jax import input_pipeline, models, steps
 
 
@@ -76,15 +75,9 @@ def test_learning_rate_decays_exponentially_from_initial_to_final():
   np.testing.assert_allclose(seen, expected, rtol=1e-5)
 
 
-def _main(workdir, *overrides):
-  cmd = [sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/tiny.py',
-         f'--workdir={workdir}', *overrides]
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_main_end_to_end_writes_checkpoint_and_metrics(tmp_path):
-  r = _main(tmp_path / 'run', '--config.model.reverse=True', '--config.model.attention_pool=True')
+  r = run_main(tmp_path / 'run', '--config.model.reverse=True',
+               '--config.model.attention_pool=True')
   assert r.returncode == 0, r.stderr[-3000:]
   m = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
   assert m['params'] > 0 and m['steps'] == 6
@@ -99,44 +92,27 @@ def test_main_end_to_end_writes_checkpoint_and_metrics(tmp_path):
   assert (tmp_path / 'run' / 'per_image_test.csv').read_text().count('\n') == 13
 
 
-def _final_params(workdir):
-  from configs import tiny
-  from skinmtl_jax import checkpointing
-  cfg = tiny.get_config()
-  model = models.create_model(cfg.model)
-  template = steps.create_train_state(model, steps.create_optimizer(cfg.optim, 6),
-                                      steps.member_keys(0, 1), tuple(cfg.data.image_size))
-  manager = checkpointing.create_manager(str(workdir), read_only=True)
-  state = checkpointing.restore(manager, template)
-  manager.close()
-  return state
-
-
 def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
-  r = _main(tmp_path / 'full')
+  r = run_main(tmp_path / 'full')
   assert r.returncode == 0, r.stderr[-3000:]
   # Pretend the run died after its step-3 checkpoint: drop the later one and run again.
   shutil.copytree(tmp_path / 'full', tmp_path / 'resumed')
   shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '6')
   os.remove(tmp_path / 'resumed' / 'metrics.json')
-  r = _main(tmp_path / 'resumed')
+  r = run_main(tmp_path / 'resumed')
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'Resumed from step 3' in r.stderr
-  a, b = _final_params(tmp_path / 'full'), _final_params(tmp_path / 'resumed')
+  a, b = final_state(tmp_path / 'full'), final_state(tmp_path / 'resumed')
   assert steps.step_of(a) == steps.step_of(b) == 6
-  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
-                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
-    np.testing.assert_array_equal(x, y)
+  assert_same_state(a, b)   # params, batch_stats and opt_state (and the step, checked above)
   full = json.loads((tmp_path / 'full' / 'metrics.json').read_text())
   resumed = json.loads((tmp_path / 'resumed' / 'metrics.json').read_text())
   assert full['test'] == resumed['test']
 
 
 def test_paper_config_without_prepared_data_stops_with_instructions(tmp_path):
-  r = subprocess.run([sys.executable, '-m', 'skinmtl_jax.main', '--config=configs/mtl2.py',
-                      f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={tmp_path / "tfds"}'],
-                     cwd=ROOT, capture_output=True, text=True, timeout=300,
-                     env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  r = run_main(tmp_path / 'run', f'--config.data.data_dir={tmp_path / "tfds"}',
+               config='configs/mtl2.py')
   assert r.returncode != 0
   assert 'manual_dir' in r.stderr and 'isic2016' in r.stderr and 'challenge.isic-archive.com' in r.stderr
   assert 'Traceback' not in r.stderr
