@@ -9,9 +9,11 @@ beside them, and the calibration of the melanoma probability); per_image_<set>.c
 boxplot_<set>.png (per-image MCC, IoU, DSC, the paper's Figure 6); overlays_<set>.png (best and
 worst cases, the paper's Figures 5 and 7); roc_<set>.png; reliability_<set>.png (the
 reliability diagram before and after calibration); calibration.json (the temperature and bias
-fitted on the validation split, see skinmtl_jax/calibration.py); and the figures as images in
-the run's TensorBoard files. The measures and report.md are made here; the sections, figures and
-CSVs by skinmtl_jax/report.py, calibration.json by skinmtl_jax/calibration.py.
+fitted on the validation split, see skinmtl_jax/calibration.py); decision.json (the operating
+point and the review flag's thresholds, see skinmtl_jax/uncertainty.py); and the figures as
+images in the run's TensorBoard files. The measures are made here (`evaluate`, which writes
+nothing), the files by skinmtl_jax/report.py (`report.write`; the TensorBoard images by
+skinmtl_jax/writers.py); `evaluate_and_report` runs the one, then the other.
 
 `--dtype` evaluates in another compute dtype than the run trained with (`model.dtype`: a
 float32 run in bfloat16, say, to see what bfloat16 inference costs). The run's own files are
@@ -219,36 +221,35 @@ def fit_calibration(eval_step, state, validation: splits.Split, *,
   return fitted, r['per_image']
 
 
-def evaluate_and_report(state, model, workdir: str, splits: dict[str, splits.Split],
-                        results: dict[str, Any], *, experiment: str, model_cfg,
-                        decision_cfg: uncertainty.DecisionConfig, threshold: float,
-                        batch_size: int, write: bool = True,
-                        validation: splits.Split | None = None,
-                        calibration_dir: str | None = None) -> dict[str, Any]:
-  """Evaluates `state` on each split (by eval set name) and writes every artifact into `workdir`.
+def evaluate(state, model, splits: dict[str, splits.Split], results: dict[str, Any], *,
+             dtype: str, decision_cfg: uncertainty.DecisionConfig, threshold: float,
+             batch_size: int, calibration_dir: str,
+             validation: splits.Split | None = None) -> report.Evaluation:
+  """Measures `state` on each split (by eval set name); writes nothing (report.write does).
 
-  The run's settings: `experiment` (the config's name, in headings), `model_cfg` (config.model:
-  its arch and compute dtype), `decision_cfg` (config.decision, read once), `threshold` and
-  `batch_size` (config.threshold, config.eval_batch_size).
+  The run's settings: `dtype` (the compute dtype, config.model.dtype unless overridden),
+  `decision_cfg` (config.decision, read once), `threshold` and `batch_size`
+  (config.threshold, config.eval_batch_size).
 
   `results` holds what is known already (params, steps, data provenance); the evaluation
-  entries are added to it and the whole is written as metrics.json. With a `validation` split,
-  the calibration of the melanoma probability is fitted on it first ('calibration' in
-  metrics.json, calibration.json; without one, the calibration.json fitted earlier for this
-  checkpoint in `calibration_dir`, by default `workdir`, if any, is used) and each set's
-  entry (the ensemble's, for K > 1) gets 'calibrated': the same measures of the calibrated
-  probabilities. The operating point and the review flag's thresholds are fitted on it too
-  ('decision', decision.json; skinmtl_jax/uncertainty.py; loaded like the calibration without
-  one), and every set's entry gets 'operating_point' (its decisions there) and 'review'
-  (whether the flag finds the errors; the validation split's, in-sample, under 'validation').
-  With `write=False` (processes other than the first of a multi-host run) nothing is written.
+  entries are added to it (metrics.json's content). With a `validation` split, the calibration
+  of the melanoma probability is fitted on it first ('calibration'; without one, the
+  calibration.json fitted earlier for this checkpoint in `calibration_dir`, if any, is used)
+  and each set's entry (the ensemble's, for K > 1) gets 'calibrated': the same measures of the
+  calibrated probabilities. The operating point and the review flag's thresholds are fitted on
+  it too ('decision'; skinmtl_jax/uncertainty.py; loaded like the calibration without one),
+  and every set's entry gets 'operating_point' (its decisions there) and 'review' (whether the
+  flag finds the errors; the validation split's, in-sample, under 'validation').
+
+  Returns:
+    report.Evaluation: `results` and, per set, what the report draws beyond it (per-image
+    columns, the review's per-image errors and scores, the calibrated probabilities).
   """
   eval_step = jax.jit(functools.partial(evaluation_step, model=model, threshold=threshold))
   step = steps.step_of(state)
   fingerprint = steps.model_fingerprint(state)
-  dtype = model_cfg.dtype
-  judged = {}  # name -> (labels, per_image): the sets whose review is assessed and reported
-  if validation is not None and len(validation.source):
+  fitted_now = validation is not None and len(validation.source) > 0
+  if fitted_now:
     calibration, per_image = fit_calibration(eval_step, state, validation,
                                              batch_size=batch_size)
     if calibration is not None:  # what it was fitted on: single views, this compute dtype
@@ -256,45 +257,21 @@ def evaluate_and_report(state, model, workdir: str, splits: dict[str, splits.Spl
     decision = uncertainty.fit_decision(validation.labels, per_image, decision_cfg,
                                         calibration=calibration)
     decision['fitted_on']['dtype'] = dtype
-    judged['validation'] = (validation.labels, per_image)
-    if write:
-      calibration_lib.save(workdir, calibration, step, fingerprint)
-      uncertainty.save(workdir, decision, step, fingerprint)
   else:
     # Fitted earlier for this checkpoint's model, if at all.
-    calibration = calibration_lib.load(calibration_dir or workdir, step, fingerprint)
-    decision = uncertainty.load(calibration_dir or workdir, step, fingerprint)
+    calibration = calibration_lib.load(calibration_dir, step, fingerprint)
+    decision = uncertainty.load(calibration_dir, step, fingerprint)
   results['calibration'] = calibration
   results['decision'] = decision
-  predict_jit = jax.jit(functools.partial(steps.ensemble_predictions, model=model))
-  predict_fn = lambda images: jax.device_get(predict_jit(state, images))
-  sections = [f'# Results of {experiment}', '',
-              f'Step {results.get("steps")}; {results.get("params")} parameters. Percentages. '
-              'TPR = support-weighted recall (the paper\'s "TPR"), TNR = benign recall, '
-              'F1 = support-weighted F1; MCC, IoU, DSC are per-image means.', '']
-  if results.get('trained_on_test_images'):
-    sections += ['**WARNING: trained with data.paper_protocol_train_on_test_images=True: the '
-                 'training set contains evaluation images. These numbers are not a fair test.**',
-                 '']
-  if model_cfg.arch == 'resnet50':
-    sections += ['ResNet-50 is trained from scratch (no pretrained weights can be downloaded '
-                 'here); the paper does not say whether its baseline was pretrained.', '']
-  sections.append(report.decision_section(decision, calibration))
-  if 'validation' in judged:
-    labels, per_image = judged['validation']
+  validation_outputs = None
+  if fitted_now:  # after 'calibration' and 'decision': metrics.json keeps their order
+    labels = validation.labels
     review = _review(labels, per_image, decision, threshold, decision_cfg)
-    results['validation'] = {'n': len(labels), 'review': review,
+    results['validation'] = {'n': len(labels), 'review': _without_per_image(review),
                              'operating_point': uncertainty.at_operating_point(
                                  labels, per_image.get('melanoma_prob'), decision)}
-    sections.append(report.review_section(
-        'validation', review, decision, seg_error_dice=decision_cfg.seg_error_dice,
-        note='In-sample: the thresholds were fitted on these images. '))
-    if write:
-      report.write_per_image(os.path.join(workdir, 'per_image_validation.csv'), per_image)
-      report.referral(os.path.join(workdir, 'referral_validation.png'), review,
-                      f'{experiment}: validation (in-sample)',
-                      seg_error_dice=decision_cfg.seg_error_dice)
-    review.pop('per_image')
+    validation_outputs = report.SetOutputs(validation, per_image, review)
+  sets = {}
   for name, split in splits.items():
     r = evaluate_split(eval_step, state, split, batch_size=batch_size,
                        threshold=threshold)
@@ -307,47 +284,13 @@ def evaluate_and_report(state, model, workdir: str, splits: dict[str, splits.Spl
       calibrated = calibration_lib.apply(per_image['melanoma_prob'], calibration)
       target['calibrated'] = calibrated_scores(split.labels, per_image['melanoma_prob'],
                                                calibration, threshold=threshold)
-    sections.append(report.report_section(name, r, experiment, results.get('params', 0),
-                                          threshold=threshold))
-    if 'ensemble' in r:
-      sections.append(report.report_section(name, r['ensemble'], f'{experiment} ensemble of '
-                                     f'{len(r["members"])}', results.get('params', 0),
-                                     paper_config=experiment, heading=False))
-    label = f'{experiment} ensemble' if 'ensemble' in r else experiment
-    sections.append(report.calibration_section(target, calibration, label,
-                                               threshold=threshold))
     op = uncertainty.at_operating_point(split.labels, per_image.get('melanoma_prob'), decision)
     if op is not None:
       target['operating_point'] = op
-      sections.append(report.operating_point_section(target, label, threshold=threshold))
     review = _review(split.labels, per_image, decision, threshold, decision_cfg)
-    target['review'] = review
-    sections.append(report.review_section(name, review, decision,
-                                          seg_error_dice=decision_cfg.seg_error_dice))
-    if write:
-      report.referral(os.path.join(workdir, f'referral_{name}.png'), review,
-                      f'{experiment}: {name}', seg_error_dice=decision_cfg.seg_error_dice)
-    review.pop('per_image')
-    if not write:
-      continue
-    report.write_per_image(os.path.join(workdir, f'per_image_{name}.csv'), per_image)
-    if r['dice'] is not None:
-      report.boxplot(os.path.join(workdir, f'boxplot_{name}.png'), per_image,
-                     f'{experiment}: {name}')
-    if r['auc'] is not None and np.isfinite(r['auc']):
-      report.roc(os.path.join(workdir, f'roc_{name}.png'), per_image['label'],
-           per_image['melanoma_prob'], r['auc'], f'{experiment}: {name}')
-    if 'melanoma_prob' in per_image:
-      report.reliability(os.path.join(workdir, f'reliability_{name}.png'), per_image['label'],
-                   per_image['melanoma_prob'], calibrated, f'{experiment}: {name}')
-    report.overlays(os.path.join(workdir, f'overlays_{name}.png'), split, per_image, predict_fn,
-              threshold, f'{experiment}: {name}')
-  if not write:
-    return results
-  report.write_json(os.path.join(workdir, 'metrics.json'), results)
-  with workdir_lib.atomic_write(os.path.join(workdir, 'report.md')) as f:
-    f.write('\n'.join(sections))
-  return results
+    target['review'] = _without_per_image(review)
+    sets[name] = report.SetOutputs(split, per_image, review, calibrated)
+  return report.Evaluation(results, validation_outputs, sets, step, fingerprint)
 
 
 def _review(labels, per_image: dict[str, list], decision, threshold: float,
@@ -358,6 +301,36 @@ def _review(labels, per_image: dict[str, list], decision, threshold: float,
                               seg_error_dice=decision_cfg.seg_error_dice)
   per_image.update(review['per_image']['columns'])
   return review
+
+
+def _without_per_image(review: dict) -> dict:
+  """The review's summary, as metrics.json holds it (its per-image part is for the figure)."""
+  return {k: v for k, v in review.items() if k != 'per_image'}
+
+
+def evaluate_and_report(state, model, workdir: str, splits: dict[str, splits.Split],
+                        results: dict[str, Any], *, experiment: str, model_cfg,
+                        decision_cfg: uncertainty.DecisionConfig, threshold: float,
+                        batch_size: int, write: bool = True,
+                        validation: splits.Split | None = None,
+                        calibration_dir: str | None = None) -> dict[str, Any]:
+  """`evaluate`, then `report.write` into `workdir`: what training and the command line run.
+
+  `experiment` (the config's name, in headings) and `model_cfg` (config.model: its arch and
+  compute dtype) are the run's; the other arguments are `evaluate`'s. Without a `validation`
+  split, the calibration and decision fitted earlier are read from `calibration_dir`, by
+  default `workdir`. With `write=False` (processes other than the first of a multi-host run)
+  nothing is written. Returns metrics.json's content.
+  """
+  evaluation = evaluate(state, model, splits, results, dtype=model_cfg.dtype,
+                        decision_cfg=decision_cfg, threshold=threshold, batch_size=batch_size,
+                        calibration_dir=calibration_dir or workdir, validation=validation)
+  if write:
+    predict_jit = jax.jit(functools.partial(steps.ensemble_predictions, model=model))
+    report.write(workdir, evaluation, lambda images: jax.device_get(predict_jit(state, images)),
+                 experiment=experiment, arch=model_cfg.arch, threshold=threshold,
+                 seg_error_dice=decision_cfg.seg_error_dice)
+  return evaluation.results
 
 
 # ---------------------------------------------------------------------------- command line

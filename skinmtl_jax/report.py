@@ -1,9 +1,11 @@
-"""What an evaluation leaves for people: report.md's sections (our rows in the layout of the
-paper's Tables 3-4 beside the paper's, the calibration, the decisions at the operating point,
-and whether the review flag finds the errors), per_image_<set>.csv, metrics.json, and the
-figures: boxplot_<set>.png, roc_<set>.png, reliability_<set>.png, overlays_<set>.png,
-referral_<set>.png and curves.png (training curves from scalars.jsonl). Every file is written whole or not at all
-(workdir.atomic_write). The measures themselves come from skinmtl_jax/evaluate.py.
+"""Every file an evaluation leaves (`write`): metrics.json; report.md (our rows in the layout of
+the paper's Tables 3-4 beside the paper's, the calibration, the decisions at the operating
+point, and whether the review flag finds the errors); per_image_<set>.csv; calibration.json and
+decision.json when they were fitted (their format is skinmtl_jax/calibration.py's and
+skinmtl_jax/uncertainty.py's); and the figures: boxplot_<set>.png, roc_<set>.png,
+reliability_<set>.png, overlays_<set>.png, referral_<set>.png, and curves.png (training curves
+from scalars.jsonl). Every file is written whole or not at all (workdir.atomic_write). The
+measures themselves come from skinmtl_jax/evaluate.py, as an `Evaluation`.
 """
 
 from __future__ import annotations
@@ -12,12 +14,112 @@ import csv
 import glob
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from skinmtl_jax import metrics, paper, uncertainty
+from skinmtl_jax import calibration as calibration_lib
+from skinmtl_jax import metrics, paper, splits, uncertainty
 from skinmtl_jax import workdir as workdir_lib
+
+
+class SetOutputs(NamedTuple):
+  """What the report shows of one set beyond its entry in metrics.json."""
+  split: splits.Split  # the set's images, for the overlays
+  per_image: dict[str, list]  # per_image_<set>.csv's columns, the review's included
+  review: dict[str, Any]  # uncertainty.assess's result with its per-image part: the referral
+  calibrated_prob: np.ndarray | None = None  # after calibration, for the reliability diagram
+
+
+class Evaluation(NamedTuple):
+  """The measures of one evaluation as plain data (evaluate.evaluate's result)."""
+  results: dict[str, Any]  # metrics.json's content
+  # The validation split's, when the calibration and the decision were fitted on it now (they
+  # are then saved as calibration.json and decision.json); None when they were loaded.
+  validation: SetOutputs | None
+  sets: dict[str, SetOutputs]  # by evaluation set name, in the order evaluated
+  # The checkpoint's step and its model's fingerprint, which tie calibration.json and
+  # decision.json to it.
+  step: int
+  fingerprint: str
+
+
+def write(workdir: str, evaluation: Evaluation, predict_fn: Callable[[np.ndarray], dict], *,
+          experiment: str, arch: str, threshold: float, seg_error_dice: float) -> None:
+  """Writes every file of `evaluation` into `workdir` (see the module's docstring).
+
+  `predict_fn` maps images (N, H, W, 3) to the model's outputs (the overlays' masks and
+  probabilities); `experiment` names the run in headings and titles, `arch` (config.model.arch)
+  adds a note for ResNet-50; `threshold` and `seg_error_dice` are the run's (config.threshold,
+  config.decision.seg_error_dice).
+  """
+  results = evaluation.results
+  path = lambda name: os.path.join(workdir, name)
+  fitted = evaluation.validation
+  if fitted is not None:
+    calibration_lib.save(workdir, results['calibration'], evaluation.step,
+                         evaluation.fingerprint)
+    uncertainty.save(workdir, results['decision'], evaluation.step, evaluation.fingerprint)
+    write_per_image(path('per_image_validation.csv'), fitted.per_image)
+    referral(path('referral_validation.png'), fitted.review,
+             f'{experiment}: validation (in-sample)', seg_error_dice=seg_error_dice)
+  for name, out in evaluation.sets.items():
+    r, per_image, title = results[name], out.per_image, f'{experiment}: {name}'
+    referral(path(f'referral_{name}.png'), out.review, title, seg_error_dice=seg_error_dice)
+    write_per_image(path(f'per_image_{name}.csv'), per_image)
+    if r['dice'] is not None:
+      boxplot(path(f'boxplot_{name}.png'), per_image, title)
+    if r['auc'] is not None and np.isfinite(r['auc']):
+      roc(path(f'roc_{name}.png'), per_image['label'], per_image['melanoma_prob'], r['auc'],
+          title)
+    if 'melanoma_prob' in per_image:
+      reliability(path(f'reliability_{name}.png'), per_image['label'],
+                  per_image['melanoma_prob'], out.calibrated_prob, title)
+    overlays(path(f'overlays_{name}.png'), out.split, per_image, predict_fn, threshold, title)
+  write_json(path('metrics.json'), results)
+  with workdir_lib.atomic_write(path('report.md')) as f:
+    f.write(markdown(evaluation, experiment=experiment, arch=arch, threshold=threshold,
+                     seg_error_dice=seg_error_dice))
+
+
+def markdown(evaluation: Evaluation, *, experiment: str, arch: str, threshold: float,
+             seg_error_dice: float) -> str:
+  """report.md: the run's heading, the decision, then per set its rows (the ensemble's too),
+  the calibration, the decisions at the operating point and the review flag."""
+  results = evaluation.results
+  calibration, decision = results['calibration'], results['decision']
+  params = results.get('params', 0)
+  sections = [f'# Results of {experiment}', '',
+              f'Step {results.get("steps")}; {results.get("params")} parameters. Percentages. '
+              'TPR = support-weighted recall (the paper\'s "TPR"), TNR = benign recall, '
+              'F1 = support-weighted F1; MCC, IoU, DSC are per-image means.', '']
+  if results.get('trained_on_test_images'):
+    sections += ['**WARNING: trained with data.paper_protocol_train_on_test_images=True: the '
+                 'training set contains evaluation images. These numbers are not a fair test.**',
+                 '']
+  if arch == 'resnet50':
+    sections += ['ResNet-50 is trained from scratch (no pretrained weights can be downloaded '
+                 'here); the paper does not say whether its baseline was pretrained.', '']
+  sections.append(decision_section(decision, calibration))
+  if evaluation.validation is not None:
+    sections.append(review_section(
+        'validation', evaluation.validation.review, decision, seg_error_dice=seg_error_dice,
+        note='In-sample: the thresholds were fitted on these images. '))
+  for name, out in evaluation.sets.items():
+    r = results[name]
+    sections.append(report_section(name, r, experiment, params, threshold=threshold))
+    if 'ensemble' in r:
+      sections.append(report_section(name, r['ensemble'], f'{experiment} ensemble of '
+                                     f'{len(r["members"])}', params,
+                                     paper_config=experiment, heading=False))
+    target = r.get('ensemble', r)  # what the calibration and the decisions are of
+    label = f'{experiment} ensemble' if 'ensemble' in r else experiment
+    sections.append(calibration_section(target, calibration, label, threshold=threshold))
+    if target.get('operating_point') is not None:
+      sections.append(operating_point_section(target, label, threshold=threshold))
+    sections.append(review_section(name, out.review, decision, seg_error_dice=seg_error_dice))
+  return '\n'.join(sections)
 
 
 def save_figure(fig, path: str, dpi: int) -> None:
