@@ -17,7 +17,6 @@ names the ones passed over. A training run moves damaged ones aside into
 from __future__ import annotations
 
 import contextlib
-import json
 import logging as py_logging
 import os
 import sys
@@ -26,12 +25,10 @@ import time
 
 from absl import logging
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from skinmtl_jax import config_base, models, steps
-from skinmtl_jax.config_base import DTYPES, ConfigError
+from skinmtl_jax import steps
 from skinmtl_jax.steps import TrainState
 
 
@@ -234,63 +231,3 @@ def _restore(manager, template, step):
     manager.reload()
   raise CheckpointError(f'The checkpoints in {where} kept being replaced while they were read; '
                         'try again when the training in that folder has saved.')
-
-
-# ------------------------------------------------------------------------- a finished run
-
-def check_run_dir(workdir: str) -> ml_collections.ConfigDict:
-  """The saved config of the training run in `workdir`, on today's defaults (fields added since
-  it was saved read what the run behaved as: config_base.from_saved); CheckpointError naming
-  the path and what to do when `workdir` is no run's folder or has no checkpoint yet."""
-  hint = 'give the --workdir of a training run (python -m skinmtl_jax.main --config=... ' \
-         '--workdir=DIR)'
-  if not os.path.isdir(workdir):
-    raise CheckpointError(f'{workdir} is not a folder: {hint}.')
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise CheckpointError(f'{path} not found, so {workdir} is not the folder of '
-                                        f'a training run: {hint}.')
-  try:
-    with open(path, encoding='utf-8') as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f'{path} is unreadable ({e}): {hint}.') from e
-  missing = [k for k in ('model', 'data') if not isinstance(saved, dict)
-             or not isinstance(saved.get(k), dict)]
-  if missing:
-    raise CheckpointError(f'{path} is not the config of a training run (no {" or ".join(missing)} '
-                          f'section): {hint}.')
-  config = config_base.from_saved(saved)
-  ckpt = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
-    raise CheckpointError(
-        f'{workdir} has no checkpoint yet: let its training save one (rerun its command to '
-        f'resume it), or {hint}.')
-  return config
-
-
-def load_run(workdir: str, step: int | None = None, dtype: str | None = None):
-  """(config, model, state) of the run in `workdir`, at its latest (or `step`'s) checkpoint;
-  without `step`, the newest that restores when the latest is damaged (see checkpointing).
-  `dtype` ('float32' or 'bfloat16') overrides the compute dtype the run was trained with
-  (`model.dtype`; the parameters are float32 either way), as config.model.dtype too."""
-  config = check_run_dir(workdir)
-  if dtype:
-    if dtype not in DTYPES:
-      raise ConfigError(f'dtype {dtype!r}: expected one of {DTYPES}.')
-    config.model.dtype = dtype
-  try:
-    model = models.create_model(config.model)
-    keys = steps.member_keys(0, config.num_seeds)
-    template = steps.create_train_state(model, steps.create_optimizer(config.optim, 1), keys,
-                                        tuple(config.data.image_size))
-  except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-    raise CheckpointError(f'{os.path.join(workdir, "config.json")} does not describe a model '
-                          f'this version can build ({type(e).__name__}: {e}); was it edited? '
-                          'Restore it, or give the --workdir of another run.') from e
-  manager = create_manager(workdir, read_only=True)
-  try:
-    state = restore(manager, template, step=step)
-  finally:
-    manager.close()
-  return config, model, state

@@ -36,7 +36,7 @@ import numpy as np
 
 from skinmtl_jax import calibration as calibration_lib
 from skinmtl_jax import workdir as workdir_lib
-from skinmtl_jax import checkpointing, input_pipeline, metrics, report, splits, steps
+from skinmtl_jax import checkpointing, input_pipeline, metrics, report, saved_run, splits, steps
 from skinmtl_jax import uncertainty, writers
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets.files import DataError
@@ -340,7 +340,7 @@ def main(argv):
   checkpointing.quiet_orbax_logging()
   f = flags.FLAGS
   try:
-    out = _out_dir(f, checkpointing.check_run_dir(f.workdir).model.dtype)
+    out = _out_dir(f, saved_run.check_run_dir(f.workdir).model.dtype)
     if os.path.realpath(out) == os.path.realpath(f.workdir):
       # metrics.json and the report are the run's: not while it trains or is evaluated
       # elsewhere.
@@ -360,9 +360,9 @@ def _out_dir(f, trained: str) -> str:
 
 
 def _evaluate(f, out: str):
-  trained = checkpointing.check_run_dir(f.workdir).model.dtype
+  trained = saved_run.check_run_dir(f.workdir).model.dtype
   dtype = f.dtype or trained
-  config, model, state = checkpointing.load_run(f.workdir, dtype=dtype)
+  config, model, state = saved_run.load_run(f.workdir, dtype=dtype)
   names = f.datasets or list(config.data.eval_sets)
   known = ['test'] if config.data.name == 'synthetic' else sorted(input_pipeline.EVAL_SETS)
   unknown = [n for n in names if n not in known]

@@ -41,7 +41,7 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
-from skinmtl_jax import checkpointing, input_pipeline, losses, report, steps
+from skinmtl_jax import checkpointing, input_pipeline, losses, report, saved_run, steps
 from skinmtl_jax import workdir as workdir_lib
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets.files import DataError
@@ -262,7 +262,7 @@ def fixed_batch(split, num_images: int) -> dict[str, np.ndarray]:
 def study_checkpoints(workdir: str, split_name: str | None, num_images: int
                       ) -> tuple[list[dict[str, Any]], Any]:
   """Study rows for every checkpoint of the run in `workdir` (and the run's config)."""
-  config, model, state = checkpointing.load_run(workdir)
+  config, model, state = saved_run.load_run(workdir)
   split = input_pipeline.get_split(config.data, split_name or config.data.eval_sets[0])
   batch = fixed_batch(split, num_images)
   fn = steps.make_study_step(model, loss=losses.LossConfig.from_config(config.loss),
@@ -297,7 +297,7 @@ def main(argv):
   f = flags.FLAGS
   checkpointing.quiet_orbax_logging()
   try:
-    checkpointing.check_run_dir(f.workdir)  # before --out is made: a wrong --workdir leaves nothing
+    saved_run.check_run_dir(f.workdir)  # before --out is made: a wrong --workdir leaves nothing
     os.makedirs(f.out, exist_ok=True)
     table, config = study_checkpoints(f.workdir, f.split, f.num_images)
   except (checkpointing.CheckpointError, ConfigError, DataError, OSError) as e:

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from skinmtl_jax import calibration as calibration_lib
-from skinmtl_jax import checkpointing, steps, uncertainty
+from skinmtl_jax import checkpointing, saved_run, steps, uncertainty
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets import files
 
@@ -303,9 +303,9 @@ def main(argv):
     raise app.UsageError('Give one or more image files.')
   checkpointing.quiet_orbax_logging()
   try:
-    checkpointing.check_run_dir(FLAGS.workdir)  # before --out is made: a wrong --workdir
+    saved_run.check_run_dir(FLAGS.workdir)  # before --out is made: a wrong --workdir
     check_out_dir(FLAGS.out, FLAGS.workdir)     # leaves nothing behind
-    config, model, state = checkpointing.load_run(FLAGS.workdir, dtype=FLAGS.dtype or None)
+    config, model, state = saved_run.load_run(FLAGS.workdir, dtype=FLAGS.dtype or None)
     log = open(os.path.join(FLAGS.out, 'predictions.jsonl'), 'a', encoding='utf-8')  # pylint: disable=consider-using-with
   except (checkpointing.CheckpointError, ConfigError, OSError) as e:
     sys.exit(f'skinmtl_jax.predict: {e}')

@@ -8,11 +8,11 @@ import pytest
 
 from conftest import tiny_config
 from helpers import assert_same_state
-from skinmtl_jax import augment, checkpointing, device_input, input_pipeline, train
+from skinmtl_jax import augment, device_input, input_pipeline, saved_run, train
 
 
 def _params(workdir, step=None):
-  return jax.device_get(checkpointing.load_run(str(workdir), step)[2])
+  return jax.device_get(saved_run.load_run(str(workdir), step)[2])
 
 
 def _run(workdir, **overrides):

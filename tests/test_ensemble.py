@@ -9,7 +9,8 @@ import pytest
 
 from conftest import bias_before_batchnorm, tiny_config
 from helpers import run_main
-from skinmtl_jax import checkpointing, evaluate, input_pipeline, metrics, models, steps, train
+from skinmtl_jax import checkpointing, evaluate, input_pipeline, metrics, models, saved_run
+from skinmtl_jax import steps, train
 
 
 def _train(cfg, num_steps):
@@ -41,7 +42,7 @@ def _run(tmp_path_factory, name, **fields):
   cfg.update(fields)
   workdir = str(tmp_path_factory.mktemp(name))
   train.train_and_evaluate(cfg, workdir)
-  return jax.device_get(checkpointing.load_run(workdir)[2]), cfg.optim.learning_rate
+  return jax.device_get(saved_run.load_run(workdir)[2]), cfg.optim.learning_rate
 
 
 @pytest.fixture(scope='module')

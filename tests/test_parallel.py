@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, bias_before_batchnorm, tiny_config
 from helpers import cpu_env
-from skinmtl_jax import checkpointing, evaluate, parallel, train, workdir
+from skinmtl_jax import checkpointing, evaluate, parallel, saved_run, train, workdir
 from skinmtl_jax.config_base import ConfigError
 
 
@@ -122,7 +122,7 @@ def test_two_processes_each_loading_its_rows_train_like_one_process(tmp_path):
   cfg = tiny_config()
   cfg.num_train_steps, cfg.checkpoint_every_steps = 3, 3
   train.train_and_evaluate(cfg, str(single))
-  a, b = checkpointing.load_run(str(multi))[2], checkpointing.load_run(str(single))[2]
+  a, b = saved_run.load_run(str(multi))[2], saved_run.load_run(str(single))[2]
   lr = cfg.optim.learning_rate
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a.params), jax.tree.leaves(b.params)):
     if bias_before_batchnorm(path):

@@ -22,7 +22,7 @@ from conftest import ROOT, tiny_config
 from helpers import (assert_same_state, cpu_env, main_args, run_main, run_module, start_main,
                      wait_for_step)
 from skinmtl_jax import calibration as calibration_lib
-from skinmtl_jax import checkpointing, config_base, preemption, steps, workdir, writers
+from skinmtl_jax import checkpointing, config_base, preemption, saved_run, steps, workdir, writers
 from skinmtl_jax.config_base import ConfigError
 from skinmtl_jax.datasets import files
 
@@ -62,7 +62,7 @@ def test_rerun_with_another_architecture_is_refused_and_leaves_the_run_intact(tr
                   'num_train_steps')
   assert _snapshot(run) == before
   assert sorted(os.listdir(run / 'checkpoints')) == ['3', '6']
-  _, _, state = checkpointing.load_run(str(run))  # predict and evaluate still work on it
+  _, _, state = saved_run.load_run(str(run))  # predict and evaluate still work on it
   assert steps.step_of(state) == 6
 
 
@@ -138,7 +138,7 @@ def _damage(run, step):
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(trained, tmp_path):
   run = _copy(trained, tmp_path)
   _damage(run, 6)
-  _, _, state = checkpointing.load_run(str(run))
+  _, _, state = saved_run.load_run(str(run))
   assert steps.step_of(state) == 3
   (run / 'checkpoints' / '3' / 'state' / '_METADATA').unlink()  # and one without metadata
   r = run_module('skinmtl_jax.predict', f'--workdir={run}', f'--out={tmp_path / "out"}', 'x.png')
@@ -147,7 +147,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(trained, 
 
 def test_non_finite_weights_are_taken_for_damage(trained, tmp_path):
   run = _copy(trained, tmp_path)
-  _, _, state = checkpointing.load_run(str(run))
+  _, _, state = saved_run.load_run(str(run))
   bad = state.replace(step=state.step + 3,
                       params=jax.tree.map(lambda x: x * np.nan, state.params))
   manager = checkpointing.create_manager(str(run))
@@ -155,7 +155,7 @@ def test_non_finite_weights_are_taken_for_damage(trained, tmp_path):
   manager.wait_until_finished()
   assert manager.latest_step() == 9
   manager.close()
-  _, _, state = checkpointing.load_run(str(run))
+  _, _, state = saved_run.load_run(str(run))
   assert steps.step_of(state) == 6
   assert np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])).all()
 
@@ -172,7 +172,7 @@ def test_training_resumes_from_the_newest_intact_checkpoint(trained, tmp_path):
   manager = checkpointing.create_manager(str(run), read_only=True)
   assert manager.all_steps() == [3, 6, 9]  # step 6 trained and saved again
   manager.close()
-  _, _, state = checkpointing.load_run(str(run), step=6)
+  _, _, state = saved_run.load_run(str(run), step=6)
   assert steps.step_of(state) == 6
 
 
@@ -494,8 +494,8 @@ def test_changing_the_input_workers_resumes_bit_exactly(tmp_path):
   r = run_main(run, *args, '--config.data.num_workers=2', timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'Resumed from step 3' in r.stderr
-  _, _, a = checkpointing.load_run(str(straight))
-  _, _, b = checkpointing.load_run(str(run))
+  _, _, a = saved_run.load_run(str(straight))
+  _, _, b = saved_run.load_run(str(run))
   assert_same_state(a, b)
 
 
@@ -513,7 +513,7 @@ def test_a_checkpoint_rotated_away_while_read_is_tried_again_not_called_damaged(
       raise FileNotFoundError('gone while reading')
     return real(manager, template, step)
   monkeypatch.setattr(checkpointing, '_restore_step', rotating)
-  _, _, state = checkpointing.load_run(str(run))
+  _, _, state = saved_run.load_run(str(run))
   assert steps.step_of(state) == 3        # the copy saved as 9 holds step 3's state
   assert 'removed while it was read' in caplog.text and 'damaged' not in caplog.text
 
