@@ -223,17 +223,20 @@ class Arm:
   ids: list[str]
   labels: np.ndarray
   seeds: list[Seed]
-  ensemble_probs: np.ndarray | None
 
   def per_seed(self, key: str, idx=slice(None)) -> list[float]:
     return [s.measure(key, self.labels, idx) for s in self.seeds]
 
+  @property
+  def ensemble_probs(self) -> np.ndarray | None:
+    """The ensemble of the arm's seeds: their mean melanoma probability (None without one)."""
+    if not self.seeds or self.seeds[0].probs is None:
+      return None
+    return np.mean([s.probs for s in self.seeds], axis=0)
+
   def without_collapsed(self) -> Arm:
-    """The arm without its collapsed seeds (Seed.collapsed); the ensemble is of the others."""
-    kept = [s for s in self.seeds if not s.collapsed]
-    ensemble = (np.mean([s.probs for s in kept], axis=0)
-                if kept and kept[0].probs is not None else self.ensemble_probs)
-    return dataclasses.replace(self, seeds=kept, ensemble_probs=ensemble)
+    """The arm without its collapsed seeds (Seed.collapsed)."""
+    return dataclasses.replace(self, seeds=[s for s in self.seeds if not s.collapsed])
 
 
 def _read_csv(path: str) -> list[dict]:
@@ -262,11 +265,9 @@ def load_arm(name: str, folder: str, first_seed: int = 0) -> Arm:
     val = _read_csv(os.path.join(folder, 'per_image_validation.csv'))
     val_labels = np.array([int(r['label']) for r in val])
     val_probs = _columns(val, 'melanoma_prob', k)
-  seeds = [Seed(first_seed + i, None if dice is None else dice[i], None if probs is None else probs[i],
-                val_labels, val_probs[i]) for i in range(k)]
-  ensemble = (np.array([float(r['melanoma_prob']) for r in rows])
-              if probs is not None else None)
-  arm = Arm(name, folder, m, [r['id'] for r in rows], labels, seeds, ensemble)
+  seeds = [Seed(first_seed + i, None if dice is None else dice[i],
+                None if probs is None else probs[i], val_labels, val_probs[i]) for i in range(k)]
+  arm = Arm(name, folder, m, [r['id'] for r in rows], labels, seeds)
   # The CSV must be the one metrics.json was computed from.
   members = m[EVAL_SET].get('members') or [m[EVAL_SET]]
   for s, member in zip(seeds, members):
@@ -279,7 +280,7 @@ def load_arm(name: str, folder: str, first_seed: int = 0) -> Arm:
 
 def pool(runs: list[Arm]) -> Arm:
   """One arm from several runs of it (the same test images, the same number of steps): their
-  seeds together, and the ensemble of all of them (the mean melanoma probability)."""
+  seeds together."""
   first = runs[0]
   for run in runs[1:]:
     if run.ids != first.ids or not np.array_equal(run.labels, first.labels):
@@ -287,10 +288,7 @@ def pool(runs: list[Arm]) -> Arm:
     if run.metrics.get('steps') != first.metrics.get('steps'):
       raise ValueError(f'{run.folder} trained {run.metrics.get("steps")} steps, '
                        f'{first.folder} {first.metrics.get("steps")}: not one arm')
-  seeds = [s for run in runs for s in run.seeds]
-  ensemble = (np.mean([s.probs for s in seeds], axis=0)
-              if first.ensemble_probs is not None else None)
-  return dataclasses.replace(first, seeds=seeds, ensemble_probs=ensemble)
+  return dataclasses.replace(first, seeds=[s for run in runs for s in run.seeds])
 
 
 def find_arms(docs_dir: str) -> dict[str, Arm]:
