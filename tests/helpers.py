@@ -16,8 +16,8 @@ import time
 import jax
 import numpy as np
 
-from conftest import ROOT, tiny_config
-from skinmtl_jax import checkpointing, models, steps
+from conftest import ROOT
+from skinmtl_jax import saved_run
 
 TINY = 'configs/tiny.py'
 
@@ -139,25 +139,15 @@ def wait_for_step(proc, workdir, step, timeout=300, log=None, poll=0.05) -> None
     time.sleep(poll)
 
 
-def final_state(workdir, num_steps=6):
-  """The latest checkpointed training state of a one-member tiny run.
-
-  Args:
-    workdir: the run's folder (a run of configs/tiny.py with seed 0 and num_seeds 1).
-    num_steps: the run's num_train_steps (the optimizer's schedule length in the template).
+def final_state(workdir):
+  """The latest checkpointed training state of the run in `workdir`, read back the way
+  `evaluate` and `predict` read it (saved_run.load_run: the run's own saved config builds the
+  template, so the test cannot restore into a different model than the run trained).
 
   Returns:
     The restored steps.TrainState (the checkpoint manager is closed).
   """
-  cfg = tiny_config()
-  model = models.create_model(cfg.model)
-  template = steps.create_train_state(model, steps.create_optimizer(cfg.optim, num_steps),
-                                      steps.member_keys(0, 1), tuple(cfg.data.image_size))
-  manager = checkpointing.create_manager(str(workdir), read_only=True)
-  try:
-    return checkpointing.restore(manager, template)
-  finally:
-    manager.close()
+  return saved_run.load_run(str(workdir))[2]
 
 
 def assert_same_state(a, b) -> None:
