@@ -515,6 +515,9 @@ def main(argv):
   args = [a for a in args if not a.startswith('--page=')]
   if len(args) != 1 or not os.path.isdir(args[0]):
     sys.exit('usage: python -m skinmtl_jax.study DOCS_DIR [--page=PAGE.md]')
+  if page and not os.path.isfile(page):  # before anything is written
+    sys.exit(f'skinmtl_jax.study: --page={page} is not a file: --page fills the '
+             '`<!-- table NAME -->` blocks of an existing page (docs/real_data_study.md).')
   figures = os.path.join(os.path.dirname(os.path.abspath(page)) if page else args[0], 'figures')
   try:
     generated = write_study(args[0], figures)

@@ -156,6 +156,14 @@ def test_the_committed_study_page_is_what_its_files_give(tmp_path):
   assert tables.fill_page(page, generated) == page
 
 
+def test_a_missing_page_is_refused_before_anything_is_written(tmp_path):
+  docs = tmp_path / 'docs'
+  _write_run(docs / 'pilot' / 'mtl3-study' / 'seed0', np.random.default_rng(0))
+  with pytest.raises(SystemExit, match='is not a file'):
+    study.main(['study', str(docs), f'--page={tmp_path / "no_page.md"}'])
+  assert not list(docs.glob('study_*.md')) and not (tmp_path / 'figures').exists()
+
+
 def test_the_seeds_table_shows_each_seed_and_a_constant_classifier(tmp_path):
   """A seed whose classifier answers one constant for every image (as a collapsed head does)
   is named in the seeds table with its AUC 50.00, while the arms table only shows a mean."""
