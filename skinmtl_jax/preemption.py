@@ -3,7 +3,7 @@ run with exit status 75 (EX_TEMPFAIL, "try again"), so that launch/slurm.sbatch 
 
 Outside the train loop `SigtermRaises` turns SIGTERM into `Preempted` at once (nothing is in
 the making there); inside it, `SigtermFlag` lets the loop save a checkpoint at the next step
-boundary first. With several processes, JAX's preemption notifier keeps SIGTERM and every
+boundary first, and `SigtermDeferred` lets the loop's last save finish before it raises. With several processes, JAX's preemption notifier keeps SIGTERM and every
 process saves the step they agree on.
 """
 
@@ -55,6 +55,35 @@ class SigtermRaises:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class SigtermDeferred:
+  """Within the block (the train loop's last checkpoint being finished), SIGTERM is recorded,
+  not raised: raised inside orbax's wait for the save in flight, it would cut that save short
+  (main exits at once on Preempted) and orbax would log it as a failed save. At the block's end
+  it raises Preempted with `message`, unless the block is leaving on an exception of its own.
+  Not in a run of several processes, as SigtermRaises."""
+
+  def __init__(self, message: str):
+    self.received = False
+    self._message = message
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __enter__(self):
+    if (threading.current_thread() is threading.main_thread()
+        and not jax.distributed.is_initialized()):
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, exc_type, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    if self.received and exc_type is None:
+      raise Preempted(self._message)
 
 
 class SigtermFlag:

@@ -125,11 +125,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                         checkpoint_every=config.checkpoint_every_steps)
   finally:
     # Whatever stops the loop (a non-finite loss, SIGTERM, an exception), finish the save in
-    # flight, so the latest good checkpoint is complete on disk.
-    manager.wait_until_finished()
-    data.train_input.close()
-    if jax.process_index() == 0:
-      _write_curves(writer, workdir)
+    # flight, so the latest good checkpoint is complete on disk; a SIGTERM meanwhile waits for
+    # it (then raises Preempted, unless the loop is already leaving on an exception).
+    with preemption_lib.SigtermDeferred(
+        f'SIGTERM received after the last training step: its checkpoint is saved in '
+        f'{manager.directory}; run the same command again to evaluate.'):
+      manager.wait_until_finished()
+      data.train_input.close()
+      if jax.process_index() == 0:
+        _write_curves(writer, workdir)
 
   # Evaluation.
   results = {'params': steps.num_params(state), 'steps': steps.step_of(state),

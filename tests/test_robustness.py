@@ -204,6 +204,38 @@ def test_sigterm_outside_the_train_loop_exits_75_with_a_message(trained, tmp_pat
   assert sorted(os.listdir(run / 'checkpoints')) == ['3', '6']
 
 
+_SIGTERM_AT_THE_LAST_SAVE = """
+import os, signal, sys, time
+from absl import app
+import orbax.checkpoint as ocp
+from skinmtl_jax import main
+wait = ocp.CheckpointManager.wait_until_finished
+def term_then_wait(self):
+  if sys._getframe(1).f_code.co_name == '_train_and_evaluate':  # after the loop, not in a save
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)  # the signal lands here, while the last save may be in flight
+  return wait(self)
+ocp.CheckpointManager.wait_until_finished = term_then_wait
+app.run(main.main)
+"""
+
+
+def test_sigterm_while_the_last_checkpoint_is_finished_lets_it_finish(tmp_path):
+  """SIGTERM after the last step, while its checkpoint is written: 75 once that checkpoint is
+  complete (raised inside orbax's wait it would cut the save short, and orbax would log it as a
+  failed save); running again evaluates."""
+  r = subprocess.run([sys.executable, '-c', _SIGTERM_AT_THE_LAST_SAVE, *main_args(tmp_path)],
+                     cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+  _assert_refused(r, 'after the last training step', 'run the same command again',
+                  code=preemption.PREEMPTED_EXIT_CODE)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
+  assert steps.step_of(saved_run.load_run(str(tmp_path))[2]) == 6
+  assert not (tmp_path / 'metrics.json').exists()
+  r = run_main(tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads((tmp_path / 'metrics.json').read_text())['steps'] == 6
+
+
 # --------------------------------------------------------------- 8. config values refused
 
 @pytest.mark.parametrize('field,value,match', [
