@@ -290,6 +290,10 @@ def _train_loop(state, train_step, train_input, manager, writer, progress, study
         writer.flush()
         raise preemption_lib.Preempted(f'SIGTERM received: saved the checkpoint of step {step} in '
                         f'{manager.directory}; run the same command again to resume.')
+    if preemption.received:  # landed in the last step after its flag was read: not ignored
+      raise preemption_lib.Preempted(
+          f'SIGTERM received at the last training step: its checkpoint is saved in '
+          f'{manager.directory}; run the same command again to evaluate.')
   return state
 
 

@@ -236,6 +236,33 @@ def test_sigterm_while_the_last_checkpoint_is_finished_lets_it_finish(tmp_path):
   assert json.loads((tmp_path / 'metrics.json').read_text())['steps'] == 6
 
 
+_SIGTERM_IN_THE_LAST_STEP = """
+import os, signal, sys, time
+from absl import app
+from skinmtl_jax import main, preemption
+reached = preemption.SigtermFlag.reached
+def reached_then_term(self, step):
+  out = reached(self, step)
+  if step == 6:  # the last step, after its flag was read
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+  return out
+preemption.SigtermFlag.reached = reached_then_term
+app.run(main.main)
+"""
+
+
+def test_sigterm_in_the_last_step_is_not_ignored(tmp_path):
+  """SIGTERM in the last step, after the loop read its flag: 75 with that step's checkpoint
+  (it used to be ignored: the run went on to evaluate, which a cluster's SIGKILL may cut)."""
+  r = subprocess.run([sys.executable, '-c', _SIGTERM_IN_THE_LAST_STEP, *main_args(tmp_path)],
+                     cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+  _assert_refused(r, 'at the last training step', 'run the same command again',
+                  code=preemption.PREEMPTED_EXIT_CODE)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
+  assert not (tmp_path / 'metrics.json').exists()
+
+
 # --------------------------------------------------------------- 8. config values refused
 
 @pytest.mark.parametrize('field,value,match', [
