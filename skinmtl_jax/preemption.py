@@ -3,8 +3,9 @@ run with exit status 75 (EX_TEMPFAIL, "try again"), so that launch/slurm.sbatch 
 
 Outside the train loop `SigtermRaises` turns SIGTERM into `Preempted` at once (nothing is in
 the making there); inside it, `SigtermFlag` lets the loop save a checkpoint at the next step
-boundary first, and `SigtermDeferred` lets the loop's last save finish before it raises. With several processes, JAX's preemption notifier keeps SIGTERM and every
-process saves the step they agree on.
+boundary first, and `SigtermDeferred` lets the loop's last save finish before it raises. With
+several processes, JAX's preemption notifier keeps SIGTERM and every process saves the step
+they agree on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ class Preempted(BaseException):
   """
 
 
+def _own_sigterm() -> bool:
+  """Whether a Python SIGTERM handler may be installed here: only Python's main thread can, and
+  with several processes (jax.distributed initialised) JAX's preemption notifier keeps SIGTERM."""
+  return (threading.current_thread() is threading.main_thread()
+          and not jax.distributed.is_initialized())
+
+
 class SigtermRaises:
   """Within the block (set-up and evaluation: no checkpoint is in the making there), SIGTERM
   raises Preempted at once; the train loop's SigtermFlag takes over while it runs. Not in a
@@ -45,10 +53,7 @@ class SigtermRaises:
                     'again to continue.')
 
   def __enter__(self):
-    # Several processes: SIGTERM is JAX's preemption notifier's (see SigtermFlag), which saves
-    # at the step all processes agree on.
-    if (threading.current_thread() is threading.main_thread()
-        and not jax.distributed.is_initialized()):
+    if _own_sigterm():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -74,8 +79,7 @@ class SigtermDeferred:
     self.received = True
 
   def __enter__(self):
-    if (threading.current_thread() is threading.main_thread()
-        and not jax.distributed.is_initialized()):
+    if _own_sigterm():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 

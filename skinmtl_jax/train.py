@@ -127,9 +127,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     # Whatever stops the loop (a non-finite loss, SIGTERM, an exception), finish the save in
     # flight, so the latest good checkpoint is complete on disk; a SIGTERM meanwhile waits for
     # it (then raises Preempted, unless the loop is already leaving on an exception).
-    with preemption_lib.SigtermDeferred(
-        f'SIGTERM received after the last training step: its checkpoint is saved in '
-        f'{manager.directory}; run the same command again to evaluate.'):
+    with preemption_lib.SigtermDeferred(_after_the_last_step(manager)):
       manager.wait_until_finished()
       data.train_input.close()
       if jax.process_index() == 0:
@@ -291,10 +289,15 @@ def _train_loop(state, train_step, train_input, manager, writer, progress, study
         raise preemption_lib.Preempted(f'SIGTERM received: saved the checkpoint of step {step} in '
                         f'{manager.directory}; run the same command again to resume.')
     if preemption.received:  # landed in the last step after its flag was read: not ignored
-      raise preemption_lib.Preempted(
-          f'SIGTERM received at the last training step: its checkpoint is saved in '
-          f'{manager.directory}; run the same command again to evaluate.')
+      raise preemption_lib.Preempted(_after_the_last_step(manager))
   return state
+
+
+def _after_the_last_step(manager) -> str:
+  """What a SIGTERM in or after the last training step says (its checkpoint is complete once
+  the save in flight is, which the caller's `finally` waits for)."""
+  return (f'SIGTERM received at or after the last training step: its checkpoint is saved in '
+          f'{manager.directory}; run the same command again to evaluate.')
 
 
 def _evaluate(config, state, model, workdir: str, data: _Data, results: dict, writer) -> dict:

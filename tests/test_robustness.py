@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, tiny_config
-from helpers import (assert_same_state, cpu_env, main_args, run_main, run_module, start_main,
-                     wait_for_step)
+from helpers import (assert_same_state, cpu_env, final_state, main_args, run_main, run_module,
+                     start_main, wait_for_step)
 from skinmtl_jax import calibration as calibration_lib
 from skinmtl_jax import checkpointing, config_base, preemption, saved_run, steps, workdir, writers
 from skinmtl_jax.config_base import ConfigError
@@ -226,10 +226,10 @@ def test_sigterm_while_the_last_checkpoint_is_finished_lets_it_finish(tmp_path):
   failed save); running again evaluates."""
   r = subprocess.run([sys.executable, '-c', _SIGTERM_AT_THE_LAST_SAVE, *main_args(tmp_path)],
                      cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
-  _assert_refused(r, 'after the last training step', 'run the same command again',
+  _assert_refused(r, 'at or after the last training step', 'run the same command again',
                   code=preemption.PREEMPTED_EXIT_CODE)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
-  assert steps.step_of(saved_run.load_run(str(tmp_path))[2]) == 6
+  assert steps.step_of(final_state(tmp_path)) == 6
   assert not (tmp_path / 'metrics.json').exists()
   r = run_main(tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -257,7 +257,7 @@ def test_sigterm_in_the_last_step_is_not_ignored(tmp_path):
   (it used to be ignored: the run went on to evaluate, which a cluster's SIGKILL may cut)."""
   r = subprocess.run([sys.executable, '-c', _SIGTERM_IN_THE_LAST_STEP, *main_args(tmp_path)],
                      cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
-  _assert_refused(r, 'at the last training step', 'run the same command again',
+  _assert_refused(r, 'at or after the last training step', 'run the same command again',
                   code=preemption.PREEMPTED_EXIT_CODE)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
   assert not (tmp_path / 'metrics.json').exists()
